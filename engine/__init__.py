@@ -1,0 +1,1 @@
+"""Engine replicas: the embedded transformers+peft server and the stock vLLM launcher."""

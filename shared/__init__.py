@@ -1,0 +1,1 @@
+"""Dependency-light code used by the gateway, the engine and the trainer."""
