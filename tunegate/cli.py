@@ -31,3 +31,16 @@ def _mount() -> None:
 
 
 _mount()
+
+
+@app.command()
+def up(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    engine_port: int = 8001,
+    worker: bool = True,
+) -> None:
+    """Start the embedded system: Redis, an engine replica, the gateway and a trainer worker."""
+    from tunegate.up import run
+
+    raise typer.Exit(run(host=host, port=port, engine_port=engine_port, with_worker=worker))

@@ -32,14 +32,16 @@ def pull(
 @app.command()
 def random(
     directory: Annotated[Path, typer.Argument(help="Where to write the model.")],
-    shape: Annotated[str, typer.Option(help="A named real shape, e.g. llama-3.1-8b.")] = "llama-3.1-8b",
-    device: Annotated[str, typer.Option(help="Where to initialise the weights (cpu, cuda).")] = "cpu",
+    shape: Annotated[str, typer.Option(help="A named real shape.")] = "llama-3.1-8b",
+    device: Annotated[str, typer.Option(help="Where to initialise weights.")] = "cpu",
     seed: int = 0,
 ) -> None:
     """Write a random-weight model of a real shape (for speed work, never quality)."""
-    from engine.models import write_random_model, verify_model
+    from engine.models import verify_model, write_random_model
 
     default = CommonSettings().default_model_dir
     tokenizer_from = default if verify_model(default) is not None else None
-    path = write_random_model(shape, directory, tokenizer_from=tokenizer_from, seed=seed, device=device)
+    path = write_random_model(
+        shape, directory, tokenizer_from=tokenizer_from, seed=seed, device=device
+    )
     typer.echo(f"{path} ({shape}, random weights)")

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.settings import CommonSettings
+from tests.procs import redis_server
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    path = CommonSettings().default_model_dir
+    if not (path / "tunegate-model.json").is_file():
+        pytest.fail(f"default model missing at {path}: run `tunegate models pull` first")
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """REDIS_URL when set (CI and this machine run one on 6379), else a private server."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    with redis_server() as private:
+        yield private
