@@ -1,0 +1,234 @@
+"""GPU proof of serving (issue 5): stock vLLM on a random-weight Llama-3.1-8B shape with 4 LoRA
+adapters (r 16, all linear layers), measured directly and through the tunegate gateway in one run.
+
+Runs on the device machine (see bench/serve_device.sh); writes bench/results/serve_device.json.
+Random weights measure speed, never quality. Prompts are distinct per request (no prefix-cache
+hits), and every request asks for a fixed number of tokens with ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+WORDS = [
+    "river", "stone", "lantern", "orbit", "quiet", "maple", "copper", "harbor", "velvet",
+    "signal", "meadow", "thunder", "canvas", "ember", "falcon", "glacier",
+]
+
+
+@dataclass
+class Shot:
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+def prompt(rng: random.Random, n_words: int = 115) -> str:
+    # About 128 tokens with the SmolLM2 tokenizer; distinct per request.
+    return f"{rng.randrange(1 << 30)} " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], model: str,
+              text: str, max_tokens: int) -> Shot:
+    body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if ttft is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    total = time.perf_counter() - start
+    return Shot(ttft if ttft is not None else total, total, tokens)
+
+
+async def run_load(url: str, headers: dict[str, str], models: list[str], *, streams: int,
+                   requests: int, max_tokens: int, seed: int) -> dict[str, float]:
+    """``requests`` requests over ``streams`` concurrent streams, models taken round-robin."""
+    rng = random.Random(seed)
+    texts = [prompt(rng) for _ in range(requests)]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    shots: list[Shot] = []
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                shots.append(await one(client, url, headers, models[i % len(models)], texts[i],
+                                       max_tokens))
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(streams)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(s.ttft_s * 1000 for s in shots)
+    decode = [(s.tokens - 1) / (s.total_s - s.ttft_s) for s in shots if s.tokens > 1]
+    return {
+        "ttft_ms_p50": statistics.median(ttfts),
+        "ttft_ms_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
+        "output_tok_s": sum(s.tokens for s in shots) / wall,
+        "decode_tok_s_per_stream": statistics.median(decode) if decode else 0.0,
+        "requests": len(shots),
+    }
+
+
+def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
+    """LoRA adapters of rank ``rank`` on all seven projections, random A and B, written in peft's
+    format directly (no need to build the 8B model in peft)."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    paths = []
+    for a in range(n):
+        gen = torch.Generator().manual_seed(a)
+        tensors = {}
+        for layer in range(cfg["num_hidden_layers"]):
+            for mod, (d_in, d_out) in shapes.items():
+                part = "self_attn" if mod.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) \
+                    else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{part}.{mod}"
+                tensors[f"{key}.lora_A.weight"] = (
+                    torch.randn(rank, d_in, generator=gen) / d_in**0.5).to(torch.bfloat16)
+                tensors[f"{key}.lora_B.weight"] = (
+                    torch.randn(d_out, rank, generator=gen) * 0.01).to(torch.bfloat16)
+        path = out / f"bench{a}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        (path / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+            "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS), "bias": "none",
+            "base_model_name_or_path": str(model_dir), "fan_in_fan_out": False,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        }))
+        paths.append(path)
+    return paths
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(url)
+
+
+def measure(url: str, headers: dict[str, str], adapters: list[str], base: str,
+            quick: bool) -> dict[str, dict[str, float]]:
+    n = 8 if quick else 1
+    res: dict[str, dict[str, float]] = {}
+    asyncio.run(run_load(url, headers, [base], streams=4, requests=8, max_tokens=16, seed=99))
+    res["1stream"] = asyncio.run(run_load(url, headers, [base], streams=1, requests=40 // n,
+                                          max_tokens=128, seed=1))
+    for streams in (16, 64):
+        for label, models in (("base", [base]), ("lora4", adapters)):
+            res[f"conc{streams}_{label}"] = asyncio.run(run_load(
+                url, headers, models, streams=streams, requests=streams * 3, max_tokens=128,
+                seed=streams))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", type=Path, default=Path("/tmp/rand8b"))
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_device.json")
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--vllm-args", default="", help="extra vLLM arguments, one string")
+    ap.add_argument("--gateway", action="store_true", help="also measure through the gateway")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    if not (args.model_dir / "config.json").exists():
+        # In a child process, so that its GPU memory is given back before vLLM starts.
+        subprocess.run([sys.executable, "-c", (
+            "import sys; from pathlib import Path; from engine.models import write_random_model; "
+            "write_random_model('llama-3.1-8b', Path(sys.argv[1]), "
+            "tokenizer_from=Path(sys.argv[2]), device='cuda')"),
+            str(args.model_dir), str(args.tokenizer)], check=True, cwd=ROOT)
+    print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
+
+    from engine.vllm_launcher import build_vllm_command, vllm_environment
+
+    cmd = build_vllm_command(
+        model=str(args.model_dir), host="127.0.0.1", port=args.port, served_model_name="base8b",
+        max_loras=4, max_lora_rank=16, max_model_len=4096, max_num_seqs=256,
+        extra_args=args.vllm_args.split(), python=sys.executable, device="gpu",
+    )
+    env = {**vllm_environment("gpu"), "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    print("starting:", " ".join(cmd), flush=True)
+    log = open("/tmp/vllm.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    direct = f"http://127.0.0.1:{args.port}"
+    results: dict[str, object] = {"vllm_args": cmd[cmd.index("--model"):]}
+    try:
+        results["vllm_start_s"] = wait_healthy(direct, proc, 900)
+        load_ms = []
+        names = []
+        for i, path in enumerate(adapter_dirs):
+            t = time.perf_counter()
+            r = httpx.post(direct + "/v1/load_lora_adapter",
+                           json={"lora_name": f"bench{i}", "lora_path": str(path)}, timeout=120)
+            r.raise_for_status()
+            load_ms.append((time.perf_counter() - t) * 1000)
+            names.append(f"bench{i}")
+        results["adapter_load_ms_all"] = load_ms
+        results["adapter_load_ms"] = statistics.median(load_ms)
+        results["direct"] = measure(direct, {}, names, "base8b", args.quick)
+        print(json.dumps(results, indent=1), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    d = results["direct"]
+    assert isinstance(d, dict)
+    summary = {
+        "direct_ttft_ms_p95_1stream": d["1stream"]["ttft_ms_p95"],
+        "decode_tok_s_1stream": d["1stream"]["decode_tok_s_per_stream"],
+        "conc64_base_tok_s": d["conc64_base"]["output_tok_s"],
+        "conc64_lora4_tok_s": d["conc64_lora4"]["output_tok_s"],
+        "conc16_base_tok_s": d["conc16_base"]["output_tok_s"],
+        "conc16_lora4_tok_s": d["conc16_lora4"]["output_tok_s"],
+        "adapter_load_ms": results["adapter_load_ms"],
+    }
+    results.update(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

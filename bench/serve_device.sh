@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the device machine, after the vLLM wheel batches were copied to /tmp/dev/vllm (see
+# ../shared/device/README.md): install them, then run bench/serve_device.py with the arguments given.
+#   usage: bash bench/serve_device.sh [serve_device.py args]
+set -euo pipefail
+bash .device/install.sh /tmp/dev/vllm /tmp/site-vllm
+# Gateway dependencies that the device image lacks travel as wheels in .whl (see bench/README.md).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site-gw .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site-vllm:/tmp/site-gw:$PWD PYTHONUNBUFFERED=1
+export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+exec python3 bench/serve_device.py --tokenizer .device/tok "$@"
