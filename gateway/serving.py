@@ -1,0 +1,259 @@
+"""The request path shared by the inference routes: resolve, authorise, reserve quota, route,
+send, and return JSON or pass SSE through.
+
+The answer's ``model`` field is the resolved immutable name (``NAME@vN``, or ``base``), like
+OpenAI answering with a dated snapshot: clients see exactly which version served them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from gateway.auth import KeyInfo
+from gateway.quotas import Reservation, estimate_tokens
+from gateway.sse import SSEResponse, error_event
+from gateway.state import GatewayState
+from gateway.upstream import ReplicaUnreachable, UpstreamResponse, error_from_response
+from shared.errors import InvalidRequest, PermissionDenied, TunegateError, UpstreamError
+from shared.registry import ResolvedModel
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def check_fields(body: dict[str, Any], content_field: str) -> tuple[str, bool, int | None]:
+    """Only what the gateway needs; everything else is the engine's to validate."""
+    model = body.get("model", "base")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("`model` must be a non-empty string", param="model")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequest("`stream` must be a boolean", param="stream")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                   or max_tokens < 1):
+        raise InvalidRequest("`max_tokens` must be a positive integer", param="max_tokens")
+    if content_field not in body:
+        raise InvalidRequest(f"`{content_field}` is required", param=content_field)
+    return model, stream, max_tokens
+
+
+def prompt_chars(value: Any) -> int:
+    """Characters of a prompt or a message list (an estimate input for token quotas)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(prompt_chars(v) for v in value)
+    if isinstance(value, dict):
+        return prompt_chars(value.get("content")) + prompt_chars(value.get("text"))
+    return 0
+
+
+@dataclass
+class Call:
+    """One inference request on its way through the gateway."""
+
+    state: GatewayState
+    request: Request
+    key: KeyInfo
+    route: str  # engine path, e.g. "/v1/chat/completions"
+    body: dict[str, Any]
+    stream: bool
+    resolved: ResolvedModel
+    reservation: Reservation | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def request_id(self) -> str:
+        return str(self.request.scope["state"]["request_id"])
+
+    @property
+    def model_label(self) -> str:
+        return self.state.metrics.model_label(self.resolved.name)
+
+
+async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: str,
+                  body: dict[str, Any], model: str, stream: bool,
+                  max_tokens: int | None, chars: int) -> Call:
+    resolved = await state.resolver.resolve(model)
+    if not key.may_use(resolved.name):
+        raise PermissionDenied(f"This key may not use the model `{model}`.", param="model",
+                               code="model_not_allowed")
+    request.scope["state"]["model_label"] = state.metrics.model_label(resolved.name)
+    call = Call(state, request, key, route, body, stream, resolved)
+    call.reservation = await state.quotas.reserve(key, estimate_tokens(chars, max_tokens))
+    return call
+
+
+async def send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
+    """Send to the first replica that takes it; returns the response (unread when streaming), a
+    release callback (must be called) and the model id sent upstream."""
+    router = call.state.router
+    headers = {"content-type": "application/json", "x-request-id": call.request_id}
+    ref = None if call.resolved.is_base else call.resolved.ref
+    last: TunegateError = router.no_replica()
+    for replica in router.order(ref):
+        try:
+            for attempt in (1, 2):
+                if ref is not None:
+                    await router.ensure_loaded(replica, call.resolved)
+                upstream_model = router.upstream_model(replica, call.resolved)
+                call.body["model"] = upstream_model
+                content = json.dumps(call.body).encode()
+                release = router.acquire(replica, ref)
+                try:
+                    resp = await call.state.upstream.send(replica.url, call.route, content,
+                                                          headers, stream=call.stream)
+                except BaseException:
+                    release()
+                    raise
+                if resp.status_code == 404 and ref is not None and attempt == 1:
+                    # The engine evicted the adapter on its own (its own LRU bound): forget it
+                    # and load it again, once.
+                    await resp.aclose()
+                    release()
+                    replica.adapters.pop(ref, None)
+                    continue
+                break
+        except ReplicaUnreachable as exc:
+            router.unreachable(replica, exc)
+            last = router.no_replica()
+            continue
+        except UpstreamError as exc:
+            call.state.metrics.upstream_errors.labels(replica.url, type(exc).__name__).inc()
+            raise
+        if resp.status_code >= 400:
+            try:
+                raw = await resp.read()
+            finally:
+                await resp.aclose()
+                release()
+            if resp.status_code >= 500:
+                call.state.metrics.upstream_errors.labels(replica.url, "status_5xx").inc()
+            raise error_from_response(resp.status_code, raw)
+        return resp, release, upstream_model
+    raise last
+
+
+def count_usage(call: Call, usage: Any) -> int | None:
+    if not isinstance(usage, dict):
+        return None
+    label = call.model_label
+    pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(pt, int):
+        call.state.metrics.tokens.labels(label, "in").inc(pt)
+    if isinstance(ct, int):
+        call.state.metrics.tokens.labels(label, "out").inc(ct)
+    total = usage.get("total_tokens")
+    return total if isinstance(total, int) else None
+
+
+async def complete_json(call: Call) -> dict[str, Any]:
+    """Non-streaming: the engine's answer, with ``model`` set to the resolved name."""
+    resp, release, _ = await send(call)
+    try:
+        data = json.loads(await resp.read())
+    except ValueError:
+        raise error_from_response(502, b"engine answered with invalid JSON") from None
+    finally:
+        await resp.aclose()
+        release()
+    if isinstance(data, dict):
+        data["model"] = call.resolved.ref
+        await call.state.quotas.settle(call.reservation, count_usage(call, data.get("usage")))
+    return data
+
+
+def json_response(data: Any) -> Response:
+    return Response(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode(),
+                    media_type="application/json")
+
+
+async def open_stream(call: Call, *, pass_usage: bool = False,
+                      ) -> tuple[AsyncIterator[bytes], Callable[[], Any]]:
+    """Streaming: send with usage reporting on, and yield the engine's SSE events one by one.
+    The usage-only event is dropped unless the client asked for it; ``model`` is rewritten to
+    the resolved name. An upstream failure mid-stream ends with an OpenAI-shaped error event."""
+    opts = call.body.get("stream_options")
+    client_wants_usage = pass_usage or (isinstance(opts, dict) and bool(opts.get("include_usage")))
+    call.body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
+                                   "include_usage": True}
+    resp, release, upstream_model = await send(call)
+    enc = json.dumps(upstream_model).encode()
+    swap = (upstream_model != call.resolved.ref)
+    ours = json.dumps(call.resolved.ref).encode()
+    metrics = call.state.metrics
+    used: list[int | None] = [None]
+
+    async def events() -> AsyncIterator[bytes]:
+        first = True
+        buf = b""
+        try:
+            async for chunk in resp.iter_chunks():
+                buf += chunk
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    ev, buf = buf[:i + 2], buf[i + 2:]
+                    if b'"usage":{' in ev or b'"usage": {' in ev:
+                        data = _event_json(ev)
+                        if data is not None:
+                            used[0] = count_usage(call, data.get("usage"))
+                            if not data.get("choices") and not client_wants_usage:
+                                continue
+                    if swap:
+                        ev = ev.replace(b'"model":' + enc, b'"model":' + ours).replace(
+                            b'"model": ' + enc, b'"model": ' + ours)
+                    if first and ev.startswith(b"data: {"):
+                        first = False
+                        metrics.ttft.labels(call.model_label).observe(
+                            time.perf_counter() - call.start)
+                    yield ev
+            if buf.strip():
+                yield buf
+        except UpstreamError as err:
+            metrics.upstream_errors.labels(resp.replica, "mid_stream").inc()
+            yield error_event(err)
+            yield b"data: [DONE]\n\n"
+
+    async def finish() -> None:
+        await resp.aclose()
+        release()
+        await call.state.quotas.settle(call.reservation, used[0])
+
+    return events(), finish
+
+
+def _event_json(ev: bytes) -> dict[str, Any] | None:
+    line = ev.strip()
+    if not line.startswith(b"data:"):
+        return None
+    try:
+        data = json.loads(line[5:])
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def stream_response(events: AsyncIterator[bytes], finish: Callable[[], Any]) -> SSEResponse:
+    return SSEResponse(events, finish)
+
+
+__all__ = ["Call", "SSEResponse", "complete_json", "open_stream", "prepare", "json_response"]

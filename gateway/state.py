@@ -1,0 +1,73 @@
+"""What the lifespan builds and every request uses; one instance per app (``app.state.tg``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.auth import KeyStore
+from gateway.metrics import Metrics
+from gateway.quotas import Quotas
+from gateway.resolver import Resolver
+from gateway.routing import Router
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+from shared.db import Database
+from shared.registry import Registry
+
+log = logging.getLogger("tunegate.gateway")
+
+
+@dataclass
+class GatewayState:
+    settings: GatewaySettings
+    metrics: Metrics
+    db: Database
+    keys: KeyStore
+    registry: Registry
+    resolver: Resolver
+    upstream: Upstream
+    router: Router
+    quotas: Quotas
+    redis: Any | None
+
+    @classmethod
+    async def open(cls, settings: GatewaySettings, metrics: Metrics) -> GatewayState:
+        db = Database(settings.db_url)
+        registry = Registry(db, settings.store)
+        upstream = Upstream(connect_timeout_s=settings.connect_timeout_s,
+                            request_timeout_s=settings.request_timeout_s,
+                            max_connections=settings.max_connections)
+        router = Router(settings.engines, upstream, metrics,
+                        health_interval_s=settings.health_interval_s,
+                        load_timeout_s=settings.load_timeout_s,
+                        max_adapters=settings.max_adapters_per_replica,
+                        base_model_name=settings.base_model_name,
+                        targets=registry.alias_targets, unload_idle_s=settings.unload_idle_s)
+        redis = None
+        if settings.redis_url:
+            import redis.asyncio as aioredis
+
+            redis = aioredis.Redis.from_url(
+                settings.redis_url, socket_timeout=settings.redis_timeout_s,
+                socket_connect_timeout=settings.redis_timeout_s)
+        else:
+            log.warning("no REDIS_URL: quotas are not enforced")
+        quotas = Quotas(redis, metrics, timeout_s=settings.redis_timeout_s,
+                        retry_after_s=settings.redis_retry_after_s)
+        state = cls(settings=settings, metrics=metrics, db=db,
+                    keys=KeyStore(db, settings.cache_ttl_s), registry=registry,
+                    resolver=Resolver(registry, settings.cache_ttl_s), upstream=upstream,
+                    router=router, quotas=quotas, redis=redis)
+        await router.start()
+        await quotas.start()
+        return state
+
+    async def close(self) -> None:
+        await self.quotas.stop()
+        await self.router.stop()
+        await self.upstream.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+        self.db.dispose()

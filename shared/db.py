@@ -1,0 +1,200 @@
+"""Records in SQL: API keys, adapters, adapter versions, aliases and alias history.
+
+SQLAlchemy 2 models plus one small :class:`Database` (engine + session factory). SQLite under the
+data folder by default (``$TUNEGATE_DATA_DIR/tunegate.db``, WAL mode so several processes can read
+while one writes); PostgreSQL (or any SQLAlchemy URL) through ``TUNEGATE_DATABASE_URL``.
+Tables are created on first open (``create_all``); there are no migrations yet.
+
+Other packages add their tables by subclassing :class:`Base` and importing their module before
+``Database.create_all()`` runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from shared.settings import CommonSettings
+
+DB_FILE = "tunegate.db"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class DatabaseSettings(CommonSettings):
+    """``TUNEGATE_DATABASE_URL``; unset means SQLite at ``$TUNEGATE_DATA_DIR/tunegate.db``."""
+
+    database_url: str | None = Field(default=None)
+
+    @property
+    def url(self) -> str:
+        return database_url(self.data_dir, self.database_url)
+
+
+def database_url(data_dir: Path, url: str | None = None) -> str:
+    """The URL to use: ``url`` when given, else SQLite in ``data_dir``. A bare
+    ``postgresql://`` URL is mapped to the psycopg 3 driver."""
+    if url:
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+    return f"sqlite:///{Path(data_dir) / DB_FILE}"
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC) if value is not None else None
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class ApiKey(Base):
+    """An API key. Only the sha256 of the secret is stored; ``prefix`` (first characters of the
+    secret) is kept to let people tell keys apart in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    scope: Mapped[str] = mapped_column(String(16))  # "user" | "admin"
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
+    prefix: Mapped[str] = mapped_column(String(16))
+    models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every model
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # requests per minute
+    tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # tokens per minute
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Adapter(Base):
+    """A named adapter: a line of immutable versions."""
+
+    __tablename__ = "adapters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AdapterVersion(Base):
+    """One immutable version ``NAME@vN``; ``artifact`` is its folder relative to the store root."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("name", "version"),
+        Index("ix_adapter_versions_hash", "name", "content_hash"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(ForeignKey("adapters.name"))
+    version: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64))  # sha256 over (path, file sha256) pairs
+    artifact: Mapped[str] = mapped_column(String(500))
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Alias(Base):
+    """Where an alias (``latest``, ``stable``, ``canary``) of a name points now."""
+
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(ForeignKey("adapters.name"), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class AliasEvent(Base):
+    """Every move of an alias, in order; rollback walks this history back."""
+
+    __tablename__ = "alias_events"
+    __table_args__ = (Index("ix_alias_events_name_alias", "name", "alias", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    alias: Mapped[str] = mapped_column(String(32))
+    from_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    to_version: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "set" | "rollback"
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Database:
+    """An engine and a session factory for one URL. Cheap to make; make one per process."""
+
+    def __init__(self, url: str, *, create: bool = True, echo: bool = False) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if url.startswith("sqlite"):
+            if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+                Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            self.create_all()
+
+    @classmethod
+    def from_settings(cls, settings: DatabaseSettings | None = None) -> Database:
+        return cls((settings or DatabaseSettings()).url)
+
+    def create_all(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in a transaction: committed on success, rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers (gateway processes) never block on the writer (CLI, trainer); busy_timeout in ms.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

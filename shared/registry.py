@@ -1,0 +1,332 @@
+"""The adapter registry: immutable versions, manifests, aliases with history and rollback.
+
+API (everything else here is internal)::
+
+    reg = Registry(db, store)                      # store: a local path or an fsspec URL
+    v = reg.register_version("sentiment", "staging/job-1", {"base_model": ...})
+    v.ref                                           # "sentiment@v3"
+    reg.set_alias("sentiment", "stable", v.version, reason="gate passed")
+    reg.rollback("sentiment", "stable")             # back to where stable pointed before
+    reg.resolve("sentiment:canary")                 # -> ResolvedModel
+    reg.list_adapters(); reg.get_adapter(name); reg.get_version(name, n); reg.alias_history(name)
+
+Rules:
+
+- A version ``NAME@vN`` is immutable. Its files live at ``<store>/adapters/NAME/vN`` with
+  ``tunegate-manifest.json`` written last; its ``content_hash`` is the sha256 over the sorted
+  ``(relative path, sha256 of file)`` pairs (the manifest excluded). Registering content equal to
+  an existing version of the same name returns that version and moves nothing.
+- ``register_version`` takes a folder *inside the store* (a relative path without ``..``); the
+  folder is moved (renamed) into place, so callers write to a temporary folder first and a
+  partial artifact never appears under ``adapters/``.
+- Every registration moves the ``latest`` alias. ``stable`` and ``canary`` move only by
+  ``set_alias`` (the trainer's gate, the promotion loop, an operator).
+- Model names: ``base``; ``NAME`` (= ``NAME:stable``); ``NAME:ALIAS``; ``NAME@vN`` (or ``NAME@N``).
+- ``rollback`` undoes the most recent move of the alias that has not been undone already, so
+  repeated rollbacks walk further back through the history; each rollback is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from shared.db import Adapter, AdapterVersion, Alias, AliasEvent, Database, utcnow
+from shared.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
+
+BASE = "base"
+ALIASES = ("latest", "stable", "canary")
+MANIFEST_FILE = "tunegate-manifest.json"
+ADAPTERS_DIR = "adapters"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSION_RE = re.compile(r"^v?([0-9]{1,9})$")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: int
+    content_hash: str
+    artifact: str  # relative to the store root
+    path: str  # absolute: what an engine gets as ``lora_path``
+    manifest: dict[str, Any]
+    created_at: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@v{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.ref, "name": self.name, "version": self.version,
+                "content_hash": self.content_hash, "artifact": self.artifact, "path": self.path,
+                "manifest": self.manifest, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model name means now: the base model, or one immutable adapter version."""
+
+    requested: str
+    name: str  # "base" or the adapter name
+    version: int | None = None
+    path: str | None = None  # the artifact folder for engines (``lora_path``)
+
+    @property
+    def is_base(self) -> bool:
+        return self.version is None
+
+    @property
+    def ref(self) -> str:
+        """``base`` or ``NAME@vN``: the ``lora_name`` on engines and the ``model`` in answers."""
+        return BASE if self.version is None else f"{self.name}@v{self.version}"
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name) or name == BASE:
+        raise InvalidRequest(
+            f"invalid adapter name {name!r}: 1-64 of letters, digits, '.', '_', '-', "
+            f"starting with a letter or digit, and not {BASE!r}", param="name")
+    return name
+
+
+def parse_model_name(model: str) -> tuple[str, str | None, int | None]:
+    """``(name, alias, version)`` for a model name; ``NAME`` means its ``stable`` alias."""
+    if "@" in model:
+        name, _, ver = model.partition("@")
+        m = _VERSION_RE.match(ver)
+        if not m or not _NAME_RE.match(name):
+            raise ModelNotFound(model)
+        return name, None, int(m.group(1))
+    if ":" in model:
+        name, _, alias = model.partition(":")
+        if not _NAME_RE.match(name) or not alias:
+            raise ModelNotFound(model)
+        return name, alias, None
+    if not _NAME_RE.match(model):
+        raise ModelNotFound(model)
+    return model, "stable", None
+
+
+class Registry:
+    def __init__(self, db: Database, store: str) -> None:
+        self.db = db
+        self.fs, root = fsspec.core.url_to_fs(str(store))
+        self.root = root.rstrip("/")
+        self.fs.makedirs(self._abs(ADAPTERS_DIR), exist_ok=True)
+
+    # ---- paths -------------------------------------------------------------------------------
+    def _abs(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def _public_path(self, rel: str) -> str:
+        path = self._abs(rel)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+    def inside_store(self, rel: str) -> str:
+        """Normalise a client-given path and check it stays inside the store; returns it relative.
+        Absolute paths, ``..`` segments and URLs are refused (400)."""
+        if not rel or rel.startswith(("/", "\\")) or "://" in rel or "\x00" in rel:
+            raise InvalidRequest("path must be relative to the artifact store", param="path")
+        parts = rel.replace("\\", "/").split("/")
+        if any(p == ".." for p in parts):
+            raise InvalidRequest("path must not contain '..'", param="path")
+        norm = posixpath.normpath("/".join(parts))
+        if norm in (".", "") or norm.split("/")[0] == ADAPTERS_DIR:
+            raise InvalidRequest("path must name a folder outside adapters/", param="path")
+        if not self.fs.isdir(self._abs(norm)):
+            raise InvalidRequest(f"no folder {norm!r} in the artifact store", param="path")
+        return norm
+
+    def content_hash(self, rel: str) -> str:
+        base = self._abs(rel)
+        files = sorted(p for p in self.fs.find(base) if not p.endswith("/" + MANIFEST_FILE))
+        outer = hashlib.sha256()
+        for p in files:
+            inner = hashlib.sha256()
+            with self.fs.open(p, "rb") as f:
+                while block := f.read(1 << 20):  # 1 MiB blocks
+                    inner.update(block)
+            outer.update(posixpath.relpath(p, base).encode() + b"\0" + inner.digest())
+        return outer.hexdigest()
+
+    # ---- versions ----------------------------------------------------------------------------
+    def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> VersionInfo:
+        """Move the folder ``src`` (relative to the store) into place as the next version of
+        ``name`` and record it with ``manifest``; moves ``latest``. Idempotent on content."""
+        validate_name(name)
+        src = self.inside_store(src)
+        digest = self.content_hash(src)
+        for _attempt in range(5):
+            moved: str | None = None
+            try:
+                with self.db.session() as s:
+                    if s.get(Adapter, name) is None:
+                        s.add(Adapter(name=name))
+                        s.flush()
+                    same = s.scalars(select(AdapterVersion).where(
+                        AdapterVersion.name == name, AdapterVersion.content_hash == digest)).first()
+                    if same is not None:
+                        return self._info(same)
+                    n = (s.scalar(select(func.max(AdapterVersion.version))
+                                  .where(AdapterVersion.name == name)) or 0) + 1
+                    dst = f"{ADAPTERS_DIR}/{name}/v{n}"
+                    if self.fs.exists(self._abs(dst)):
+                        # Left by a crash between move and commit: never reuse, never overwrite.
+                        self.fs.mv(self._abs(dst), self._abs(f"{dst}.orphan-{digest[:8]}"),
+                                   recursive=True)
+                        continue
+                    self.fs.makedirs(self._abs(f"{ADAPTERS_DIR}/{name}"), exist_ok=True)
+                    self.fs.mv(self._abs(src), self._abs(dst), recursive=True)
+                    moved = dst
+                    full = {**manifest, "name": name, "version": n, "content_hash": digest}
+                    with self.fs.open(self._abs(f"{dst}/{MANIFEST_FILE}"), "w") as f:
+                        json.dump(full, f, indent=2, sort_keys=True, default=str)
+                    row = AdapterVersion(name=name, version=n, content_hash=digest, artifact=dst,
+                                         manifest=full)
+                    s.add(row)
+                    s.flush()
+                    self._move_alias(s, name, "latest", n, "set", "registered")
+                    info = self._info(row)
+                return info
+            except IntegrityError:
+                # Another process took version n first: put the folder back and retry.
+                if moved is not None:
+                    self.fs.rm(self._abs(f"{moved}/{MANIFEST_FILE}"))
+                    self.fs.mv(self._abs(moved), self._abs(src), recursive=True)
+        raise Conflict(f"could not allocate a version for {name!r}; retry")
+
+    def get_version(self, name: str, version: int) -> VersionInfo:
+        with self.db.session() as s:
+            row = s.scalars(select(AdapterVersion).where(
+                AdapterVersion.name == name, AdapterVersion.version == version)).first()
+            if row is None:
+                raise NotFound(f"no version {name}@v{version}", param="version")
+            return self._info(row)
+
+    def _info(self, row: AdapterVersion) -> VersionInfo:
+        return VersionInfo(name=row.name, version=row.version, content_hash=row.content_hash,
+                           artifact=row.artifact, path=self._public_path(row.artifact),
+                           manifest=dict(row.manifest or {}), created_at=row.created_at.isoformat())
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def list_adapters(self) -> list[dict[str, Any]]:
+        """Every name with its version count and current aliases."""
+        with self.db.session() as s:
+            names = s.scalars(select(Adapter.name).order_by(Adapter.name)).all()
+            counts = dict(s.execute(select(AdapterVersion.name, func.count())
+                                    .group_by(AdapterVersion.name)).all())
+            aliases: dict[str, dict[str, int]] = {}
+            for a in s.scalars(select(Alias)):
+                aliases.setdefault(a.name, {})[a.alias] = a.version
+        return [{"name": n, "versions": counts.get(n, 0), "aliases": aliases.get(n, {})}
+                for n in names]
+
+    def get_adapter(self, name: str) -> dict[str, Any]:
+        with self.db.session() as s:
+            if s.get(Adapter, name) is None:
+                raise NotFound(f"no adapter {name!r}", param="name")
+            rows = s.scalars(select(AdapterVersion).where(AdapterVersion.name == name)
+                             .order_by(AdapterVersion.version)).all()
+            aliases = {a.alias: a.version for a in
+                       s.scalars(select(Alias).where(Alias.name == name))}
+            versions = [self._info(r).to_dict() for r in rows]
+        return {"name": name, "aliases": aliases, "versions": versions}
+
+    # ---- aliases -----------------------------------------------------------------------------
+    def set_alias(self, name: str, alias: str, version: int, reason: str | None = None) -> None:
+        """Point ``NAME:alias`` at version ``version`` (which must exist)."""
+        _check_alias(alias)
+        with self.db.session() as s:
+            exists = s.scalar(select(func.count()).select_from(AdapterVersion).where(
+                AdapterVersion.name == name, AdapterVersion.version == version))
+            if not exists:
+                raise NotFound(f"no version {name}@v{version}", param="version")
+            self._move_alias(s, name, alias, version, "set", reason)
+
+    def rollback(self, name: str, alias: str = "stable", reason: str | None = None) -> int:
+        """Move ``alias`` back to the version it held before its last (not yet undone) move;
+        returns that version. 409 when there is nothing to roll back to."""
+        _check_alias(alias)
+        with self.db.session() as s:
+            events = s.scalars(select(AliasEvent).where(
+                AliasEvent.name == name, AliasEvent.alias == alias).order_by(AliasEvent.id)).all()
+            stack: list[int | None] = []
+            for e in events:
+                if e.kind == "rollback":
+                    if stack:
+                        stack.pop()
+                else:
+                    stack.append(e.from_version)
+            if not stack or stack[-1] is None:
+                raise Conflict(f"{name}:{alias} has no earlier version to roll back to")
+            target = stack[-1]
+            assert target is not None
+            self._move_alias(s, name, alias, target, "rollback", reason)
+            return target
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
+        with self.db.session() as s:
+            q = select(AliasEvent).where(AliasEvent.name == name)
+            if alias:
+                q = q.where(AliasEvent.alias == alias)
+            return [{"alias": e.alias, "from_version": e.from_version,
+                     "to_version": e.to_version, "kind": e.kind, "reason": e.reason,
+                     "at": e.at.isoformat()} for e in s.scalars(q.order_by(AliasEvent.id))]
+
+    def _move_alias(self, s: Any, name: str, alias: str, version: int, kind: str,
+                    reason: str | None) -> None:
+        row = s.get(Alias, (name, alias))
+        before = row.version if row is not None else None
+        if row is None:
+            s.add(Alias(name=name, alias=alias, version=version))
+        else:
+            row.version = version
+            row.updated_at = utcnow()
+        s.add(AliasEvent(name=name, alias=alias, from_version=before, to_version=version,
+                         kind=kind, reason=reason))
+
+    # ---- resolution --------------------------------------------------------------------------
+    def resolve(self, model: str) -> ResolvedModel:
+        """The immutable thing a model name means now; ``ModelNotFound`` (404) otherwise."""
+        if model == BASE:
+            return ResolvedModel(requested=model, name=BASE)
+        name, alias, version = parse_model_name(model)
+        with self.db.session() as s:
+            if alias is not None:
+                row = s.get(Alias, (name, alias))
+                if row is None:
+                    raise ModelNotFound(model)
+                version = row.version
+            v = s.scalars(select(AdapterVersion).where(
+                AdapterVersion.name == name, AdapterVersion.version == version)).first()
+            if v is None:
+                raise ModelNotFound(model)
+            return ResolvedModel(requested=model, name=name, version=v.version,
+                                 path=self._public_path(v.artifact))
+
+    def alias_targets(self) -> set[str]:
+        """``NAME@vN`` of every version some alias points at now (what replicas should keep)."""
+        with self.db.session() as s:
+            return {f"{a.name}@v{a.version}" for a in s.scalars(select(Alias))}
+
+    def served_names(self) -> list[tuple[str, list[str]]]:
+        """``(name, [aliases])`` for every adapter that has at least one alias."""
+        with self.db.session() as s:
+            out: dict[str, list[str]] = {}
+            for a in s.scalars(select(Alias).order_by(Alias.name, Alias.alias)):
+                out.setdefault(a.name, []).append(a.alias)
+        return sorted(out.items())
+
+
+def _check_alias(alias: str) -> None:
+    if not re.match(r"^[a-z][a-z0-9_-]{0,31}$", alias):
+        raise InvalidRequest(f"invalid alias {alias!r}", param="alias")
