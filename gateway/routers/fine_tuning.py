@@ -1,0 +1,247 @@
+"""Fine-tuning jobs API (admin scope), compatible with the ``openai`` SDK's
+``fine_tuning.jobs.create / retrieve / list / cancel / list_events / checkpoints.list``:
+
+- ``POST /v1/fine_tuning/jobs``: ``model``, ``training_file``, ``validation_file``, ``suffix``
+  (the adapter name; default ``ft-<job>``), ``seed``, ``hyperparameters`` (``n_epochs``,
+  ``batch_size``, ``learning_rate_multiplier`` of 2e-4), ``metadata``; our fields (top level,
+  ``extra_body`` in the SDK): ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``,
+  ``golden_file``, ``gate_threshold``, ``gate_tolerance``, ``scorer``, ``max_steps``,
+  ``max_seq_length``, ``golden_limit``, ``evaluate_base``.
+- ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
+  ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
+
+Jobs are queued on arq (Redis) for ``tunegate trainer worker``; records live in SQL
+(``trainer.records``). The base ``model`` names a folder under ``$TUNEGATE_DATA_DIR/models``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import BaseModel, Field
+
+from gateway.deps import State, admin_key
+from shared.errors import InvalidRequest, NotFound, Overloaded
+from trainer.records import TERMINAL, FileStore, JobStore
+from trainer.settings import TrainerSettings
+from trainer.spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
+from trainer.worker import cancel_training, enqueue_training, new_job_id
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
+                   dependencies=[Depends(admin_key)])
+
+BASE_LR = 2e-4  # learning_rate_multiplier scales this
+
+
+class Hyperparameters(BaseModel):
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+
+class JobCreate(BaseModel):
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    seed: int | None = None
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    metadata: dict[str, str] | None = None
+    # tunegate's own fields
+    lora_r: int = Field(default=16, ge=1, le=256)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1)
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    golden_file: str | None = None
+    gate_threshold: float = Field(default=0.95, ge=0, le=1)
+    gate_tolerance: float = Field(default=0.01, ge=0, le=1)
+    scorer: str | None = None
+    max_steps: int | None = Field(default=None, ge=1)
+    max_seq_length: int = Field(default=512, ge=16, le=32768)
+    golden_limit: int | None = Field(default=None, ge=1)
+    evaluate_base: bool = False
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
+    trainer = TrainerSettings(data_dir=state.settings.data_dir,
+                              redis_url=state.settings.redis_url or "redis://127.0.0.1:6379/0")
+    app.state.fine_tuning = {"settings": trainer, "pool": None}
+    if state.settings.redis_url:
+        from arq import create_pool
+        from arq.connections import RedisSettings
+        from redis.exceptions import RedisError
+
+        try:
+            app.state.fine_tuning["pool"] = await create_pool(
+                RedisSettings.from_dsn(state.settings.redis_url))
+        except (OSError, RedisError) as exc:  # Redis down: the gateway must still serve inference
+            import logging
+
+            logging.getLogger("tunegate.gateway").warning(
+                "no arq pool (fine-tuning jobs refused until restart): %r", exc)
+    try:
+        yield
+    finally:
+        pool = app.state.fine_tuning["pool"]
+        if pool is not None:
+            await pool.aclose()
+
+
+def _ts(t: Any) -> int | None:
+    return int(t.timestamp()) if t is not None else None
+
+
+def job_object(row: dict[str, Any]) -> dict[str, Any]:
+    spec = row["spec"] or {}
+    return {
+        "id": row["id"], "object": "fine_tuning.job", "created_at": _ts(row["created_at"]),
+        "finished_at": _ts(row["finished_at"]), "model": row["model"],
+        "fine_tuned_model": row["fine_tuned_model"], "organization_id": "tunegate",
+        "result_files": [], "status": row["status"],
+        "training_file": spec.get("training_file_id"),
+        "validation_file": spec.get("validation_file_id"),
+        "hyperparameters": {
+            "n_epochs": spec.get("n_epochs"), "batch_size": spec.get("batch_size"),
+            "learning_rate_multiplier": spec.get("learning_rate", BASE_LR) / BASE_LR},
+        "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": spec.get("seed"),
+        "metadata": spec.get("metadata") or None, "suffix": spec.get("name"),
+        "estimated_finish": None, "integrations": [],
+        "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id")},
+    }
+
+
+def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
+    if file_id is None:
+        return None
+    row = FileStore(state.db).get(file_id)
+    if row is None:
+        raise InvalidRequest(f"file {file_id!r} does not exist", param=param,
+                             code="file_not_found")
+    return str(row["path"])
+
+
+def _create(
+    state: Any, trainer: TrainerSettings, body: JobCreate
+) -> tuple[TrainSpec, dict[str, Any]]:
+    base = Path(trainer.data_dir) / "models" / body.model
+    if not (base / "config.json").is_file():
+        raise InvalidRequest(f"base model {body.model!r} is not in the models folder",
+                             param="model", code="model_not_found")
+    job_id = new_job_id()
+    hp = body.hyperparameters
+    spec = TrainSpec(
+        job_id=job_id, name=body.suffix or f"ft-{job_id.removeprefix('ftjob-')[:8]}",
+        base_model=str(base), base_model_name=body.model,
+        training_file=_file_path(state, body.training_file, "training_file") or "",
+        validation_file=_file_path(state, body.validation_file, "validation_file"),
+        golden_file=_file_path(state, body.golden_file, "golden_file"),
+        seed=body.seed if body.seed is not None else 0,
+        n_epochs=1 if hp.n_epochs == "auto" else hp.n_epochs,
+        batch_size=8 if hp.batch_size == "auto" else hp.batch_size,
+        learning_rate=BASE_LR * (1.0 if hp.learning_rate_multiplier == "auto"
+                                 else hp.learning_rate_multiplier),
+        lora=LoraSpec(r=body.lora_r, alpha=body.lora_alpha, dropout=body.lora_dropout,
+                      target_modules=body.lora_target_modules),
+        threshold=body.gate_threshold, tolerance=body.gate_tolerance, scorer=body.scorer,
+        max_steps=body.max_steps, max_seq_length=body.max_seq_length,
+        golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
+        metadata=body.metadata or {},
+    )
+    record = {**spec.model_dump(), "training_file_id": body.training_file,
+              "validation_file_id": body.validation_file, "golden_file_id": body.golden_file}
+    row = JobStore(state.db).create(job_id, model=body.model, name=spec.name, spec=record,
+                                    status="queued")
+    return spec, row
+
+
+def _queue(request: Request) -> tuple[TrainerSettings, Any]:
+    ft = request.app.state.fine_tuning
+    if ft["pool"] is None:
+        raise Overloaded("fine-tuning needs REDIS_URL: no job queue is configured")
+    return ft["settings"], ft["pool"]
+
+
+@router.post("")
+async def create_job(body: JobCreate, state: State, request: Request) -> dict[str, Any]:
+    trainer, pool = _queue(request)
+    spec, row = await to_thread.run_sync(_create, state, trainer, body)
+    try:
+        await enqueue_training(pool, spec, queue_name=trainer.queue_name)
+    except Exception as exc:  # Redis unreachable: the record must not wait forever
+        await to_thread.run_sync(lambda: _jobs(state).set_status(spec.job_id, "failed", error={
+            "message": "could not queue the job", "code": "queue_unavailable", "param": None}))
+        raise Overloaded("the job queue (Redis) is unavailable; retry later") from exc
+    return job_object(row)
+
+
+@router.post("/{job_id}/cancel")
+async def cancel_job(job_id: str, state: State, request: Request) -> dict[str, Any]:
+    _, pool = _queue(request)
+    row = await _get(state, job_id)
+    if row["status"] in TERMINAL:
+        raise InvalidRequest(f"job {job_id} is already {row['status']}", param="fine_tuning_job_id",
+                             code="job_not_cancellable")
+    await cancel_training(pool, _jobs(state), job_id)
+    return job_object(await _get(state, job_id))
+
+
+def _jobs(state: Any) -> JobStore:
+    return JobStore(state.db)
+
+
+async def _get(state: Any, job_id: str) -> dict[str, Any]:
+    row = await to_thread.run_sync(_jobs(state).get, job_id)
+    if row is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return row
+
+
+@router.get("")
+async def list_jobs(state: State, after: str | None = None,
+                    limit: int = Query(20, ge=1, le=100)) -> dict[str, Any]:
+    rows = await to_thread.run_sync(lambda: _jobs(state).list_jobs(after=after, limit=limit + 1))
+    return {"object": "list", "data": [job_object(r) for r in rows[:limit]],
+            "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}")
+async def retrieve_job(job_id: str, state: State) -> dict[str, Any]:
+    return job_object(await _get(state, job_id))
+
+
+@router.get("/{job_id}/events")
+async def list_events(job_id: str, state: State, after: str | None = None,
+                      limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+    await _get(state, job_id)
+    cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix(
+        "ftevent-").isdigit() else None
+    rows = await to_thread.run_sync(lambda: _jobs(state).events(
+        job_id, after=cursor, limit=limit + 1, newest_first=True))
+    data = [{"id": f"ftevent-{e['id']}", "object": "fine_tuning.job.event",
+             "created_at": _ts(e["created_at"]), "level": e["level"], "message": e["message"],
+             "data": e["data"], "type": e["type"]} for e in rows[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
+
+
+@router.get("/{job_id}/checkpoints")
+async def list_checkpoints(job_id: str, state: State) -> dict[str, Any]:
+    row = await _get(state, job_id)
+    data = []
+    if row["fine_tuned_model"]:
+        result = row["result"] or {}
+        data.append({
+            "id": f"ftckpt-{row['id'].removeprefix('ftjob-')}",
+            "object": "fine_tuning.job.checkpoint",
+            "created_at": _ts(row["finished_at"]), "fine_tuning_job_id": row["id"],
+            "fine_tuned_model_checkpoint": row["fine_tuned_model"],
+            "step_number": (result.get("train") or {}).get("steps", 0),
+            "metrics": {"train_loss": (result.get("train") or {}).get("final_loss"),
+                        "golden_score": (result.get("eval") or {}).get("score")},
+        })
+    return {"object": "list", "data": data, "has_more": False, "first_id": None, "last_id": None}

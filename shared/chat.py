@@ -1,0 +1,94 @@
+"""Chat formatting through the tokenizer's own chat template, and supervised training tensors.
+
+Text is never formatted by hand: the prompt and the answers are rendered by
+``tokenizer.apply_chat_template``. For training, every assistant turn's tokens (its content and
+the template's end-of-turn marker, so the model learns to stop) get labels; everything else
+(system prompt, user turns, role headers) gets ``IGNORE_INDEX`` so the loss counts only answers.
+
+The tokenizer is passed in (any ``transformers`` tokenizer with a chat template); this module
+imports no heavy library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Message = dict[str, str]
+
+IGNORE_INDEX = -100  # the label torch's cross-entropy skips
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
+    return str(
+        tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    )
+
+
+def prompt_messages(messages: list[Message]) -> list[Message]:
+    """The conversation up to (not including) its final assistant answer."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1]
+    return messages
+
+
+def answer_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The full rendered text and the character spans of each assistant turn in it.
+
+    Each span runs from the end of the prompt rendered with the generation prompt to the end of
+    the conversation rendered through that turn, so it covers the answer and its end-of-turn
+    marker. Raises ``ValueError`` for a template whose renderings are not prefixes of each other
+    (then answer positions cannot be told apart safely).
+    """
+    full = render(tokenizer, messages)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = render(tokenizer, messages[: i + 1])
+        if not full.startswith(through) or not through.startswith(before):
+            raise ValueError("chat template renderings are not prefix-consistent")
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_for_training(
+    tokenizer: Any, messages: list[Message], *, max_seq_length: int | None = None
+) -> Tokenized:
+    """Input ids and labels; labels are ``IGNORE_INDEX`` outside the assistant spans."""
+    text, spans = answer_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        # A token belongs to an answer when it starts inside the span (a token straddling the
+        # prompt/answer boundary is left out, so no prompt character is ever supervised).
+        if any(s <= start < e and end <= e for s, e in spans) and end > start:
+            labels[t] = ids[t]
+    if max_seq_length is not None:
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+    return Tokenized(ids, labels)
+
+
+def count_tokens(tokenizer: Any, messages: list[Message]) -> int:
+    """Templated length in tokens (what ``max_seq_length`` is checked against)."""
+    return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+
+
+def prompt_text(tokenizer: Any, messages: list[Message]) -> str:
+    """The text to generate from: the conversation without its answer, plus the generation
+    prompt of the template (the assistant header)."""
+    return render(tokenizer, prompt_messages(messages), add_generation_prompt=True)

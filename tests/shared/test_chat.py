@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.chat import IGNORE_INDEX, count_tokens, prompt_text, render, tokenize_for_training
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_dir))
+
+
+def supervised_text(tok: Any, ids: list[int], labels: list[int]) -> str:
+    return str(tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]))
+
+
+def test_labels_only_on_the_answer(tok: Any) -> None:
+    messages = [{"role": "user", "content": "Classify: a great film"},
+                {"role": "assistant", "content": "fresh"}]
+    t = tokenize_for_training(tok, messages)
+    assert tok.decode(t.input_ids) == render(tok, messages)
+    assert supervised_text(tok, t.input_ids, t.labels).strip() == "fresh<|im_end|>"
+    # Everything before the answer (system, user turn, assistant header) is masked.
+    n_prompt = len(tok(prompt_text(tok, messages), add_special_tokens=False)["input_ids"])
+    assert all(lab == IGNORE_INDEX for lab in t.labels[:n_prompt])
+    assert t.labels[n_prompt] == t.input_ids[n_prompt]
+
+
+def test_every_assistant_turn_is_supervised(tok: Any) -> None:
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "3+3?"},
+        {"role": "assistant", "content": "6"},
+    ]
+    t = tokenize_for_training(tok, messages)
+    text = supervised_text(tok, t.input_ids, t.labels)
+    assert text.replace("\n", "") == "4<|im_end|>6<|im_end|>"
+    assert "Be terse" not in text and "3+3" not in text
+    assert count_tokens(tok, messages) == len(t.input_ids)
+
+
+def test_truncation_keeps_ids_and_labels_aligned(tok: Any) -> None:
+    messages = [{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}]
+    t = tokenize_for_training(tok, messages, max_seq_length=16)
+    assert len(t.input_ids) == len(t.labels) == 16
+    assert t.n_supervised == 0

@@ -1,0 +1,141 @@
+"""The shared training loop's logic with a tiny model: batching, schedule, OOM recovery,
+cancellation; and the gate's decision rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from shared.chat import Tokenized
+from trainer.backends.base import JobCancelled, NullHooks, StepInfo
+from trainer.backends.loop import length_grouped_batches, linear_warmup, run_loop
+from trainer.evaluate import gate
+
+
+class Recorder(NullHooks):
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.steps: list[StepInfo] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.cancel_after = cancel_after
+
+    def on_step(self, info: StepInfo) -> None:
+        self.steps.append(info)
+
+    def on_event(self, message: str, data: dict[str, Any]) -> None:
+        self.events.append((message, data))
+
+    def check_cancelled(self) -> None:
+        if self.cancel_after is not None and len(self.steps) >= self.cancel_after:
+            raise JobCancelled()
+
+
+def examples(n: int) -> list[Tokenized]:
+    return [Tokenized([1] * (3 + i % 5), [-100] * (2 + i % 5) + [1]) for i in range(n)]
+
+
+def make_forward(fail_above: int, seen: list[int]) -> Any:
+    def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
+        seen.append(len(items))
+        if len(items) > fail_above:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        x = torch.ones(len(items), 4)
+        return model(x).sum(), len(items)
+
+    return forward_sum
+
+
+def test_length_grouped_batches_cover_everything_once_per_epoch() -> None:
+    lengths = [10, 200, 11, 190, 12, 180, 13, 170]
+    batches = length_grouped_batches(lengths, 2, seed=0, n_epochs=2)
+    assert len(batches) == 8
+    flat = sorted(i for b in batches for i in b)
+    assert flat == sorted(list(range(8)) * 2)
+    # Batches pair similar lengths: short with short, long with long.
+    assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 20 for b in batches)
+    assert batches == length_grouped_batches(lengths, 2, seed=0, n_epochs=2)  # seeded
+
+
+def test_linear_warmup_schedule() -> None:
+    f = linear_warmup(10, 0.2)
+    assert [round(f(s), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
+
+
+def test_oom_halves_micro_batch_doubles_accumulation_and_retries() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    seen: list[int] = []
+    hooks = Recorder()
+    result = run_loop(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), encoded=examples(16),
+        batch_size=8, micro_batch_size=8, n_epochs=1, max_steps=None, warmup_ratio=0.0, seed=0,
+        forward_sum=make_forward(2, seen), hooks=hooks,
+    )
+    assert result.steps == 2 and len(hooks.steps) == 2
+    assert result.micro_batch_size == 2 and result.grad_accum == 4
+    assert [d["micro_batch_size"] for _, d in hooks.events] == [4, 2]
+    assert all("out of memory" in m for m, _ in hooks.events)
+    assert seen[:3] == [8, 4, 2]  # tried 8, then 4, then 2 which fits
+
+
+def test_oom_at_micro_batch_one_is_raised() -> None:
+    model = torch.nn.Linear(4, 1)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_loop(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            encoded=examples(4), batch_size=4, micro_batch_size=None, n_epochs=1, max_steps=None,
+            warmup_ratio=0.0, seed=0, forward_sum=make_forward(0, []), hooks=Recorder(),
+        )
+
+
+def test_split_does_not_change_the_gradient() -> None:
+    def grads(micro: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+
+        def fwd(m: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
+            x = torch.tensor([[float(len(t.input_ids))] * 4 for t in items])
+            return (m(x) ** 2).sum(), len(items)
+
+        before = model.weight.detach().clone()
+        run_loop(model=model, optimizer=opt, encoded=examples(8), batch_size=8,
+                 micro_batch_size=micro, n_epochs=1, max_steps=1, warmup_ratio=0.0, seed=0,
+                 forward_sum=fwd, hooks=Recorder(), max_grad_norm=0.0)
+        return model.weight.detach() - before
+
+    assert torch.allclose(grads(8), grads(1), atol=1e-6)
+
+
+def test_cancellation_stops_at_the_next_step() -> None:
+    model = torch.nn.Linear(4, 1)
+    hooks = Recorder(cancel_after=3)
+    with pytest.raises(JobCancelled):
+        run_loop(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                 encoded=examples(40), batch_size=2, micro_batch_size=None, n_epochs=1,
+                 max_steps=None, warmup_ratio=0.0, seed=0, forward_sum=make_forward(99, []),
+                 hooks=hooks)
+    assert len(hooks.steps) == 3
+
+
+def test_gate_rule() -> None:
+    assert gate(0.95).passed
+    assert not gate(0.94).passed
+    assert gate(0.96, stable_score=0.97, tolerance=0.01).passed
+    assert not gate(0.96, stable_score=0.975, tolerance=0.01).passed
+    d = gate(0.5, threshold=0.4, stable_score=0.8)
+    assert not d.passed and "regresses" in d.reason
+    assert gate(0.5, threshold=0.4, stable_score=None).passed
+
+
+def test_packing_restarts_positions_and_never_learns_across_examples() -> None:
+    from trainer.backends.gpu import pack
+
+    a = Tokenized([5, 6, 7], [-100, -100, 7])
+    b = Tokenized([8, 9], [-100, 9])
+    batch = pack([a, b], "cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, -100, 9]]

@@ -1,0 +1,1 @@
+"""The training sidecar: validated data -> adapter -> evaluation gate -> registry, on arq/Redis."""

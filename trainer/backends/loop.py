@@ -1,0 +1,171 @@
+"""The training loop every backend shares: length-grouped batches, gradient accumulation over
+micro-batches, a linear schedule with warm-up, progress hooks, cancellation at every step, and
+CUDA out-of-memory recovery (halve the micro-batch, double accumulation, retry the step).
+
+The effective batch (examples per optimizer step) never changes when the micro-batch does, and the
+loss is the mean over the step's supervised tokens however the step is split, so an OOM retry
+does not change what is learnt.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.chat import IGNORE_INDEX, Tokenized
+from trainer.backends.base import Hooks, StepInfo
+
+# ``forward_sum(model, micro_batch) -> (summed loss tensor, n_supervised)``
+ForwardSum = Callable[[Any, Sequence[Tokenized]], tuple[Any, int]]
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, *, seed: int, n_epochs: int = 1
+) -> list[list[int]]:
+    """Indices in batches of similar lengths (little padding), batch order shuffled per epoch.
+
+    Examples are shuffled, cut into groups of 50 batches, sorted by length inside each group, then
+    split into batches: similar lengths without always ordering the whole data the same way.
+    """
+    rng = random.Random(seed)
+    out: list[list[int]] = []
+    for _ in range(n_epochs):
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        group = batch_size * 50
+        batches = []
+        for g in range(0, len(order), group):
+            chunk = sorted(order[g : g + group], key=lambda i: lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        out += batches
+    return out
+
+
+def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` tensors."""
+    import torch
+
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, t in enumerate(items):
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}
+
+
+def linear_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, round(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int
+    losses: list[float]
+    micro_batch_size: int
+    grad_accum: int
+
+
+def run_loop(
+    *,
+    model: Any,
+    optimizer: Any,
+    encoded: Sequence[Tokenized],
+    batch_size: int,
+    micro_batch_size: int | None,
+    n_epochs: int,
+    max_steps: int | None,
+    warmup_ratio: float,
+    seed: int,
+    forward_sum: ForwardSum,
+    hooks: Hooks,
+    max_grad_norm: float = 1.0,
+    on_oom: Callable[[], None] | None = None,
+) -> LoopResult:
+    import torch
+
+    batches = length_grouped_batches(
+        [len(t.input_ids) for t in encoded], batch_size, seed=seed, n_epochs=n_epochs
+    )
+    steps_per_epoch = max(1, math.ceil(len(encoded) / batch_size))
+    total = min(len(batches), max_steps) if max_steps else len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(total, warmup_ratio))
+    micro = min(micro_batch_size or batch_size, batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    tokens = 0
+    start = time.monotonic()
+    model.train()
+    for step in range(total):
+        hooks.check_cancelled()
+        items = [encoded[i] for i in batches[step]]
+        n_sup = sum(t.n_supervised for t in items)
+        while True:
+            try:
+                optimizer.zero_grad(set_to_none=True)
+                total_loss = 0.0
+                for m in range(0, len(items), micro):
+                    loss_sum, _ = forward_sum(model, items[m : m + micro])
+                    # Divide by the whole step's supervised tokens: the same gradient for any split.
+                    (loss_sum / max(1, n_sup)).backward()
+                    total_loss += float(loss_sum.detach())
+                break
+            except Exception as exc:
+                if not is_oom(exc) or micro == 1:
+                    raise
+                optimizer.zero_grad(set_to_none=True)
+                if on_oom:
+                    on_oom()
+                old = micro
+                micro = max(1, micro // 2)
+                hooks.on_event(
+                    f"CUDA out of memory at step {step + 1}: micro-batch {old} -> {micro}, "
+                    f"gradient accumulation {math.ceil(batch_size / old)} -> "
+                    f"{math.ceil(batch_size / micro)}; retrying the step",
+                    {"step": step + 1, "micro_batch_size": micro,
+                     "grad_accum": math.ceil(batch_size / micro)},
+                )
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        lr = float(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+        tokens += sum(len(t.input_ids) for t in items)
+        losses.append(total_loss / max(1, n_sup))
+        elapsed = time.monotonic() - start
+        hooks.on_step(
+            StepInfo(
+                step=step + 1,
+                total_steps=total,
+                epoch=(step + 1) / steps_per_epoch,
+                loss=losses[-1],
+                lr=lr,
+                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                eta_s=elapsed / (step + 1) * (total - step - 1),
+                elapsed_s=elapsed,
+            )
+        )
+    return LoopResult(total, tokens, losses, micro, math.ceil(batch_size / micro))

@@ -1,0 +1,262 @@
+"""The job pipeline: validate -> train -> evaluate -> gate -> register.
+
+:func:`run_job` is synchronous (the worker runs it in a thread) and writes the job's record and
+events as it goes. Cancellation is a ``threading.Event`` checked at every training step and
+between phases. Nothing reaches the registry unless the gate passes: the adapter is trained into
+the job's private work folder, copied to ``staging/<job id>`` in the artifact store, and only then
+``Registry.register_version`` moves it under ``adapters/`` (manifest last) and ``stable`` moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.data import DatasetRejected, ValidationReport, validate_file
+from shared.errors import ModelNotFound, NotFound
+from trainer.backends import select_backend
+from trainer.backends.base import JobCancelled, StepInfo
+from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
+from trainer.records import JobStore
+from trainer.spec import TrainSpec
+
+HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
+
+
+class CancelFlag(threading.Event):
+    """Set to stop the job at its next step; ``reason`` says why (``cancelled`` or ``timeout``)."""
+
+    reason: str = "cancelled"
+
+
+class Registrar(Protocol):
+    """What the pipeline needs of ``shared.registry.Registry``."""
+
+    fs: Any
+    root: str
+
+    def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> Any: ...
+    def set_alias(self, name: str, alias: str, version: int, reason: str | None = None) -> None: ...
+    def resolve(self, model: str) -> Any: ...
+    def get_version(self, name: str, version: int) -> Any: ...
+
+
+class JobHooks:
+    """Training hooks that write progress events at a bounded rate and honour cancellation."""
+
+    def __init__(self, store: JobStore, job_id: str, cancel: threading.Event,
+                 interval_s: float = 2.0) -> None:
+        self.store, self.job_id, self.cancel, self.interval_s = store, job_id, cancel, interval_s
+        self._last = 0.0
+        self.last_step: StepInfo | None = None
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise JobCancelled()
+
+    def on_step(self, info: StepInfo) -> None:
+        self.last_step = info
+        now = time.monotonic()
+        if info.step == 1 or info.step == info.total_steps or now - self._last >= self.interval_s:
+            self._last = now
+            self.store.add_event(
+                self.job_id,
+                f"Step {info.step}/{info.total_steps}: training loss={info.loss:.4f}",
+                type="metrics", data=info.to_dict(),
+            )
+        self.check_cancelled()
+
+    def on_event(self, message: str, data: dict[str, Any]) -> None:
+        self.store.add_event(self.job_id, message, data=data)
+
+
+@dataclass
+class JobOutcome:
+    status: str  # succeeded | failed | cancelled
+    fine_tuned_model: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+def _count_tokens_fn(base_model: str) -> Any:
+    from shared.chat import count_tokens
+    from trainer.backends.cpu import load_tokenizer
+
+    tok = load_tokenizer(base_model)
+    return lambda messages: count_tokens(tok, messages)
+
+
+def validate_training(spec: TrainSpec, path: str, count: Any) -> ValidationReport:
+    return validate_file(
+        path, max_output_chars=spec.max_output_chars,
+        max_invalid_fraction=spec.max_invalid_fraction,
+        count_tokens=count, max_seq_length=spec.max_seq_length,
+    )
+
+
+def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: list[Any],
+                 scorer: str | None) -> tuple[float | None, str | None]:
+    """The current ``stable`` version's score on this golden set: the recorded one when its
+    manifest was scored on the same golden file and scorer, else measured now."""
+    try:
+        resolved = registry.resolve(f"{spec.name}:stable")
+    except (ModelNotFound, NotFound):
+        return None, None
+    info = registry.get_version(spec.name, resolved.version)
+    metrics = (info.manifest or {}).get("metrics", {})
+    if metrics.get("golden_sha256") == golden_sha and metrics.get("scorer") == (scorer or "exact"):
+        return float(metrics["golden_score"]), info.ref
+    model, tok = load_model(spec.base_model, resolved.path)
+    report = evaluate(model, tok, golden, scorer=scorer, batch_size=spec.eval_batch_size,
+                      max_new_tokens=spec.eval_max_new_tokens)
+    return report.score, info.ref
+
+
+def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, work_dir: Path,
+            cancel: threading.Event, progress_interval_s: float = 2.0) -> JobOutcome:
+    job_id = spec.job_id
+    hooks = JobHooks(store, job_id, cancel, progress_interval_s)
+    result: dict[str, Any] = {}
+
+    beating = threading.Event()
+
+    def beat() -> None:
+        # Heartbeats independent of the phase (model loading, evaluation emit no progress): a
+        # job whose heartbeat stops lost its worker (see ``JobStore.fail_stale``).
+        while not beating.wait(HEARTBEAT_S):
+            with contextlib.suppress(Exception):
+                store.heartbeat(job_id)
+
+    def finish(outcome: JobOutcome) -> JobOutcome:
+        beating.set()
+        store.set_status(job_id, outcome.status, fine_tuned_model=outcome.fine_tuned_model,
+                         result=outcome.result, error=outcome.error,
+                         trained_tokens=outcome.result.get("train", {}).get("tokens"))
+        store.add_event(job_id, f"Job {outcome.status}" + (
+            f": {outcome.error['message']}" if outcome.error else ""),
+            level="error" if outcome.status == "failed" else "info", heartbeat=False)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return outcome
+
+    if not store.set_status(job_id, "running", only_from=frozenset({"validating_files", "queued"})):
+        current = store.get(job_id)
+        return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
+    threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
+    try:
+        count = _count_tokens_fn(spec.base_model)
+        report = validate_training(spec, spec.training_file, count)
+        result["validation"] = report.to_dict()
+        store.add_event(job_id, f"Validated training file: {len(report.examples)} of "
+                        f"{report.total} lines valid", data=result["validation"])
+        report.raise_if_rejected()
+        if spec.validation_file:
+            val = validate_training(spec, spec.validation_file, count)
+            result["validation_file"] = val.to_dict()
+            val.raise_if_rejected()
+        golden_report = None
+        if spec.golden_file:
+            golden_report = validate_training(spec, spec.golden_file, count)
+            golden_report.raise_if_rejected()
+        hooks.check_cancelled()
+
+        golden = golden_report.examples[: spec.golden_limit] if golden_report else []
+        if golden and spec.evaluate_base:
+            model, tok = load_model(spec.base_model)
+            base = evaluate(model, tok, golden, scorer=spec.scorer,
+                            batch_size=spec.eval_batch_size,
+                            max_new_tokens=spec.eval_max_new_tokens)
+            result["base_eval"] = base.to_dict()
+            store.add_event(job_id, f"Base model golden score {base.score:.3f}",
+                            data=base.to_dict())
+            hooks.check_cancelled()
+
+        backend = select_backend(spec.backend)
+        store.add_event(job_id, f"Training with the {backend.name} backend",
+                        data={"backend": backend.name})
+        adapter_dir = work_dir / "adapter"
+        trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir, hooks)
+        result["train"] = trained.to_dict()
+        store.add_event(job_id, f"Trained {trained.steps} steps in {trained.train_s:.1f} s",
+                        data=result["train"])
+        hooks.check_cancelled()
+
+        decision: GateDecision | None = None
+        eval_report: EvalReport | None = None
+        if golden:
+            model, tok = load_model(spec.base_model, adapter_dir)
+            eval_report = evaluate(model, tok, golden, scorer=spec.scorer,
+                                   batch_size=spec.eval_batch_size,
+                                   max_new_tokens=spec.eval_max_new_tokens)
+            del model
+            result["eval"] = eval_report.to_dict()
+            hooks.check_cancelled()
+            stable, stable_ref = (None, None)
+            assert golden_report is not None
+            if registry is not None:
+                stable, stable_ref = stable_score(registry, spec, golden_report.sha256, golden,
+                                                  spec.scorer)
+            decision = gate(eval_report.score, threshold=spec.threshold, stable_score=stable,
+                            tolerance=spec.tolerance)
+            result["gate"] = {**decision.to_dict(), "stable": stable_ref}
+            store.add_event(job_id, f"Evaluation gate: {decision.reason}", data=result["gate"],
+                            level="info" if decision.passed else "warn")
+            if not decision.passed:
+                return finish(JobOutcome("failed", result=result, error={
+                    "message": f"evaluation gate failed: {decision.reason}",
+                    "code": "evaluation_gate_failed", "param": None}))
+        else:
+            store.add_event(job_id, "No golden file: the gate cannot pass", level="warn")
+            return finish(JobOutcome("failed", result=result, error={
+                "message": "a golden file is required for the evaluation gate",
+                "code": "golden_file_missing", "param": "golden_file"}))
+        hooks.check_cancelled()
+
+        if registry is None:
+            return finish(JobOutcome("succeeded", result=result))
+        ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
+        store.add_event(job_id, f"Registered {ref} and moved {spec.name}:stable to it")
+        return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))
+    except JobCancelled:
+        if getattr(cancel, "reason", "cancelled") == "timeout":
+            return finish(JobOutcome("failed", result=result, error={
+                "message": "the job ran past its time limit", "code": "timeout", "param": None}))
+        return finish(JobOutcome("cancelled", result=result))
+    except DatasetRejected as exc:
+        result["validation_error"] = exc.report.to_dict()
+        return finish(JobOutcome("failed", result=result, error={
+            "message": exc.message, "code": exc.code, "param": exc.param}))
+    except Exception as exc:  # the job fails with the reason; the worker stays up
+        return finish(JobOutcome("failed", result=result, error={
+            "message": f"{type(exc).__name__}: {exc}", "code": "training_error", "param": None}))
+
+
+def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: dict[str, Any],
+             golden_report: Any, eval_report: EvalReport) -> str:
+    """Copy the adapter to ``staging/<job id>`` in the store, register it, move ``stable``."""
+    import json
+
+    staging = f"staging/{spec.job_id}"
+    remote = posixpath.join(registry.root, staging)
+    if registry.fs.exists(remote):
+        registry.fs.rm(remote, recursive=True)
+    registry.fs.makedirs(remote, exist_ok=True)
+    for p in sorted(adapter_dir.iterdir()):
+        registry.fs.put_file(str(p), posixpath.join(remote, p.name))
+    trained = json.loads((adapter_dir / "tunegate-adapter.json").read_text())
+    manifest = {
+        **trained,
+        "datasets": {"training_sha256": result["validation"]["sha256"],
+                     "golden_sha256": golden_report.sha256},
+        "metrics": {"golden_score": eval_report.score, "golden_n": eval_report.n,
+                    "golden_sha256": golden_report.sha256, "scorer": spec.scorer or "exact",
+                    "final_loss": result["train"]["final_loss"]},
+    }
+    info = registry.register_version(spec.name, staging, manifest)
+    registry.set_alias(spec.name, "stable", info.version, reason=f"gate passed ({spec.job_id})")
+    return str(info.ref)
