@@ -1,0 +1,181 @@
+"""Start stock vLLM's OpenAI server as an engine replica (``tunegate engine serve --kind vllm``).
+
+tunegate never imports vLLM: it only assembles the command line and environment of vLLM's own
+entry point and hands the process over to it. vLLM lives in a virtual environment of its own
+(``.venv-vllm``, see ``scripts/setup_vllm_cpu.sh``; on GPU machines any environment with vLLM),
+whose interpreter is found through :class:`VllmSettings`.
+
+The module entry point ``python -m vllm.entrypoints.openai.api_server`` is used rather than the
+``vllm`` script, which fails under the ``vllm-cpu`` package name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal, NoReturn
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "gpu"]
+
+ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
+# Looked for in the current directory, then in the checkout this module lives in (an editable
+# install), as scripts/setup_vllm_cpu.sh makes it.
+DEFAULT_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+class VllmSettings(BaseSettings):
+    """Where vLLM's interpreter is and how it runs on a CPU (env prefix ``TUNEGATE_VLLM_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNEGATE_VLLM_", extra="ignore")
+
+    # TUNEGATE_VLLM_PYTHON: the python of an environment with vLLM installed.
+    python: Path | None = None
+    # TUNEGATE_VLLM_DEVICE: "auto" picks "gpu" when an NVIDIA device node exists.
+    device: Device = "auto"
+    # TUNEGATE_VLLM_CPU_KVCACHE_GIB: KV cache size on CPU, GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    # 1 GiB holds ~46k tokens of SmolLM2-135M in bf16 (30 layers x 3 KV heads x 64 dims x K,V x
+    # 2 bytes = 22.5 KiB per token). Unset, vLLM sizes the cache from a fraction of all RAM.
+    cpu_kvcache_gib: int = Field(default=1, ge=1)
+
+    def resolve_python(self) -> str:
+        """The configured python, else ``.venv-vllm/bin/python`` (current directory, then the
+        checkout) when present, else this interpreter."""
+        if self.python is not None:
+            return str(self.python)
+        for candidate in (Path.cwd() / DEFAULT_VENV_PYTHON, CHECKOUT / DEFAULT_VENV_PYTHON):
+            # Never resolve(): a venv's python is a symlink, and following it leaves the venv.
+            if candidate.is_file():
+                return str(candidate)
+        return sys.executable
+
+
+class VllmNotFound(RuntimeError):
+    """No interpreter with vLLM: neither TUNEGATE_VLLM_PYTHON nor .venv-vllm nor this one."""
+
+
+def check_vllm_python(python: str) -> None:
+    """Fail with a clear message before exec'ing an interpreter that cannot run vLLM."""
+    if python == sys.executable:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise VllmNotFound(
+                "vLLM is not installed for this interpreter and no .venv-vllm was found: run "
+                "scripts/setup_vllm_cpu.sh (CPU) or set TUNEGATE_VLLM_PYTHON to the python of an "
+                "environment with vLLM")
+    elif not os.access(python, os.X_OK):
+        raise VllmNotFound(f"TUNEGATE_VLLM_PYTHON={python} is not an executable file")
+
+
+def detect_device() -> Literal["cpu", "gpu"]:
+    """``gpu`` when an NVIDIA device is visible (device node or ``nvidia-smi``), else ``cpu``.
+    Cheap on purpose: no torch import just to decide a command line."""
+    if Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi"):
+        return "gpu"
+    return "cpu"
+
+
+def build_vllm_command(
+    *,
+    model: str | Path,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+    max_loras: int,
+    max_lora_rank: int,
+    max_model_len: int | None,
+    max_num_seqs: int | None,
+    extra_args: Sequence[str] = (),
+    python: str | None = None,
+    device: Device = "auto",
+) -> list[str]:
+    """vLLM's OpenAI server command line with runtime LoRA enabled.
+
+    ``None`` for ``served_model_name``, ``max_model_len`` or ``max_num_seqs`` leaves vLLM's
+    default (the model path, the model's context length, vLLM's sequence limit).
+    ``extra_args`` come last, so they override anything assembled here.
+    """
+    if max_loras < 1:
+        raise ValueError(f"max_loras must be >= 1, got {max_loras}")
+    if max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be >= 1, got {max_lora_rank}")
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range: {port}")
+    dev = detect_device() if device == "auto" else device
+    py = python or VllmSettings().resolve_python()
+    cmd = [
+        py, "-m", ENTRY_MODULE,
+        "--model", str(model),
+        "--host", host,
+        "--port", str(port),
+        "--enable-lora",
+        "--max-loras", str(max_loras),
+        "--max-lora-rank", str(max_lora_rank),
+    ]
+    if served_model_name:
+        cmd += ["--served-model-name", served_model_name]
+    if max_model_len is not None:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if max_num_seqs is not None:
+        cmd += ["--max-num-seqs", str(max_num_seqs)]
+    if dev == "cpu":
+        # vllm-cpu's Triton has no CPU backend here and compilation would only slow the start;
+        # eager mode is the configuration the contract lane and bench/engine_cpu.py use.
+        cmd += ["--enforce-eager"]
+    cmd += list(extra_args)
+    return cmd
+
+
+def vllm_environment(
+    device: Device = "auto",
+    base: Mapping[str, str] | None = None,
+    settings: VllmSettings | None = None,
+) -> dict[str, str]:
+    """The environment vLLM needs: ``base`` (default: this process's) plus runtime LoRA
+    updating, no hub access, no usage reporting, and on CPU the KV cache size."""
+    settings = settings or VllmSettings()
+    env = dict(os.environ if base is None else base)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["VLLM_NO_USAGE_STATS"] = "1"
+    env["DO_NOT_TRACK"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    dev = detect_device() if device == "auto" else device
+    if dev == "cpu":
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    return env
+
+
+def serve_vllm(
+    *,
+    model: str | Path,
+    host: str,
+    port: int,
+    served_model_name: str | None,
+    max_loras: int,
+    max_lora_rank: int,
+    max_model_len: int | None,
+    max_num_seqs: int | None,
+    extra_args: Sequence[str] = (),
+) -> NoReturn:
+    """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
+    which is what a supervisor expects)."""
+    settings = VllmSettings()
+    cmd = build_vllm_command(
+        model=model, host=host, port=port, served_model_name=served_model_name,
+        max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, extra_args=extra_args, python=settings.resolve_python(),
+        device=settings.device,
+    )
+    check_vllm_python(cmd[0])
+    env = vllm_environment(settings.device, settings=settings)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)

@@ -1,0 +1,239 @@
+"""The vLLM launcher: command assembly (unit) and one real vllm-cpu server (with .venv-vllm)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import vllm_launcher
+from engine.vllm_launcher import VllmSettings, build_vllm_command, serve_vllm, vllm_environment
+from tests.procs import free_port, run_server
+
+COMMON: dict[str, Any] = dict(
+    model="/models/m", host="127.0.0.1", port=8123, served_model_name="base", max_loras=4,
+    max_lora_rank=16, max_model_len=2048, max_num_seqs=16)
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_command_has_the_module_entry_point_and_lora_flags() -> None:
+    cmd = build_vllm_command(**COMMON, extra_args=[], python="/venv/bin/python", device="gpu")
+    assert cmd[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert _flag(cmd, "--model") == "/models/m"
+    assert _flag(cmd, "--host") == "127.0.0.1"
+    assert _flag(cmd, "--port") == "8123"
+    assert "--enable-lora" in cmd
+    assert _flag(cmd, "--max-loras") == "4"
+    assert _flag(cmd, "--max-lora-rank") == "16"
+    assert _flag(cmd, "--served-model-name") == "base"
+    assert _flag(cmd, "--max-model-len") == "2048"
+    assert _flag(cmd, "--max-num-seqs") == "16"
+    assert "--enforce-eager" not in cmd  # GPU keeps CUDA graphs
+
+
+def test_cpu_adds_enforce_eager() -> None:
+    cmd = build_vllm_command(**COMMON, python="py", device="cpu")
+    assert "--enforce-eager" in cmd
+
+
+def test_none_leaves_vllm_defaults() -> None:
+    cmd = build_vllm_command(**{**COMMON, "served_model_name": None, "max_model_len": None,
+                                "max_num_seqs": None}, python="py", device="gpu")
+    for flag in ("--served-model-name", "--max-model-len", "--max-num-seqs"):
+        assert flag not in cmd
+
+
+def test_extra_args_come_last_so_they_override() -> None:
+    cmd = build_vllm_command(**COMMON, extra_args=["--dtype", "float32", "--max-loras", "8"],
+                             python="py", device="cpu")
+    assert cmd[-4:] == ["--dtype", "float32", "--max-loras", "8"]
+    assert cmd.index("--enforce-eager") < cmd.index("--dtype")
+
+
+@pytest.mark.parametrize("field,value", [("max_loras", 0), ("max_lora_rank", 0), ("port", 0),
+                                         ("port", 70000)])
+def test_bad_numbers_are_rejected(field: str, value: int) -> None:
+    with pytest.raises(ValueError, match=field.split("_")[-1]):
+        build_vllm_command(**{**COMMON, field: value}, python="py", device="cpu")
+
+
+def test_python_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEGATE_VLLM_PYTHON", "/opt/vllm/bin/python")
+    assert VllmSettings().resolve_python() == "/opt/vllm/bin/python"
+    cmd = build_vllm_command(**COMMON, device="cpu")
+    assert cmd[0] == "/opt/vllm/bin/python"
+
+
+def test_python_from_venv_in_current_directory_is_not_resolved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNEGATE_VLLM_PYTHON", raising=False)
+    bin_dir = tmp_path / ".venv-vllm" / "bin"
+    bin_dir.mkdir(parents=True)
+    # A venv's python is a symlink to the base interpreter; following it would leave the venv.
+    (bin_dir / "python").symlink_to(sys.executable)
+    monkeypatch.chdir(tmp_path)
+    assert VllmSettings().resolve_python() == str(bin_dir / "python")
+
+
+def test_python_falls_back_to_this_interpreter(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TUNEGATE_VLLM_PYTHON", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vllm_launcher, "CHECKOUT", tmp_path / "elsewhere")
+    assert VllmSettings().resolve_python() == sys.executable
+
+
+def test_environment_enables_runtime_lora_and_offline() -> None:
+    env = vllm_environment("cpu", base={"PATH": "/bin", "VLLM_CPU_KVCACHE_SPACE": "3"},
+                           settings=VllmSettings(cpu_kvcache_gib=2))
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["PATH"] == "/bin"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3"  # an explicit setting wins
+    assert vllm_environment("cpu", base={}, settings=VllmSettings(cpu_kvcache_gib=2))[
+        "VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_environment("gpu", base={})
+
+
+def test_serve_vllm_execs_the_assembled_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEGATE_VLLM_PYTHON", sys.executable + "-vllm")
+    monkeypatch.setenv("TUNEGATE_VLLM_DEVICE", "cpu")
+    monkeypatch.setattr(vllm_launcher, "check_vllm_python", lambda python: None)
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    class Execd(Exception):
+        pass
+
+    def fake_execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append((path, argv, env))
+        raise Execd
+
+    monkeypatch.setattr(vllm_launcher.os, "execve", fake_execve)
+    with pytest.raises(Execd):
+        serve_vllm(**COMMON, extra_args=["--dtype", "float32"])
+    path, argv, env = calls[0]
+    assert path == sys.executable + "-vllm" == argv[0]
+    assert "--enforce-eager" in argv and argv[-2:] == ["--dtype", "float32"]
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_serve_vllm_without_vllm_says_how_to_get_it(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEGATE_VLLM_PYTHON", str(tmp_path / "missing" / "python"))
+    with pytest.raises(vllm_launcher.VllmNotFound, match="not an executable"):
+        serve_vllm(**COMMON)
+    monkeypatch.delenv("TUNEGATE_VLLM_PYTHON")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(vllm_launcher, "CHECKOUT", tmp_path / "elsewhere")
+    if importlib.util.find_spec("vllm") is None:  # the project's .venv has no vLLM
+        with pytest.raises(vllm_launcher.VllmNotFound, match="setup_vllm_cpu.sh"):
+            serve_vllm(**COMMON)
+
+
+def test_cli_kind_vllm_execs_the_command_with_extra_args(tmp_path: Path) -> None:
+    # /bin/echo stands in for vLLM's python: the exec'd process prints the command it was given.
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TUNEGATE_VLLM_PYTHON": "/bin/echo",
+           "TUNEGATE_VLLM_DEVICE": "cpu", "TUNEGATE_DATA_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "tunegate", "engine", "serve", "--kind", "vllm", "--port", "8155",
+         "--max-loras", "3", "--max-lora-rank", "32", "--dtype", "float32"],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    assert argv[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--port") + 1] == "8155"
+    assert argv[argv.index("--max-loras") + 1] == "3"
+    assert argv[argv.index("--max-lora-rank") + 1] == "32"
+    assert "--enable-lora" in argv and "--enforce-eager" in argv
+    assert argv[-2:] == ["--dtype", "float32"]
+
+
+# --- one real vllm-cpu server ---------------------------------------------------------------
+
+def _vllm_python() -> str | None:
+    py = VllmSettings().resolve_python()
+    if py == sys.executable:
+        return None
+    ok = subprocess.run([py, "-c", "import vllm"], capture_output=True,
+                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).returncode == 0
+    return py if ok else None
+
+
+VLLM_PYTHON = _vllm_python()
+needs_vllm = pytest.mark.skipif(
+    VLLM_PYTHON is None,
+    reason="no vLLM environment: run scripts/setup_vllm_cpu.sh (creates .venv-vllm) "
+           "or set TUNEGATE_VLLM_PYTHON",
+)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                ) -> Iterator[str]:
+    port = free_port()
+    code = (
+        "from engine.vllm_launcher import serve_vllm; "
+        f"serve_vllm(model={str(default_model_dir)!r}, host='127.0.0.1', port={port}, "
+        "served_model_name='smol', max_loras=2, max_lora_rank=8, max_model_len=1024, "
+        "max_num_seqs=4, extra_args=['--dtype', 'float32'])"
+    )
+    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    env = {"TUNEGATE_VLLM_PYTHON": str(VLLM_PYTHON), "TUNEGATE_VLLM_DEVICE": "cpu"}
+    cmd = [sys.executable, "-c", code]
+    with run_server(cmd, port=port, env=env, timeout_s=300, log=log) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                                                  target_modules=["q_proj", "v_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    out = tmp_path_factory.mktemp("adapter") / "a1"
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_real_vllm_serves_models_and_runtime_lora(vllm_server: str, adapter_dir: Path) -> None:
+    models = httpx.get(vllm_server + "/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["parent"], m["max_model_len"]) for m in models] == [("smol", None, 1024)]
+
+    r = httpx.post(vllm_server + "/v1/load_lora_adapter",
+                   json={"lora_name": "a1", "lora_path": str(adapter_dir)}, timeout=60)
+    assert r.status_code == 200, r.text
+    models = httpx.get(vllm_server + "/v1/models", timeout=10).json()["data"]
+    assert ("a1", "smol") in [(m["id"], m["parent"]) for m in models]
+
+    def first_logprob(model: str) -> float:
+        body = {"model": model, "prompt": "The capital of France is", "max_tokens": 1,
+                "temperature": 0, "logprobs": 1}
+        resp = httpx.post(vllm_server + "/v1/completions", json=body, timeout=60)
+        assert resp.status_code == 200, resp.text
+        return float(resp.json()["choices"][0]["logprobs"]["token_logprobs"][0])
+
+    # Sequential requests: vllm-cpu applies adapters to base rows batched with LoRA rows.
+    assert abs(first_logprob("a1") - first_logprob("smol")) > 1e-3
+
+    chat = httpx.post(vllm_server + "/v1/chat/completions", timeout=60, json={
+        "model": "smol", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert "Paris" in chat.json()["choices"][0]["message"]["content"]
