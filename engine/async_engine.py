@@ -1,0 +1,220 @@
+"""The bridge between asyncio and the engine thread.
+
+One thread owns the runner and the scheduler and loops: run queued commands (new requests,
+aborts, adapter loads and unloads), then one scheduler step, then hand that step's outputs to the
+event loop in one ``call_soon_threadsafe``. The event loop never waits on torch; the thread never
+touches asyncio objects directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from engine.errors import BadRequestError, EngineInternalError
+from engine.lora import AdapterInfo, AdapterSet, validate_adapter
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler, Sequence, StepOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+IDLE_WAIT_S = 0.5  # how long the idle thread blocks on its command queue per turn
+
+
+class AsyncEngine:
+    def __init__(self, runner: Any, *, max_num_seqs: int, max_model_len: int, max_loras: int,
+                 max_lora_rank: int, base_names: list[str],
+                 decode: Callable[[list[int]], str], metrics: Any = None) -> None:
+        self.runner = runner
+        self.scheduler = Scheduler(runner, max_num_seqs=max_num_seqs,
+                                   max_model_len=max_model_len, decode=decode)
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        self.base_names = base_names
+        self.adapters = AdapterSet(max_loras)
+        self.metrics = metrics
+        if metrics is not None:
+            self.scheduler.on_step = metrics.on_step
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
+        self._in_use: Counter[str] = Counter()  # adapter key -> requests not yet finished
+        self._pending_unloads: set[str] = set()
+        self._lora_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._next_id = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(lambda: None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._turn()
+            except Exception:  # the thread must outlive any one failure
+                log.exception("engine loop error")
+
+    def _turn(self) -> None:
+        """Queued commands, then one step; its outputs go to the event loop in one call."""
+        self._drain(block=not self.scheduler.has_work())
+        if self._stopping or not self.scheduler.has_work():
+            return
+        outputs: list[StepOutput | tuple[str, BaseException]]
+        try:
+            outputs = list(self.scheduler.step())
+        except Exception as exc:  # a failed forward fails its batch, not the server
+            log.exception("engine step failed")
+            outputs = [(s.request_id, exc) for s in
+                       (*self.scheduler.running, *self.scheduler.waiting)]
+            self.scheduler.running.clear()
+            self.scheduler.waiting.clear()
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        if self._pending_unloads:
+            self._unload_idle()
+
+    def _drain(self, *, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            cmd()
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _unload_idle(self) -> None:
+        in_use = self.scheduler.adapters_in_use()
+        for key in list(self._pending_unloads):
+            if key not in in_use:
+                self._pending_unloads.discard(key)
+                self.runner.unload_adapter(key)
+
+    def _unload_or_defer(self, key: str) -> None:
+        if key in self.scheduler.adapters_in_use():
+            self._pending_unloads.add(key)  # its last request finishes first
+        else:
+            self.runner.unload_adapter(key)
+
+    def _dispatch(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+        for out in outputs:
+            item: StepOutput | BaseException
+            if isinstance(out, tuple):
+                rid, item = out
+            else:
+                rid, item = out.request_id, out
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(item)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between two steps and return its result."""
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def cmd() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._commands.put(cmd)
+        return await asyncio.wrap_future(fut)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def new_request_id(self, prefix: str) -> str:
+        self._next_id += 1
+        return f"{prefix}-{self._next_id}-{time.time_ns() % 10**9}"
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       adapter_key: str | None = None,
+                       arrival: float | None = None) -> AsyncIterator[StepOutput]:
+        """Stream a request's outputs; leaving early (client gone) aborts it."""
+        stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        seq = Sequence(request_id, prompt_ids, params, adapter_key)
+        if arrival is not None:
+            seq.arrival = arrival
+        if adapter_key:
+            self._in_use[adapter_key] += 1
+        finished = False
+        self._commands.put(lambda: self.scheduler.add(seq))
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise EngineInternalError(f"generation failed: {item}") from item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if adapter_key:
+                self._in_use[adapter_key] -= 1
+                if self._in_use[adapter_key] <= 0:
+                    del self._in_use[adapter_key]
+            if not finished:
+                self._commands.put(lambda: self.scheduler.abort(request_id))
+
+    # -- adapters ------------------------------------------------------------------------------
+
+    def adapter_key(self, name: str) -> str | None:
+        """The runner key of a resident adapter (marking it recently used), or None."""
+        info = self.adapters.get(name)
+        if info is None:
+            return None
+        self.adapters.touch(name)
+        return info.key
+
+    async def load_lora(self, name: str, path: Path) -> AdapterInfo:
+        async with self._lora_lock:
+            self.adapters.check_new(name)
+            cfg = validate_adapter(name, path, base_names=self.base_names,
+                                   max_rank=self.max_lora_rank,
+                                   module_names=getattr(self.runner, "module_names", set()))
+            busy = {a.name for a in self.adapters.list() if a.key in self._in_use}
+            victim = self.adapters.victim(busy)
+            if victim is not None:
+                old = self.adapters.remove(victim)
+                log.info("unloading least recently used adapter %s", victim)
+                await self.call(lambda: self._unload_or_defer(old.key))
+            try:
+                key = await self.call(lambda: self.runner.load_adapter(path))
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise BadRequestError(f"Loading LoRA adapter '{name}' failed: {exc}",
+                                      param="lora_path") from exc
+            info = AdapterInfo(name=name, path=path, rank=int(cfg["r"]), key=key,
+                               created=int(time.time()))
+            self.adapters.add(info)
+            return info
+
+    async def unload_lora(self, name: str) -> None:
+        async with self._lora_lock:
+            info = self.adapters.remove(name)
+            await self.call(lambda: self._unload_or_defer(info.key))

@@ -1,0 +1,81 @@
+"""`tunegate engine ...`: start an engine replica (embedded, or stock vLLM)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Engine replicas (vLLM's OpenAI protocol).", no_args_is_help=True)
+
+
+class Kind(StrEnum):
+    embedded = "embedded"
+    vllm = "vllm"
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    kind: Annotated[Kind | None, typer.Option(help="embedded (transformers+peft, CPU) or vllm "
+                                              "(default: embedded)")] = None,
+    model: Annotated[Path | None, typer.Option(help="Model folder (default: SmolLM2)")] = None,
+    host: Annotated[str | None, typer.Option(help="(default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="(default: 8001)")] = None,
+    max_loras: Annotated[int | None, typer.Option(
+        help="Resident LoRA adapters at most (default: 4)")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="(default: 16)")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(
+        help="Sequences per batch at most (default: 16)")] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Context length, tokens (default: the model's)")] = None,
+    served_model_name: Annotated[str | None, typer.Option(
+        help="(default: the model folder's name)")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="embedded: float32 or bfloat16 (default: float32); vllm: passed on as --dtype "
+             "(default: vLLM's, bfloat16 on CPU)")] = None,
+    log_level: str = "info",
+) -> None:
+    """Start a replica. Options left out come from TUNEGATE_ENGINE_* or the defaults; arguments
+    after the options (vllm kind only) go to vLLM as they are."""
+    from pydantic import ValidationError
+
+    from engine.settings import EngineSettings
+
+    given: dict[str, Any] = {
+        "kind": kind.value if kind else None, "model": model, "host": host, "port": port,
+        "max_loras": max_loras, "max_lora_rank": max_lora_rank, "max_num_seqs": max_num_seqs,
+        "max_model_len": max_model_len, "served_model_name": served_model_name}
+    if kind is not Kind.vllm:
+        given["dtype"] = dtype
+    try:
+        settings = EngineSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if settings.kind == "vllm":
+        from engine.vllm_launcher import serve_vllm
+
+        # vLLM picks its own batch size (256 on GPU) unless one was asked for explicitly;
+        # the embedded default of 16 suits 2 CPU cores, not a GPU.
+        seqs = settings.max_num_seqs if "max_num_seqs" in settings.model_fields_set else None
+        serve_vllm(model=settings.model, host=settings.host, port=settings.port,
+                   served_model_name=settings.model_name, max_loras=settings.max_loras,
+                   max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
+                   max_num_seqs=seqs,
+                   extra_args=(["--dtype", dtype] if dtype else []) + list(ctx.args))
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unexpected arguments for the embedded kind: {ctx.args}")
+    if not (settings.model / "config.json").is_file():
+        typer.secho(f"error: no model at {settings.model} (run `tunegate models pull`)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+    import uvicorn
+
+    from engine.server import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+                timeout_graceful_shutdown=5)

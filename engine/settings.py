@@ -1,0 +1,37 @@
+"""Settings of an engine replica (``TUNEGATE_ENGINE_*``; the CLI passes its flags through)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import CommonSettings
+
+
+def _default_model() -> Path:
+    return CommonSettings().default_model_dir
+
+
+class EngineSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEGATE_ENGINE_", extra="ignore")
+
+    kind: Literal["embedded", "vllm"] = "embedded"
+    model: Path = Field(default_factory=_default_model)
+    served_model_name: str | None = None  # default: the model folder's name
+    host: str = "127.0.0.1"
+    port: int = 8001
+    max_loras: int = Field(4, ge=1)  # resident adapters; the least recently used goes first
+    max_lora_rank: int = Field(16, ge=1)
+    max_num_seqs: int = Field(16, ge=1)  # sequences in one batch
+    max_model_len: int | None = Field(None, ge=16)  # tokens; default: the model's own limit
+    max_logprobs: int = Field(20, ge=0)  # most top logprobs one request may ask for
+    # float32 is the reference (parity checks compare logprobs); bfloat16 halves the weight
+    # bytes read per step and uses AMX where the CPU has it, at bf16 precision.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
