@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -146,18 +148,53 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> f
 
 
 def measure(url: str, headers: dict[str, str], adapters: list[str], base: str,
-            quick: bool) -> dict[str, dict[str, float]]:
+            quick: bool, seed: int = 0) -> dict[str, dict[str, float]]:
+    """``seed`` picks the prompts: give each measured path its own, so that one path never
+    meets the other's prompts in vLLM's prefix cache."""
     n = 8 if quick else 1
     res: dict[str, dict[str, float]] = {}
     asyncio.run(run_load(url, headers, [base], streams=4, requests=8, max_tokens=16, seed=99))
-    res["1stream"] = asyncio.run(run_load(url, headers, [base], streams=1, requests=40 // n,
-                                          max_tokens=128, seed=1))
+    asyncio.run(run_load(url, headers, [base], streams=1, requests=8, max_tokens=16, seed=98))
+    res["1stream"] = asyncio.run(run_load(url, headers, [base], streams=1, requests=60 // n,
+                                          max_tokens=128, seed=seed + 1))
     for streams in (16, 64):
         for label, models in (("base", [base]), ("lora4", adapters)):
             res[f"conc{streams}_{label}"] = asyncio.run(run_load(
                 url, headers, models, streams=streams, requests=streams * 3, max_tokens=128,
-                seed=streams))
+                seed=seed + streams))
     return res
+
+
+def start_gateway(engine_url: str, adapter_dirs: list[Path], work: Path, port: int,
+                  base_name: str) -> tuple[str, dict[str, str], subprocess.Popen[bytes]]:
+    """The tunegate gateway in front of ``engine_url``: the adapters registered as
+    ``bench0..N`` (their ``stable`` alias at v1) in a fresh registry under ``work``, an admin key,
+    and a gateway process. Returns its URL, the auth headers and the process."""
+    import shutil
+
+    from shared.db import Database, database_url
+    from shared.registry import Registry
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    registry = Registry(Database(database_url(work)), str(work / "artifacts"))
+    for i, src in enumerate(adapter_dirs):
+        shutil.copytree(src, work / "artifacts" / "staging" / f"bench{i}")
+        version = registry.register_version(f"bench{i}", f"staging/bench{i}",
+                                            {"base_model": base_name})
+        registry.set_alias(f"bench{i}", "stable", version.version, reason="bench")
+    env = {**os.environ, "TUNEGATE_DATA_DIR": str(work), "HF_HUB_OFFLINE": "1"}
+    key = "tg-bench-" + os.urandom(8).hex()
+    subprocess.run([sys.executable, "-m", "tunegate", "keys", "create", "--name", "bench",
+                    "--scope", "admin", "--key", key], env=env, check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    log = open(work / "gateway.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "tunegate", "gateway", "serve", "--port",
+                             str(port), "--engine", engine_url], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, 120)
+    return url, {"Authorization": f"Bearer {key}"}, proc
 
 
 def main() -> None:
@@ -194,7 +231,7 @@ def main() -> None:
     log = open("/tmp/vllm.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{args.port}"
-    results: dict[str, object] = {"vllm_args": cmd[cmd.index("--model"):]}
+    results: dict[str, Any] = {"vllm_args": cmd[cmd.index("--model"):]}
     try:
         results["vllm_start_s"] = wait_healthy(direct, proc, 900)
         load_ms = []
@@ -210,13 +247,33 @@ def main() -> None:
         results["adapter_load_ms"] = statistics.median(load_ms)
         results["direct"] = measure(direct, {}, names, "base8b", args.quick)
         print(json.dumps(results, indent=1), flush=True)
+        if args.gateway:
+            for name in names:  # the gateway loads its own immutable versions (bench0@v1, ...)
+                httpx.post(direct + "/v1/unload_lora_adapter", json={"lora_name": name},
+                           timeout=60).raise_for_status()
+            gw_url, headers, gw = start_gateway(direct, adapter_dirs, Path("/tmp/bench-gw"),
+                                                args.port + 100, "base8b")
+            try:
+                results["gateway"] = measure(gw_url, headers, [f"bench{i}" for i in range(4)],
+                                             "base", args.quick, seed=1000)
+            finally:
+                gw.terminate()
+                gw.wait(30)
+            print(json.dumps(results["gateway"], indent=1), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
     d = results["direct"]
     assert isinstance(d, dict)
+    if args.gateway:
+        g = results["gateway"]
+        assert isinstance(g, dict)
+        d = g  # the issue's figures are taken through the gateway
+        results["gateway_ttft_ms_p95_1stream"] = g["1stream"]["ttft_ms_p95"]
+        results["gateway_added_ms_p50"] = (g["1stream"]["ttft_ms_p50"]
+                                           - results["direct"]["1stream"]["ttft_ms_p50"])
     summary = {
-        "direct_ttft_ms_p95_1stream": d["1stream"]["ttft_ms_p95"],
+        "direct_ttft_ms_p95_1stream": results["direct"]["1stream"]["ttft_ms_p95"],
         "decode_tok_s_1stream": d["1stream"]["decode_tok_s_per_stream"],
         "conc64_base_tok_s": d["conc64_base"]["output_tok_s"],
         "conc64_lora4_tok_s": d["conc64_lora4"]["output_tok_s"],
@@ -224,6 +281,9 @@ def main() -> None:
         "conc16_lora4_tok_s": d["conc16_lora4"]["output_tok_s"],
         "adapter_load_ms": results["adapter_load_ms"],
     }
+    for key in ("gateway_ttft_ms_p95_1stream", "gateway_added_ms_p50"):
+        if key in results:
+            summary[key] = results[key]
     results.update(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
