@@ -211,11 +211,9 @@ def main() -> None:
     t0 = time.perf_counter()
     if not (args.model_dir / "config.json").exists():
         # In a child process, so that its GPU memory is given back before vLLM starts.
-        subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from engine.models import write_random_model; "
-            "write_random_model('llama-3.1-8b', Path(sys.argv[1]), "
-            "tokenizer_from=Path(sys.argv[2]), device='cuda')"),
-            str(args.model_dir), str(args.tokenizer)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "tunegate", "models", "random",
+                        str(args.model_dir), "--shape", "llama-3.1-8b", "--device", "cuda",
+                        "--tokenizer", str(args.tokenizer)], check=True, cwd=ROOT)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 

@@ -35,12 +35,15 @@ def random(
     shape: Annotated[str, typer.Option(help="A named real shape.")] = "llama-3.1-8b",
     device: Annotated[str, typer.Option(help="Where to initialise weights.")] = "cpu",
     seed: int = 0,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Copy this tokenizer (default: the default model's).")
+    ] = None,
 ) -> None:
     """Write a random-weight model of a real shape (for speed work, never quality)."""
     from engine.models import verify_model, write_random_model
 
     default = CommonSettings().default_model_dir
-    tokenizer_from = default if verify_model(default) is not None else None
+    tokenizer_from = tokenizer or (default if verify_model(default) is not None else None)
     path = write_random_model(
         shape, directory, tokenizer_from=tokenizer_from, seed=seed, device=device
     )
