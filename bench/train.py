@@ -75,6 +75,8 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
     import torch
 
     from trainer.backends import select_backend
+
+    backend = select_backend("unsloth")  # imports unsloth before anything imports transformers
     from trainer.backends.cpu import load_tokenizer
     from trainer.spec import TrainSpec
 
@@ -95,7 +97,7 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
           flush=True)
     hooks = Recorder()
     t0 = time.perf_counter()
-    result = select_backend(spec.backend).train(spec, data, out / f"adapter-{name}", hooks)
+    result = backend.train(spec, data, out / f"adapter-{name}", hooks)
     wall = time.perf_counter() - t0
     warm = 5  # steps left out of the speed figure: first steps compile and autotune kernels
     first, last = hooks.steps[warm - 1], hooks.steps[-1]
@@ -123,11 +125,9 @@ def main() -> None:
         return
 
     if not (args.model_dir / "config.json").exists():
-        subprocess.run([sys.executable, "-c", (
-            "import sys; from pathlib import Path; from engine.models import write_random_model; "
-            "write_random_model('llama-3.1-8b', Path(sys.argv[1]), "
-            "tokenizer_from=Path(sys.argv[2]), device='cuda')"),
-            str(args.model_dir), str(args.tokenizer)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "tunegate", "models", "random",
+                        str(args.model_dir), "--shape", "llama-3.1-8b", "--device", "cuda",
+                        "--tokenizer", str(args.tokenizer)], check=True, cwd=ROOT)
     results: dict[str, Any] = {"model": "random-weight llama-3.1-8b shape"}
     for name in ("speed", "seed"):
         proc = subprocess.run([sys.executable, __file__, "--phase", name, "--model-dir",

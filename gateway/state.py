@@ -14,7 +14,7 @@ from gateway.routing import Router
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from shared.db import Database
-from shared.registry import Registry
+from shared.registry import Registry, StoreSettings
 
 log = logging.getLogger("tunegate.gateway")
 
@@ -35,7 +35,9 @@ class GatewayState:
     @classmethod
     async def open(cls, settings: GatewaySettings, metrics: Metrics) -> GatewayState:
         db = Database(settings.db_url)
-        registry = Registry(db, settings.store)
+        # fsspec options (an S3 endpoint, ...) from TUNEGATE_ARTIFACT_STORE_OPTIONS.
+        registry = Registry(db, settings.store,
+                            storage_options=StoreSettings().artifact_store_options)
         upstream = Upstream(connect_timeout_s=settings.connect_timeout_s,
                             request_timeout_s=settings.request_timeout_s,
                             max_connections=settings.max_connections)

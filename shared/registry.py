@@ -22,6 +22,11 @@ Rules:
 - Every registration moves the ``latest`` alias. ``stable`` and ``canary`` move only by
   ``set_alias`` (the trainer's gate, the promotion loop, an operator).
 - Model names: ``base``; ``NAME`` (= ``NAME:stable``); ``NAME:ALIAS``; ``NAME@vN`` (or ``NAME@N``).
+- Stores: a local folder, or an S3-compatible bucket through fsspec/s3fs (``StoreSettings``:
+  ``TUNEGATE_ARTIFACT_STORE=s3://bucket/prefix`` and ``TUNEGATE_ARTIFACT_STORE_OPTIONS`` with
+  the endpoint and credentials). Engines load adapters from a local folder: ``materialize``
+  downloads a version once into a local cache (versions are immutable, so the copy never goes
+  stale); ``path`` of a remote version is its ``s3://`` URL, not something to hand to an engine.
 - ``rollback`` undoes the most recent move of the alias that has not been undone already, so
   repeated rollbacks walk further back through the history; each rollback is recorded.
 """
@@ -30,17 +35,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
+from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.db import Adapter, AdapterVersion, Alias, AliasEvent, Database, utcnow
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
+from shared.settings import CommonSettings
 
 BASE = "base"
 ALIASES = ("latest", "stable", "canary")
@@ -115,10 +126,29 @@ def parse_model_name(model: str) -> tuple[str, str | None, int | None]:
     return model, "stable", None
 
 
+class StoreSettings(CommonSettings):
+    """Where adapter artifacts live: ``TUNEGATE_ARTIFACT_STORE``, a local path or an fsspec URL
+    (``s3://bucket/prefix``; default ``$TUNEGATE_DATA_DIR/artifacts``), and
+    ``TUNEGATE_ARTIFACT_STORE_OPTIONS``, a JSON object of fsspec storage options, for an
+    S3-compatible server for example ``{"endpoint_url": "http://minio:9000", "key": "...",
+    "secret": "..."}`` (s3fs names; credentials may also come from the usual AWS variables)."""
+
+    artifact_store: str | None = None
+    artifact_store_options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def store(self) -> str:
+        return self.artifact_store or str(self.data_dir / "artifacts")
+
+    def registry(self, db: Database) -> Registry:
+        return Registry(db, self.store, storage_options=self.artifact_store_options)
+
+
 class Registry:
-    def __init__(self, db: Database, store: str) -> None:
+    def __init__(self, db: Database, store: str,
+                 storage_options: dict[str, Any] | None = None) -> None:
         self.db = db
-        self.fs, root = fsspec.core.url_to_fs(str(store))
+        self.fs, root = fsspec.core.url_to_fs(str(store), **(storage_options or {}))
         self.root = root.rstrip("/")
         self.fs.makedirs(self._abs(ADAPTERS_DIR), exist_ok=True)
 
@@ -129,7 +159,43 @@ class Registry:
     def _public_path(self, rel: str) -> str:
         path = self._abs(rel)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+        return path if self.is_local else f"{protocol}://{path}"
+
+    @property
+    def is_local(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol in ("file", "local")
+
+    def materialize(self, model: str, cache_dir: str | Path) -> Path:
+        """A local folder holding the version ``model`` names (what engines need to load it).
+        Local stores give the artifact folder itself; remote ones (S3, ...) download it once into
+        ``cache_dir/adapters/NAME/vN`` (a temporary folder, then one rename): versions are
+        immutable, so a cached copy never goes stale."""
+        resolved = self.resolve(model)
+        if resolved.is_base:
+            raise InvalidRequest("the base model has no adapter artifact", param="model")
+        info = self.get_version(resolved.name, resolved.version or 0)
+        if self.is_local:
+            return Path(self._abs(info.artifact))
+        dst = Path(cache_dir) / info.artifact
+        if (dst / MANIFEST_FILE).is_file():
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+        try:
+            src = self._abs(info.artifact)
+            for path in self.fs.find(src):
+                local = tmp / posixpath.relpath(path, src)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(path, str(local))
+            if dst.exists():  # another process finished first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dst
 
     def inside_store(self, rel: str) -> str:
         """Normalise a client-given path and check it stays inside the store; returns it relative.
@@ -145,6 +211,21 @@ class Registry:
         if not self.fs.isdir(self._abs(norm)):
             raise InvalidRequest(f"no folder {norm!r} in the artifact store", param="path")
         return norm
+
+    def _move_tree(self, src: str, dst: str) -> None:
+        """Move the folder ``src`` to ``dst`` (both relative). Local: one atomic rename. Object
+        stores have no folders nor rename: each file is copied, then the source deleted; no
+        reader sees a half-copied version because versions are found through the database row,
+        committed after the copy and the manifest."""
+        if self.is_local:
+            self.fs.mv(self._abs(src), self._abs(dst), recursive=True)
+            return
+        base = self._abs(src)
+        files = self.fs.find(base)
+        for path in files:
+            self.fs.copy(path, posixpath.join(self._abs(dst), posixpath.relpath(path, base)))
+        self.fs.rm(files)
+        self.fs.invalidate_cache()
 
     def content_hash(self, rel: str) -> str:
         base = self._abs(rel)
@@ -181,11 +262,10 @@ class Registry:
                     dst = f"{ADAPTERS_DIR}/{name}/v{n}"
                     if self.fs.exists(self._abs(dst)):
                         # Left by a crash between move and commit: never reuse, never overwrite.
-                        self.fs.mv(self._abs(dst), self._abs(f"{dst}.orphan-{digest[:8]}"),
-                                   recursive=True)
+                        self._move_tree(dst, f"{dst}.orphan-{digest[:8]}")
                         continue
                     self.fs.makedirs(self._abs(f"{ADAPTERS_DIR}/{name}"), exist_ok=True)
-                    self.fs.mv(self._abs(src), self._abs(dst), recursive=True)
+                    self._move_tree(src, dst)
                     moved = dst
                     full = {**manifest, "name": name, "version": n, "content_hash": digest}
                     with self.fs.open(self._abs(f"{dst}/{MANIFEST_FILE}"), "w") as f:
@@ -201,7 +281,7 @@ class Registry:
                 # Another process took version n first: put the folder back and retry.
                 if moved is not None:
                     self.fs.rm(self._abs(f"{moved}/{MANIFEST_FILE}"))
-                    self.fs.mv(self._abs(moved), self._abs(src), recursive=True)
+                    self._move_tree(moved, src)
         raise Conflict(f"could not allocate a version for {name!r}; retry")
 
     def get_version(self, name: str, version: int) -> VersionInfo:

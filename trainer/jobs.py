@@ -149,6 +149,8 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
         return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
     try:
+        # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
+        backend = select_backend(spec.backend)
         count = _count_tokens_fn(spec.base_model)
         report = validate_training(spec, spec.training_file, count)
         result["validation"] = report.to_dict()
@@ -176,7 +178,6 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
                             data=base.to_dict())
             hooks.check_cancelled()
 
-        backend = select_backend(spec.backend)
         store.add_event(job_id, f"Training with the {backend.name} backend",
                         data={"backend": backend.name})
         adapter_dir = work_dir / "adapter"

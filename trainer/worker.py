@@ -86,9 +86,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["db"] = db
     ctx["store"] = store = JobStore(db)
     if settings.register_adapters:
-        from shared.registry import Registry
+        from shared.registry import Registry, StoreSettings
 
-        ctx["registry"] = Registry(db, settings.store_url)
+        # fsspec options (an S3 endpoint, ...) from TUNEGATE_ARTIFACT_STORE_OPTIONS.
+        ctx["registry"] = Registry(db, settings.store_url,
+                                   storage_options=StoreSettings().artifact_store_options)
     sweep(store, settings.stale_after_s)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(store, settings.stale_after_s))
 

@@ -3,6 +3,8 @@ transformers) happen inside the commands, so `tunegate --help` stays fast."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from tunegate import models_cli
@@ -19,7 +21,9 @@ def _mount() -> None:
         ("engine", "engine.cli"),
         ("gateway", "gateway.cli"),
         ("keys", "gateway.keys_cli"),
+        ("adapters", "gateway.adapters_cli"),
         ("trainer", "trainer.cli"),
+        ("parity", "engine.parity_cli"),
     ):
         try:
             sub = importlib.import_module(module)
@@ -44,3 +48,31 @@ def up(
     from tunegate.up import run
 
     raise typer.Exit(run(host=host, port=port, engine_port=engine_port, with_worker=worker))
+
+
+@app.command()
+def demo(
+    base_url: str = typer.Option("http://127.0.0.1:8000", help="The gateway of `tunegate up`"),
+    api_key: str | None = typer.Option(None, help="Default: $TUNEGATE_DATA_DIR/local-admin.key"),
+    model: str = "SmolLM2-135M-Instruct",
+    name: str = typer.Option("rt-demo", help="The adapter's name"),
+    n_train: int = typer.Option(1160, "--train", help="Training reviews"),
+    n_golden: int = typer.Option(200, "--golden", help="Golden reviews"),
+    epochs: int = 1,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    max_steps: int | None = typer.Option(None, help="Stop training early (smoke runs)"),
+    threshold: float = typer.Option(0.85, help="Evaluation gate: golden accuracy to register"),
+    seed: int = 0,
+    timeout_s: float = 3600.0,
+    out: Path = Path("bench/results/demo_cpu.json"),
+) -> None:
+    """Fine-tune a sentiment adapter on Rotten Tomatoes reviews through the running gateway
+    (files, fine-tuning job, events), then print golden accuracy before/after and an answer."""
+    from trainer.demo import DemoOptions, run
+
+    report = run(DemoOptions(
+        base_url=base_url, api_key=api_key, model=model, name=name, n_train=n_train,
+        n_golden=n_golden, n_epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        max_steps=max_steps, threshold=threshold, seed=seed, timeout_s=timeout_s, out=out))
+    raise typer.Exit(0 if report["status"] == "succeeded" else 1)

@@ -130,12 +130,28 @@ def test_gate_rule() -> None:
     assert gate(0.5, threshold=0.4, stable_score=None).passed
 
 
-def test_packing_restarts_positions_and_never_learns_across_examples() -> None:
-    from trainer.backends.gpu import pack
+def test_gpu_micro_batches_are_padded_rows_that_keep_examples_apart() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    a = Tokenized([5, 6, 7], [-100, -100, 7])
-    b = Tokenized([8, 9], [-100, 9])
-    batch = pack([a, b], "cpu")
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, -100, 7, -100, 9]]
+    from trainer.backends.gpu import padded_forward_sum
+    from trainer.backends.loop import pad_batch
+
+    a = Tokenized([5, 6, 7, 8], [-100, -100, 7, 8])
+    b = Tokenized([9, 10], [-100, 10])
+    batch = pad_batch([a, b], 0, "cpu")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, -100, -100]]
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)).eval()
+    fwd = padded_forward_sum(0)
+    with torch.no_grad():
+        together, n = fwd(model, [a, b])
+        alone = [fwd(model, [t]) for t in (a, b)]
+    # Loss on answer tokens only (a: 2, b: 1), and each example sees only itself: the padded
+    # micro-batch gives exactly the sum of the examples' losses computed one by one.
+    assert n == 3 and [k for _, k in alone] == [2, 1]
+    assert torch.allclose(together, alone[0][0] + alone[1][0], atol=1e-5)

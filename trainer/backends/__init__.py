@@ -28,6 +28,10 @@ def select_backend(name: str = "auto") -> TrainingBackend:
 
         return CpuBackend()
     if name == "unsloth":
+        # Unsloth patches transformers on import and warns (and runs slower) when transformers
+        # was imported first: import it now, before any tokenizer or model is loaded.
+        import unsloth  # noqa: F401
+
         from trainer.backends.unsloth import UnslothBackend
 
         return UnslothBackend()

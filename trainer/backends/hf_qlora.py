@@ -1,7 +1,7 @@
 """GPU fallback where Unsloth is missing: transformers + peft + bitsandbytes 4-bit QLoRA (NF4,
-double quantisation, bf16 compute), with the same LoRA settings, optimizer, schedule and packing
-as the Unsloth backend. Slower and larger (measured 3,925 tok/s at 15.5 GiB on 8B against
-Unsloth's 10,301 tok/s at 6.8 GiB), but needs only the common libraries."""
+double quantisation, bf16 compute), with the same LoRA settings, optimizer, schedule and padded
+micro-batches as the Unsloth backend. Slower and larger (measured 3,925 tok/s at 15.5 GiB on 8B
+against Unsloth's 10,301 tok/s at 6.8 GiB), but needs only the common libraries."""
 
 from __future__ import annotations
 

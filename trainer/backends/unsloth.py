@@ -2,7 +2,9 @@
 
 r 16, alpha 32, dropout 0, all seven projections (the spec's defaults), gradient checkpointing
 "unsloth" (offloads activations; the memory saving that keeps 8B under 8 GiB), 8-bit AdamW,
-lr 2e-4 with a linear schedule and warm-up, packed micro-batches (see ``gpu.py``).
+lr 2e-4 with a linear schedule and warm-up, padded length-grouped micro-batches (see ``gpu.py``).
+Unsloth patches transformers when imported, so it must be imported first: ``select_backend``
+imports it when it picks this backend (call it before anything loads a tokenizer).
 Runs only where CUDA and Unsloth are installed (the ``gpu`` extra).
 """
 

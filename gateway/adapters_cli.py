@@ -1,0 +1,108 @@
+"""``tunegate adapters list | show | rollback | promote``: the adapter registry, straight in the
+database and the artifact store (``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_STORE``; defaults
+under ``TUNEGATE_DATA_DIR``), like ``tunegate keys``. Running gateways see a moved alias within
+twice their cache TTL (``TUNEGATE_GATEWAY_CACHE_TTL_S``, 2 s by default)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+app = typer.Typer(help="Adapter versions and aliases (the registry).", no_args_is_help=True)
+
+
+def _registry() -> Any:
+    from shared.db import Database, DatabaseSettings
+    from shared.registry import StoreSettings
+
+    settings = DatabaseSettings()
+    return StoreSettings(data_dir=settings.data_dir).registry(Database(settings.url))
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {getattr(exc, 'message', str(exc))}", err=True)
+    return typer.Exit(2)
+
+
+def _aliases(aliases: dict[str, int]) -> str:
+    return " ".join(f"{a}=v{v}" for a, v in sorted(aliases.items())) or "-"
+
+
+@app.command("list")
+def list_adapters(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every adapter name with its number of versions and where its aliases point."""
+    rows = _registry().list_adapters()
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        typer.echo("no adapters registered")
+    for r in rows:
+        typer.echo(f"{r['name']}  versions={r['versions']}  {_aliases(r['aliases'])}")
+
+
+@app.command()
+def show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """An adapter's versions (hash, golden score, job) and its alias history."""
+    from shared.errors import TunegateError
+
+    reg = _registry()
+    try:
+        info = reg.get_adapter(name)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    history = reg.alias_history(name)
+    if as_json:
+        typer.echo(json.dumps({**info, "history": history}))
+        return
+    typer.echo(f"{name}  {_aliases(info['aliases'])}")
+    for v in info["versions"]:
+        m = v["manifest"]
+        score = m.get("metrics", {}).get("golden_score")
+        typer.echo(f"  {v['id']}  sha256={v['content_hash'][:12]}  {v['created_at']}  "
+                   f"golden={'-' if score is None else f'{score:.3f}'}  "
+                   f"job={m.get('job_id', '-')}  base={m.get('base_model', '-')}")
+    typer.echo("history:")
+    for h in history:
+        before = "-" if h["from_version"] is None else f"v{h['from_version']}"
+        typer.echo(f"  {h['at']}  {h['alias']}: {before} -> v{h['to_version']}  {h['kind']}"
+                   + (f"  ({h['reason']})" if h["reason"] else ""))
+
+
+@app.command()
+def rollback(
+    name: str,
+    alias: str = typer.Option("stable", help="latest | stable | canary"),
+    reason: str = typer.Option("operator rollback", help="Recorded in the alias history"),
+) -> None:
+    """Move ALIAS back to the version it held before its last move (repeat to go further)."""
+    from shared.errors import TunegateError
+
+    try:
+        version = _registry().rollback(name, alias, reason=reason)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{name}:{alias} -> {name}@v{version}")
+
+
+@app.command()
+def promote(
+    ref: str = typer.Argument(..., help="NAME@vN"),
+    alias: str = typer.Option("stable", help="latest | stable | canary"),
+    reason: str = typer.Option("operator promotion", help="Recorded in the alias history"),
+) -> None:
+    """Point ALIAS at the version NAME@vN."""
+    from shared.errors import TunegateError
+    from shared.registry import parse_model_name
+
+    try:
+        name, _, version = parse_model_name(ref)
+        if version is None:
+            typer.echo(f"error: {ref!r} is not NAME@vN", err=True)
+            raise typer.Exit(2)
+        _registry().set_alias(name, alias, version, reason=reason)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{name}:{alias} -> {name}@v{version}")
