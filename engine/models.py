@@ -112,7 +112,7 @@ def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
         if not tokenizer.chat_template:
             raise ModelBuildError(f"{gguf.name} carries no chat template")
         # The weights are dequantized now: save them as plain float32, not as a "gguf" model.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (transformers types it non-optional)
         model.config.__dict__.pop("quantization_config", None)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
@@ -182,11 +182,11 @@ def write_random_model(
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **SHAPES[shape], torch_dtype="bfloat16", tie_word_embeddings=False,
+        **SHAPES[shape], tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2,
     )
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).bfloat16()
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     if tokenizer_from is not None:

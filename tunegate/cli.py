@@ -58,7 +58,7 @@ def demo(
     name: str = typer.Option("rt-demo", help="The adapter's name"),
     n_train: int = typer.Option(1160, "--train", help="Training reviews"),
     n_golden: int = typer.Option(200, "--golden", help="Golden reviews"),
-    epochs: int = 1,
+    epochs: int = 2,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     max_steps: int | None = typer.Option(None, help="Stop training early (smoke runs)"),

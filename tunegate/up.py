@@ -132,6 +132,10 @@ def _local_admin_key(data_dir: Path, env: dict[str, str]) -> str:
     return key
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> int:
     common = CommonSettings()
     data_dir = common.data_dir
@@ -148,7 +152,9 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     model_dir = pull_default_model(common.default_model_dir).path
 
     sup = Supervisor(log_dir)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGINT explicitly too: a shell that starts `up` in the background leaves SIGINT ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         redis_url = UpSettings().redis_url or _start_redis(sup, data_dir)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url,
