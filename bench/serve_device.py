@@ -26,6 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shared.procs import wait_healthy  # noqa: E402
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = [
     "river", "stone", "lantern", "orbit", "quiet", "maple", "copper", "harbor", "velvet",
@@ -133,20 +135,6 @@ def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
-    start = time.perf_counter()
-    while time.perf_counter() - start < timeout_s:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return time.perf_counter() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(url)
-
-
 def measure(url: str, headers: dict[str, str], adapters: list[str], base: str,
             quick: bool, seed: int = 0) -> dict[str, dict[str, float]]:
     """``seed`` picks the prompts: give each measured path its own, so that one path never
@@ -193,7 +181,7 @@ def start_gateway(engine_url: str, adapter_dirs: list[Path], work: Path, port: i
                              str(port), "--engine", engine_url], env=env, cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc, 120)
+    wait_healthy(url + "/health", proc, 120)
     return url, {"Authorization": f"Bearer {key}"}, proc
 
 
@@ -231,7 +219,7 @@ def main() -> None:
     direct = f"http://127.0.0.1:{args.port}"
     results: dict[str, Any] = {"vllm_args": cmd[cmd.index("--model"):]}
     try:
-        results["vllm_start_s"] = wait_healthy(direct, proc, 900)
+        results["vllm_start_s"] = wait_healthy(direct + "/health", proc, 900)
         load_ms = []
         names = []
         for i, path in enumerate(adapter_dirs):

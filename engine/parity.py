@@ -20,12 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,6 +31,7 @@ from typing import Any
 import httpx
 
 from shared.data import Message, load_examples
+from shared.procs import free_port, server
 
 # vLLM accepts only these values for --max-lora-rank.
 _VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -171,44 +168,15 @@ def compare(adapter: str, prompts: list[list[Message]], embedded: list[Answer],
 
 # --- engines started here -------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _process(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[str]:
-    url = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            deadline = time.monotonic() + _START_TIMEOUT_S
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}; see {log}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{url} not healthy after {_START_TIMEOUT_S} s; see {log}")
-                time.sleep(0.5)
-            yield url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    with server(cmd, port=port, env=env, log=log, timeout_s=_START_TIMEOUT_S) as (url, _, _):
+        yield url
 
 
 def start_embedded(model_dir: Path, rank: int, max_model_len: int, log: Path
                    ) -> contextlib.AbstractContextManager[str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "tunegate", "engine", "serve", "--kind", "embedded",
            "--model", str(model_dir), "--port", str(port), "--max-loras", "1",
            "--max-lora-rank", str(rank), "--max-model-len", str(max_model_len),
@@ -226,7 +194,7 @@ def start_vllm(model_dir: Path, rank: int, max_model_len: int, log: Path
     )
 
     settings = VllmSettings()
-    port = _free_port()
+    port = free_port()
     # float32: vLLM downcasts a float32 checkpoint to bfloat16 by default, which alone changes
     # greedy outputs; parity is about the engines, not the dtype.
     cmd = build_vllm_command(
