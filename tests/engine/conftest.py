@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.procs import free_port, run_server
+from tests.protocol_checks import make_adapter
 
 # Small limits keep the tests cheap and make the bounds reachable.
 ENGINE_MAX_LORAS = 2
@@ -36,36 +37,18 @@ def model_name(default_model_dir: Path) -> str:
     return default_model_dir.name
 
 
-def _make_adapter(base_dir: Path, out: Path, *, rank: int, seed: int,
-                  targets: list[str]) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank,
-                                                  target_modules=targets))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.2)  # peft starts B at 0 (a no-op adapter); make it matter
-    peft_model.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def adapters(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Good adapters ``a1`` .. ``a3`` (different seeds and targets) and bad ones."""
     root = tmp_path_factory.mktemp("adapters")
     out = {
-        "a1": _make_adapter(default_model_dir, root / "a1", rank=8, seed=1,
+        "a1": make_adapter(default_model_dir, root / "a1", rank=8, seed=1,
                             targets=["q_proj", "v_proj"]),
-        "a2": _make_adapter(default_model_dir, root / "a2", rank=4, seed=2,
+        "a2": make_adapter(default_model_dir, root / "a2", rank=4, seed=2,
                             targets=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        "a3": _make_adapter(default_model_dir, root / "a3", rank=8, seed=3,
+        "a3": make_adapter(default_model_dir, root / "a3", rank=8, seed=3,
                             targets=["gate_proj", "up_proj", "down_proj"]),
-        "rank16": _make_adapter(default_model_dir, root / "rank16", rank=16, seed=4,
+        "rank16": make_adapter(default_model_dir, root / "rank16", rank=16, seed=4,
                                 targets=["q_proj"]),
     }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.engine.test_engine_api import assert_error
+from tests.protocol_checks import assert_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("unload_all")]
 

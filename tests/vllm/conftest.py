@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.vllm_launcher import VllmSettings, build_vllm_command, vllm_environment
+from engine.vllm_launcher import VllmSettings
 from tests.procs import free_port, run_server
 from tests.protocol_checks import make_adapter
 
@@ -51,15 +51,20 @@ def vllm_python() -> str:
 @pytest.fixture(scope="session")
 def vllm_url(vllm_python: str, default_model_dir: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Started the way `tunegate engine serve --kind vllm` starts it: serve_vllm resolves the
+    # python and device from TUNEGATE_VLLM_* and execs vLLM with the launcher's environment.
     port = free_port()
-    cmd = build_vllm_command(
-        model=default_model_dir, host="127.0.0.1", port=port,
-        served_model_name=default_model_dir.name, max_loras=2, max_lora_rank=MAX_LORA_RANK,
-        max_model_len=MAX_MODEL_LEN, max_num_seqs=8, python=vllm_python, device="cpu",
+    code = (
+        "from engine.vllm_launcher import serve_vllm; "
+        f"serve_vllm(model={str(default_model_dir)!r}, host='127.0.0.1', port={port}, "
+        f"served_model_name={default_model_dir.name!r}, max_loras=2, "
+        f"max_lora_rank={MAX_LORA_RANK}, max_model_len={MAX_MODEL_LEN}, max_num_seqs=8, "
         # vLLM downcasts the float32 checkpoint to bfloat16 by default; SmolLM2 then answers
         # nonsense greedily, and parity with the float32 embedded engine is meaningless.
-        extra_args=["--dtype", "float32"])
-    env = vllm_environment("cpu", base={})
+        "extra_args=['--dtype', 'float32'])"
+    )
+    cmd = [sys.executable, "-c", code]
+    env = {"TUNEGATE_VLLM_PYTHON": vllm_python, "TUNEGATE_VLLM_DEVICE": "cpu"}
     log = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
     with run_server(cmd, port=port, env=env, log=log, timeout_s=420) as (url, _):
         yield url
