@@ -4,7 +4,7 @@
 #   usage: bash bench/serve_device.sh [serve_device.py args]
 set -euo pipefail
 bash .device/install.sh /tmp/dev/vllm /tmp/site-vllm
-# Gateway dependencies that the device image lacks travel as wheels in .whl (see bench/README.md).
+# Gateway dependencies that the device image lacks travel as wheels in .whl (bench/device_prep.sh makes them).
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site-gw .whl/*.whl

@@ -5,7 +5,9 @@ Two phases, each in its own process so the second starts from an empty GPU:
 - ``speed``: micro-batches of 8 examples of 512 tokens; ``tok_s`` is input tokens per second over
   the steps after a warm-up, ``peak_gib`` the peak allocated GPU memory;
 - ``seed``: the seed's workload, 5,000 examples of about 400 tokens, one epoch, timed from model
-  load to saved adapter (``seed_workload_s``).
+  load to saved adapter (``seed_workload_s``);
+- ``hf_speed``: ``speed``'s batches on the fallback backend (transformers + peft + bitsandbytes
+  QLoRA, used where Unsloth is missing), for ``hf_tok_s`` and ``hf_peak_gib``.
 
 Runs on the device machine (bench/train_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -76,16 +78,17 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
 
     from trainer.backends import select_backend
 
-    backend = select_backend("unsloth")  # imports unsloth before anything imports transformers
+    backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
+    backend = select_backend(backend_name)  # unsloth is imported before transformers
     from trainer.backends.cpu import load_tokenizer
     from trainer.spec import TrainSpec
 
     tokenizer = load_tokenizer(model_dir)
-    if name == "speed":
+    if name in ("speed", "hf_speed"):
         data = examples(tokenizer, 8 * 40, 512, seed=1)
-        spec = TrainSpec(job_id="bench-speed", name="bench", base_model=str(model_dir),
+        spec = TrainSpec(job_id=f"bench-{name}", name="bench", base_model=str(model_dir),
                          training_file="-", batch_size=8, micro_batch_size=8, max_steps=40,
-                         max_seq_length=576, backend="unsloth")
+                         max_seq_length=576, backend=backend_name)
     else:
         data = examples(tokenizer, 5000, 400, seed=2)
         spec = TrainSpec(job_id="bench-seed", name="bench", base_model=str(model_dir),
@@ -116,7 +119,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path("/tmp/rand8b"))
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".device" / "tok")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_device.json")
-    ap.add_argument("--phase", choices=["speed", "seed"])
+    ap.add_argument("--phase", choices=["speed", "seed", "hf_speed"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-train"))
     ap.add_argument("--phases", default="speed,seed", help="which phases, comma-separated")
     args = ap.parse_args()
@@ -130,6 +133,8 @@ def main() -> None:
                         str(args.model_dir), "--shape", "llama-3.1-8b", "--device", "cuda",
                         "--tokenizer", str(args.tokenizer)], check=True, cwd=ROOT)
     results: dict[str, Any] = {"model": "random-weight llama-3.1-8b shape"}
+    if args.out.exists():  # a run of some phases keeps the figures of the others
+        results = {**json.loads(args.out.read_text()), **results}
     for name in args.phases.split(","):
         proc = subprocess.run([sys.executable, __file__, "--phase", name, "--model-dir",
                                str(args.model_dir), "--work", str(args.work)],
@@ -139,11 +144,15 @@ def main() -> None:
         if name == "speed":
             results["tok_s"] = results["speed"]["tok_s"]
             results["peak_gib"] = results["speed"]["peak_gib"]
+        elif name == "hf_speed":
+            results["hf_tok_s"] = results["hf_speed"]["tok_s"]
+            results["hf_peak_gib"] = results["hf_speed"]["peak_gib"]
         else:
             results["seed_workload_s"] = results["seed"]["load_to_saved_s"]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results.get(k) for k in ("tok_s", "peak_gib", "seed_workload_s")}))
+    print(json.dumps({k: results.get(k) for k in ("tok_s", "peak_gib", "seed_workload_s",
+                                                  "hf_tok_s", "hf_peak_gib")}))
 
 
 if __name__ == "__main__":
