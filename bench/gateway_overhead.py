@@ -26,6 +26,13 @@ Figures (``bench/results/gateway_overhead.json``), all from the same run:
   latencies swing with other people's load; ``1000 / this`` bounds ``max_rps`` on a free core.
 - ``gateway_runqueue_wait_share``: share of the paced run the gateway process waited for a CPU
   (schedstat). Near 0 on a quiet machine; when it is not, the latency figures are not ours.
+- ``sampling_added_ms_p50``: traffic sampling at 100% against sampling off (the gateway above runs
+  with ``TUNEGATE_GATEWAY_SAMPLE_RATE=0``): a second gateway process with rate 1 takes the same
+  paced load, in ``--sampling-rounds`` alternating pairs of runs (off, on, off, on, ...); the
+  figure is the median over pairs of p50(on) - p50(off). ``sampling`` holds the per-round figures,
+  the CPU per request of the sampling gateway in a closed-loop run (compare with
+  ``gateway_cpu_ms_per_request``) and its sample counters (written / dropped / failed). Needs
+  Redis: skipped with ``--no-quota``.
 """
 
 from __future__ import annotations
@@ -191,6 +198,55 @@ def _runqueue_wait_s(pid: int) -> float:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
 
 
+def _counter(url: str, prefix: str) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(prefix):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
+def _sampling_runs(off_url: str, on_url: str, on_pid: int, key: str, a: argparse.Namespace,
+                   redis_url: str, stream: str) -> dict[str, Any]:
+    """Paced runs alternating between the gateway with sampling off and the one at 100%."""
+    import statistics
+
+    import redis
+
+    common = {"seconds": a.seconds, "clients": a.clients, "rate": a.rate, "model": "base"}
+    rounds = []
+    for _ in range(a.sampling_rounds):
+        off = run_load(off_url, key, **common)
+        on = run_load(on_url, key, **common)
+        rounds.append({"off_p50_ms": off["p50_ms"], "on_p50_ms": on["p50_ms"],
+                       "off_p99_ms": off["p99_ms"], "on_p99_ms": on["p99_ms"],
+                       "added_ms_p50": round(on["p50_ms"] - off["p50_ms"], 3),
+                       "errors": off["errors"] + on["errors"]})
+    cpu0 = _cpu_s(on_pid)
+    sat = run_load(on_url, key, seconds=a.seconds, clients=a.clients, model="base")
+    cpu_ms = (_cpu_s(on_pid) - cpu0) * 1000 / (sat["requests"] + sat["warmup_requests"])
+    time.sleep(1.0)  # the last batch reaches Redis
+    r = redis.Redis.from_url(redis_url)
+    try:
+        stream_len = r.xlen(stream)
+        r.delete(stream)
+        keys = list(r.scan_iter(match=f"{stream}:owner:*", count=10_000))
+        for i in range(0, len(keys), 1000):
+            r.unlink(*keys[i:i + 1000])
+    finally:
+        r.close()
+    return {
+        "added_ms_p50": round(statistics.median(x["added_ms_p50"] for x in rounds), 3),
+        "rounds": rounds,
+        "cpu_ms_per_request_sampled": round(cpu_ms, 3),
+        "saturated_rps_sampled": sat["rps"],
+        "samples": _counter(on_url, "tunegate_gateway_samples_total{"),
+        "stream_entries": stream_len,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="per measured run")
@@ -198,6 +254,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=300.0, help="aggregate rate of the paced runs")
     ap.add_argument("--no-quota", dest="quota", action="store_false",
                     help="a key without rpm/tpm: the quota path (and Redis) is skipped")
+    ap.add_argument("--sampling-rounds", type=int, default=3,
+                    help="alternating off/on paced pairs for sampling_added_ms_p50 (0: skip)")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -215,7 +273,9 @@ def main() -> None:
         procs.append(subprocess.Popen([sys.executable, str(FAKE), "--port", str(fport)]))
         _wait(fake, procs[-1])
         env = {**os.environ, "TUNEGATE_DATA_DIR": str(tmp), "TUNEGATE_DATABASE_URL": "",
-               "TUNEGATE_GATEWAY_ENGINES": fake, "TUNEGATE_GATEWAY_LOG_LEVEL": "warning"}
+               "TUNEGATE_GATEWAY_ENGINES": fake, "TUNEGATE_GATEWAY_LOG_LEVEL": "warning",
+               "TUNEGATE_GATEWAY_SAMPLE_RATE": "0",
+               "TUNEGATE_GATEWAY_SAMPLE_STREAM": f"tunegate:bench:{os.getpid()}:traffic"}
         if not a.quota:
             env["REDIS_URL"] = env["TUNEGATE_GATEWAY_REDIS_URL"] = ""
         elif not env.get("REDIS_URL"):
@@ -258,6 +318,17 @@ def main() -> None:
                   file=sys.stderr)
         import httpx
 
+        sampling = None
+        if a.quota and a.sampling_rounds > 0:
+            sport = free_port()
+            sampled_url = f"http://127.0.0.1:{sport}"
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tunegate", "gateway", "serve", "--port", str(sport)],
+                env={**env, "TUNEGATE_GATEWAY_SAMPLE_RATE": "1"}, cwd=ROOT))
+            _wait(sampled_url, procs[-1])
+            sampling = _sampling_runs(gw, sampled_url, procs[-1].pid, key, a, env["REDIS_URL"],
+                                      env["TUNEGATE_GATEWAY_SAMPLE_STREAM"])
+            print("sampling", json.dumps(sampling), file=sys.stderr)
         # Requests admitted without a quota check (Redis slow or down): should be 0.
         metrics = httpx.get(gw + "/metrics").text.splitlines()
         fail_open = next((float(line.split()[-1]) for line in metrics
@@ -272,6 +343,8 @@ def main() -> None:
             "gateway_cpu_ms_per_request": runs["gateway_cpu_ms_per_request"],
             "gateway_runqueue_wait_share": runs["gateway_runqueue_wait_share"],
             "quota_fail_open_requests": fail_open,
+            "sampling_added_ms_p50": sampling["added_ms_p50"] if sampling else None,
+            "sampling": sampling,
             "saturated": {"clients": a.clients,
                           "added_ms_p50": round(runs["gateway_saturated"]["p50_ms"]
                                                 - runs["direct_saturated"]["p50_ms"], 3),

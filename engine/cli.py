@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from engine.register import Registrar
 
 app = typer.Typer(help="Engine replicas (vLLM's OpenAI protocol).", no_args_is_help=True)
 
@@ -36,6 +39,15 @@ def serve(
     dtype: Annotated[str | None, typer.Option(
         help="embedded: float32 or bfloat16 (default: float32); vllm: passed on as --dtype "
              "(default: vLLM's, bfloat16 on CPU)")] = None,
+    register: Annotated[str | None, typer.Option(
+        metavar="GATEWAY_URL",
+        help="Register with this gateway once up, deregister on exit")] = None,
+    advertise_url: Annotated[str | None, typer.Option(
+        help="The URL the gateway reaches this engine at (default: http://HOST:PORT; "
+             "127.0.0.1 when HOST is 0.0.0.0 or ::)")] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        help="Gateway admin key for --register (default: $TUNEGATE_ENGINE_REGISTER_KEY, else "
+             "$TUNEGATE_DATA_DIR/local-admin.key; the variable keeps it out of `ps`)")] = None,
     log_level: str = "info",
 ) -> None:
     """Start a replica. Options left out come from TUNEGATE_ENGINE_* or the defaults; arguments
@@ -54,12 +66,18 @@ def serve(
         settings = EngineSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    registrar = _registrar(register, advertise_url, admin_key, settings.kind, settings.host,
+                           settings.port) if register else None
     if settings.kind == "vllm":
         from engine.vllm_launcher import serve_vllm
 
         # vLLM picks its own batch size (256 on GPU) unless one was asked for explicitly;
         # the embedded default of 16 suits 2 CPU cores, not a GPU.
         seqs = settings.max_num_seqs if "max_num_seqs" in settings.model_fields_set else None
+        if registrar is not None:
+            from engine.register import spawn
+
+            spawn(registrar)
         serve_vllm(model=settings.model, host=settings.host, port=settings.port,
                    served_model_name=settings.model_name, max_loras=settings.max_loras,
                    max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
@@ -77,5 +95,33 @@ def serve(
 
     from engine.server import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
+    app = create_app(settings)
+    if registrar is not None:
+        from engine.register import attach
+
+        attach(app, registrar)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
                 timeout_graceful_shutdown=5)
+
+
+def _registrar(gateway: str, advertise: str | None, key: str | None, kind: str, host: str,
+               port: int) -> Registrar:
+    """The registrar for ``--register``; bad URLs and a missing key are refused before the
+    engine starts (unreachable gateways later are only logged)."""
+    from engine.register import RegisterSettings, Registrar, admin_key, advertise_url
+    from shared.errors import InvalidRequest
+    from shared.replicas import replica_url
+
+    settings = RegisterSettings()
+    key = admin_key(key, settings)
+    if key is None:
+        raise typer.BadParameter("no admin key: pass --admin-key, set "
+                                 "TUNEGATE_ENGINE_REGISTER_KEY or run `tunegate up` once "
+                                 "(it writes $TUNEGATE_DATA_DIR/local-admin.key)")
+    try:
+        replica_url(gateway)
+        return Registrar(gateway, advertise or advertise_url(host, port), key, kind=kind,
+                         health_url=advertise_url(host, port), interval_s=settings.interval_s,
+                         timeout_s=settings.timeout_s)
+    except InvalidRequest as exc:
+        raise typer.BadParameter(exc.message) from exc

@@ -1,7 +1,8 @@
-"""``tunegate adapters list | show | rollback | promote``: the adapter registry, straight in the
-database and the artifact store (``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_STORE``; defaults
-under ``TUNEGATE_DATA_DIR``), like ``tunegate keys``. Running gateways see a moved alias within
-twice their cache TTL (``TUNEGATE_GATEWAY_CACHE_TTL_S``, 2 s by default)."""
+"""``tunegate adapters list | show | rollback | promote | promotion ...``: the adapter registry
+and promotions (``shared.promotion``), straight in the database and the artifact store
+(``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_STORE``; defaults under ``TUNEGATE_DATA_DIR``),
+like ``tunegate keys``. Running gateways see a moved alias within twice their cache TTL
+(``TUNEGATE_GATEWAY_CACHE_TTL_S``, 2 s by default)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,84 @@ def promote(
     except TunegateError as exc:
         raise _fail(exc) from None
     typer.echo(f"{name}:{alias} -> {name}@v{version}")
+
+
+promotion_app = typer.Typer(
+    help="Promotions (candidate -> shadow -> canary -> stable; see shared.promotion).",
+    no_args_is_help=True)
+app.add_typer(promotion_app, name="promotion")
+
+
+def _promotions() -> Any:
+    from shared.promotion import Promotions
+
+    reg = _registry()
+    return Promotions(reg.db, reg)
+
+
+def _print_promotion(p: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(p))
+        return
+    typer.echo(f"{p['ref']}  {p['state']}  since {p['state_since']}  baseline="
+               f"{'-' if p['baseline'] is None else 'v' + str(p['baseline'])}  "
+               f"shadow={p['shadow_fraction']}  canary={p['canary_weight']}")
+    for e in p.get("events", []):
+        typer.echo(f"  {e['at']}  {e['from_state'] or '-'} -> {e['to_state']}  by {e['actor']}: "
+                   f"{e['reason']}")
+
+
+@promotion_app.command("start")
+def promotion_start(
+    ref: str = typer.Argument(..., help="NAME@vN"),
+    shadow_fraction: float | None = typer.Option(None, help="Share of NAME requests mirrored"),
+    canary_weight: float | None = typer.Option(None, help="Share of NAME requests answered"),
+    reason: str = typer.Option("started by an operator"),
+) -> None:
+    """Start promoting NAME@vN (state candidate; the monitor's gates move it on)."""
+    from shared.errors import TunegateError
+    from shared.promotion import parse_ref
+
+    try:
+        name, version = parse_ref(ref)
+        p = _promotions().start(name, version, actor="cli", reason=reason,
+                                shadow_fraction=shadow_fraction, canary_weight=canary_weight)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    _print_promotion(p, False)
+
+
+@promotion_app.command("show")
+def promotion_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """NAME's current (or last) promotion and every promotion event of NAME."""
+    from shared.errors import TunegateError
+
+    try:
+        p = _promotions().get(name)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    _print_promotion(p, as_json)
+
+
+@promotion_app.command("promote")
+def promotion_promote(name: str, reason: str = typer.Option("by an operator")) -> None:
+    """Move NAME's promotion one step forward by hand (the gates are skipped)."""
+    from shared.errors import TunegateError
+
+    try:
+        p = _promotions().advance(name, actor="cli", reason=reason)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{p['ref']}: {p['from_state']} -> {p['state']}")
+
+
+@promotion_app.command("rollback")
+def promotion_rollback(name: str, reason: str = typer.Option("by an operator")) -> None:
+    """Stop NAME's promotion: reject the candidate, roll back its canary, or move stable back."""
+    from shared.errors import TunegateError
+
+    try:
+        p = _promotions().stop(name, actor="cli", reason=reason)
+    except TunegateError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{p['ref']}: {p['from_state']} -> {p['state']}")

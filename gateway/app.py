@@ -30,11 +30,13 @@ ROUTER_MODULES: tuple[str, ...] = (
     "gateway.routers.health",
     "gateway.routers.openai",
     "gateway.routers.generate",
+    "gateway.routers.feedback",
     "gateway.routers.admin_keys",
     "gateway.routers.admin_adapters",
     "gateway.routers.admin_replicas",
     "gateway.routers.files",
     "gateway.routers.fine_tuning",
+    "gateway.routers.admin_promotion",
 )
 
 

@@ -49,6 +49,7 @@ class KeyInfo:
     created_at: str
     revoked_at: str | None
     key_hash: str = ""
+    sample_rate: float | None = None  # None: the gateway's default; 0: never sampled
 
     @property
     def is_admin(self) -> bool:
@@ -62,8 +63,8 @@ class KeyInfo:
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "scope": self.scope, "prefix": self.prefix,
                 "models": list(self.models) if self.models is not None else None,
-                "rpm": self.rpm, "tpm": self.tpm, "created_at": self.created_at,
-                "revoked_at": self.revoked_at}
+                "rpm": self.rpm, "tpm": self.tpm, "sample_rate": self.sample_rate,
+                "created_at": self.created_at, "revoked_at": self.revoked_at}
 
 
 def _info(row: ApiKey) -> KeyInfo:
@@ -71,7 +72,7 @@ def _info(row: ApiKey) -> KeyInfo:
                    models=tuple(row.models) if row.models is not None else None,
                    rpm=row.rpm, tpm=row.tpm, created_at=row.created_at.isoformat(),
                    revoked_at=row.revoked_at.isoformat() if row.revoked_at else None,
-                   key_hash=row.key_hash)
+                   key_hash=row.key_hash, sample_rate=row.sample_rate)
 
 
 class KeyStore:
@@ -86,7 +87,8 @@ class KeyStore:
     # ---- management ------------------------------------------------------------------------
     def create(self, *, name: str, scope: str = "user", models: list[str] | None = None,
                rpm: int | None = None, tpm: int | None = None,
-               secret: str | None = None) -> tuple[str, KeyInfo]:
+               secret: str | None = None,
+               sample_rate: float | None = None) -> tuple[str, KeyInfo]:
         """Make a key; returns ``(secret, info)``. ``secret`` may be given (``tunegate up`` keeps
         its local admin key in a file) but must be at least 20 characters."""
         if scope not in SCOPES:
@@ -96,13 +98,14 @@ class KeyStore:
         for field, v in (("rpm", rpm), ("tpm", tpm)):
             if v is not None and v < 1:
                 raise InvalidRequest(f"{field} must be >= 1", param=field)
+        _check_rate(sample_rate)
         secret = secret or new_secret()
         if len(secret) < 20:
             raise InvalidRequest("a given key must be at least 20 characters", param="key")
         row = ApiKey(id="key_" + secrets.token_hex(8), name=name, scope=scope,
                      key_hash=hash_key(secret), prefix=secret[:8], rpm=rpm, tpm=tpm,
                      models=sorted(set(models)) if models is not None else None,
-                     created_at=utcnow())
+                     sample_rate=sample_rate, created_at=utcnow())
         with self.db.session() as s:
             s.add(row)
         self.cache.invalidate(row.key_hash)
@@ -121,6 +124,18 @@ class KeyStore:
             if row is None:
                 raise NotFound(f"no key {key_id!r}", param="id")
             return _info(row)
+
+    def set_sample_rate(self, key_id: str, sample_rate: float | None) -> KeyInfo:
+        """Set the key's sampling override (0..1; 0 opts out; None goes back to the default)."""
+        _check_rate(sample_rate)
+        with self.db.session() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                raise NotFound(f"no key {key_id!r}", param="id")
+            row.sample_rate = sample_rate
+            info = _info(row)
+        self.cache.invalidate(info.key_hash)
+        return info
 
     def revoke(self, key_id: str) -> KeyInfo:
         with self.db.session() as s:
@@ -147,6 +162,11 @@ class KeyStore:
     async def authenticate(self, digest: str) -> KeyInfo | None:
         """``lookup`` through the cache (the request path)."""
         return await self.cache.get(digest, lambda: self.lookup(digest))
+
+
+def _check_rate(rate: float | None) -> None:
+    if rate is not None and not 0.0 <= rate <= 1.0:
+        raise InvalidRequest("sample_rate must be between 0 and 1", param="sample_rate")
 
 
 def bearer_secret(authorization: str | None) -> str:

@@ -1,4 +1,4 @@
-"""``tunegate keys create | list | revoke``: manage API keys straight in the database.
+"""``tunegate keys create | list | sample-rate | revoke``: manage API keys straight in the database.
 
 This is how the first admin key is made (bootstrapping): ``tunegate keys create --scope admin
 --name ops`` prints the key once; the database (``TUNEGATE_DATABASE_URL``, default SQLite in
@@ -31,6 +31,9 @@ def create(
     rpm: int | None = typer.Option(None, help="Requests per minute; default: no limit"),
     tpm: int | None = typer.Option(None, help="Tokens per minute; default: no limit"),
     key: str | None = typer.Option(None, help="Use this secret instead of a random one"),
+    sample_rate: float | None = typer.Option(
+        None, help="Share of this key's requests sampled, 0..1 (0 opts out); default: the "
+        "gateway's rate"),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON"),
 ) -> None:
     """Create a key and print it (once: it cannot be shown again)."""
@@ -39,7 +42,7 @@ def create(
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
         secret, info = _store().create(name=name, scope=scope, models=allowed, rpm=rpm,
-                                       tpm=tpm, secret=key)
+                                       tpm=tpm, secret=key, sample_rate=sample_rate)
     except TunegateError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
@@ -62,7 +65,28 @@ def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
         state = "revoked" if k.revoked_at else "active"
         models = ",".join(k.models) if k.models is not None else "*"
         typer.echo(f"{k.id}  {k.prefix}...  {k.scope:5}  {state:7}  rpm={k.rpm}  tpm={k.tpm}  "
-                   f"models={models}  {k.name}")
+                   f"models={models}  sample_rate={k.sample_rate}  {k.name}")
+
+
+@app.command("sample-rate")
+def sample_rate(
+    key_id: str,
+    rate: str = typer.Argument(..., help="0..1 (0 opts the key out of sampling), or `default`"),
+) -> None:
+    """Set a key's traffic sampling override (running gateways see it within 4 s)."""
+    from shared.errors import TunegateError
+
+    try:
+        value = None if rate == "default" else float(rate)
+        info = _store().set_sample_rate(key_id, value)
+    except ValueError:
+        typer.echo(f"error: {rate!r} is neither a number nor `default`", err=True)
+        raise typer.Exit(2) from None
+    except TunegateError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    shown = "the gateway's default" if info.sample_rate is None else info.sample_rate
+    typer.echo(f"{info.id} sample_rate: {shown}")
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Per HTTP request: takes ``X-Request-ID`` (printable, at most 128 characters) or makes one, puts it
 in ``scope["state"]["request_id"]`` for handlers (which forward it to the engine), returns it in
-the response headers, and records the request count (route, status, model) and latency.
+the response headers (with ``x-tunegate-sampled: 1`` when a handler sampled the request, see
+``gateway.sampling``), and records the request count (route, status, model) and latency.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from typing import Any
 
 from gateway.metrics import OTHER, Metrics
+from gateway.sampling import SAMPLED_HEADER
 
 Scope = dict[str, Any]
 
@@ -45,6 +47,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                if state.get("sampled"):
+                    message["headers"].append(SAMPLED_HEADER)
             await send(message)
 
         try:

@@ -15,6 +15,10 @@
   been used for ``unload_idle_s`` seconds (so after ``stable`` moves, the old version leaves when
   its last requests are done; a client pinning ``NAME@vN`` keeps it loaded by using it).
   Adapters whose names are not registry versions are never touched.
+- **Registered replicas**: besides the static URLs from the settings, each health round reloads
+  the URLs engines registered in SQL (``registered``, in a worker thread) and adds or drops
+  :class:`Replica` objects to match. A dropped replica only stops getting new requests; those
+  in flight hold their own reference and finish.
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ class Replica:
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     last_error: str | None = None
     last_check: float = 0.0  # wall clock, seconds
+    static: bool = True  # from the settings; False: registered in SQL
 
     def status(self) -> dict[str, Any]:
-        return {"url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
+        return {"url": self.url, "source": "static" if self.static else "registered",
+                "healthy": self.healthy, "in_flight": self.in_flight,
                 "base_model": self.base_model, "adapters": sorted(self.adapters),
                 "loading": sorted(self.loading), "last_error": self.last_error,
                 "last_check": self.last_check}
@@ -64,8 +70,11 @@ class Router:
                  health_interval_s: float = 2.0, load_timeout_s: float = 120.0,
                  max_adapters: int = 8, base_model_name: str | None = None,
                  targets: Callable[[], set[str]] | None = None,
-                 unload_idle_s: float = 10.0) -> None:
+                 unload_idle_s: float = 10.0,
+                 local_path: Callable[[ResolvedModel], str] | None = None,
+                 registered: Callable[[], list[str]] | None = None) -> None:
         self.replicas = [Replica(u.rstrip("/")) for u in urls]
+        self.registered = registered  # URLs registered in SQL (blocking: runs in a thread)
         self.upstream = upstream
         self.metrics = metrics
         self.health_interval_s = health_interval_s
@@ -74,6 +83,9 @@ class Router:
         self.base_model_name = base_model_name
         self.targets = targets
         self.unload_idle_s = unload_idle_s
+        # The folder an engine loads a version from: for a remote artifact store the version is
+        # downloaded first (blocking I/O, so in a worker thread); None: ``resolved.path`` as is.
+        self.local_path = local_path
         self._task: asyncio.Task[None] | None = None
 
     # ---- health ------------------------------------------------------------------------------
@@ -113,7 +125,27 @@ class Router:
                 await self.unload(r, ref)
 
     async def check_all(self) -> None:
+        await self.sync_registered()
         await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    async def sync_registered(self) -> list[Replica]:
+        """Match the registered replicas to SQL; returns the ones added (not checked yet)."""
+        if self.registered is None:
+            return []
+        wanted = dict.fromkeys(u.rstrip("/") for u in await to_thread.run_sync(self.registered))
+        have = {r.url for r in self.replicas}
+        keep = [r for r in self.replicas if r.static or r.url in wanted]
+        added = [Replica(u, static=False) for u in wanted if u not in have]
+        for r in self.replicas:
+            if not (r.static or r.url in wanted):
+                log.info("replica %s deregistered (%d in flight)", r.url, r.in_flight)
+                with contextlib.suppress(KeyError):
+                    self.metrics.replica_healthy.remove(r.url)
+        for r in added:
+            log.info("replica %s registered", r.url)
+        # A new list rather than edits in place: code iterating the old one stays valid.
+        self.replicas = keep + added
+        return added
 
     async def check(self, r: Replica) -> None:
         timeout = max(1.0, min(5.0, self.health_interval_s))
@@ -210,7 +242,10 @@ class Router:
 
     async def _load(self, r: Replica, resolved: ResolvedModel) -> None:
         await self._evict(r)
-        body = json.dumps({"lora_name": resolved.ref, "lora_path": resolved.path}).encode()
+        path = resolved.path
+        if self.local_path is not None:
+            path = await to_thread.run_sync(self.local_path, resolved)
+        body = json.dumps({"lora_name": resolved.ref, "lora_path": path}).encode()
         resp = await self.upstream.send(r.url, "/v1/load_lora_adapter", body,
                                         {"content-type": "application/json"},
                                         timeout_s=self.load_timeout_s)

@@ -18,10 +18,12 @@ from fastapi.responses import Response
 
 from gateway.auth import KeyInfo
 from gateway.quotas import Reservation, estimate_tokens
+from gateway.sampling import answer_text
 from gateway.sse import SSEResponse, error_event
 from gateway.state import GatewayState
 from gateway.upstream import ReplicaUnreachable, UpstreamResponse, error_from_response
 from shared.errors import InvalidRequest, PermissionDenied, TunegateError, UpstreamError
+from shared.promotion import Route
 from shared.registry import ResolvedModel
 
 JSON_HEADERS = {"content-type": "application/json"}
@@ -78,6 +80,14 @@ class Call:
     resolved: ResolvedModel
     reservation: Reservation | None = None
     start: float = field(default_factory=time.perf_counter)
+    promotion: Route | None = None  # set when this is a promotion's canary request
+    # How it is served (shared.traffic.LANES); "" means the default for ``resolved``.
+    lane: str = ""
+    sample: dict[str, Any] | None = None  # the body as the client sent it, when sampled
+
+    def __post_init__(self) -> None:
+        if not self.lane:
+            self.lane = default_lane(self.resolved)
 
     @property
     def request_id(self) -> str:
@@ -88,6 +98,13 @@ class Call:
         return self.state.metrics.model_label(self.resolved.name)
 
 
+def default_lane(resolved: ResolvedModel) -> str:
+    """``base``; ``pinned`` when the client named an alias or a version; else ``stable``."""
+    if resolved.is_base:
+        return "base"
+    return "stable" if resolved.requested == resolved.name else "pinned"
+
+
 async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: str,
                   body: dict[str, Any], model: str, stream: bool,
                   max_tokens: int | None, chars: int) -> Call:
@@ -96,12 +113,30 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
         raise PermissionDenied(f"This key may not use the model `{model}`.", param="model",
                                code="model_not_allowed")
     request.scope["state"]["model_label"] = state.metrics.model_label(resolved.name)
-    call = Call(state, request, key, route, body, stream, resolved)
+    promo = state.promotions
+    canary = None
+    if promo is not None:  # a bare NAME under promotion: maybe its canary (gateway.promotion)
+        resolved, canary = promo.route(model, resolved)
+    call = Call(state, request, key, route, body, stream, resolved, promotion=canary,
+                lane="canary" if canary is not None else "")
     call.reservation = await state.quotas.reserve(key, estimate_tokens(chars, max_tokens))
+    state.sampler.consider(call)
+    if promo is not None and canary is None and (shadow := promo.shadow_route(model, resolved)):
+        promo.mirror(call, shadow, state.sampler.submit)
     return call
 
 
 async def send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
+    """:func:`_send`, counting a canary's failures for the promotion's error-rate gate."""
+    try:
+        return await _send(call)
+    except TunegateError as exc:
+        if call.promotion is not None and call.state.promotions is not None:
+            call.state.promotions.failed(call.promotion, "canary", exc)
+        raise
+
+
+async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
     """Send to the first replica that takes it; returns the response (unread when streaming), a
     release callback (must be called) and the model id sent upstream."""
     router = call.state.router
@@ -166,14 +201,21 @@ def count_usage(call: Call, usage: Any) -> int | None:
 
 async def complete_json(call: Call) -> dict[str, Any]:
     """Non-streaming: the engine's answer, with ``model`` set to the resolved name."""
-    resp, release, _ = await send(call)
     try:
-        data = json.loads(await resp.read())
-    except ValueError:
-        raise error_from_response(502, b"engine answered with invalid JSON") from None
-    finally:
-        await resp.aclose()
-        release()
+        resp, release, _ = await send(call)
+        try:
+            data = json.loads(await resp.read())
+        except ValueError:
+            raise error_from_response(502, b"engine answered with invalid JSON") from None
+        finally:
+            await resp.aclose()
+            release()
+    except TunegateError as err:
+        if call.sample is not None:
+            call.state.sampler.record(call, err.status)
+        raise
+    if call.sample is not None:
+        call.state.sampler.record(call, 200, output=answer_text(data))
     if isinstance(data, dict):
         data["model"] = call.resolved.ref
         await call.state.quotas.settle(call.reservation, count_usage(call, data.get("usage")))
@@ -194,12 +236,20 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
     client_wants_usage = pass_usage or (isinstance(opts, dict) and bool(opts.get("include_usage")))
     call.body["stream_options"] = {**(opts if isinstance(opts, dict) else {}),
                                    "include_usage": True}
-    resp, release, upstream_model = await send(call)
+    try:
+        resp, release, upstream_model = await send(call)
+    except TunegateError as err:
+        if call.sample is not None:
+            call.state.sampler.record(call, err.status)
+        raise
     enc = json.dumps(upstream_model).encode()
     swap = (upstream_model != call.resolved.ref)
     ours = json.dumps(call.resolved.ref).encode()
     metrics = call.state.metrics
     used: list[int | None] = [None]
+    # Sampled: the events as they pass (text reassembled later), TTFT in s, the final status.
+    tap: list[bytes] | None = [] if call.sample is not None else None
+    outcome: list[Any] = [None, 499]
 
     async def events() -> AsyncIterator[bytes]:
         first = True
@@ -223,19 +273,25 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
                             b'"model": ' + enc, b'"model": ' + ours)
                     if first and ev.startswith(b"data: {"):
                         first = False
-                        metrics.ttft.labels(call.model_label).observe(
-                            time.perf_counter() - call.start)
+                        outcome[0] = time.perf_counter() - call.start
+                        metrics.ttft.labels(call.model_label).observe(outcome[0])
+                    if tap is not None:
+                        tap.append(ev)
                     yield ev
             if buf.strip():
                 yield buf
+            outcome[1] = 200
         except UpstreamError as err:
             metrics.upstream_errors.labels(resp.replica, "mid_stream").inc()
+            outcome[1] = err.status
             yield error_event(err)
             yield b"data: [DONE]\n\n"
 
     async def finish() -> None:
         await resp.aclose()
         release()
+        if tap is not None:
+            call.state.sampler.record(call, outcome[1], events=tap, ttft_s=outcome[0])
         await call.state.quotas.settle(call.reservation, used[0])
 
     return events(), finish

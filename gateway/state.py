@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from gateway.auth import KeyStore
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.resolver import Resolver
 from gateway.routing import Router
+from gateway.sampling import Sampler
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 from shared.db import Database
-from shared.registry import Registry, StoreSettings
+from shared.registry import Registry, ResolvedModel, StoreSettings
+from shared.replicas import ReplicaStore
+
+if TYPE_CHECKING:
+    from gateway.promotion import PromotionRouting
 
 log = logging.getLogger("tunegate.gateway")
 
@@ -31,10 +38,15 @@ class GatewayState:
     router: Router
     quotas: Quotas
     redis: Any | None
+    sampler: Sampler  # traffic sampling (gateway.sampling); records shadow answers too
+    replicas: ReplicaStore  # engines registered through the admin API (shared.replicas)
+    # Canary routing and shadow mirroring; installed by gateway.routers.admin_promotion's lifespan.
+    promotions: PromotionRouting | None = None
 
     @classmethod
     async def open(cls, settings: GatewaySettings, metrics: Metrics) -> GatewayState:
         db = Database(settings.db_url)
+        replicas = ReplicaStore(db)
         # fsspec options (an S3 endpoint, ...) from TUNEGATE_ARTIFACT_STORE_OPTIONS.
         registry = Registry(db, settings.store,
                             storage_options=StoreSettings().artifact_store_options)
@@ -46,7 +58,11 @@ class GatewayState:
                         load_timeout_s=settings.load_timeout_s,
                         max_adapters=settings.max_adapters_per_replica,
                         base_model_name=settings.base_model_name,
-                        targets=registry.alias_targets, unload_idle_s=settings.unload_idle_s)
+                        targets=registry.alias_targets, unload_idle_s=settings.unload_idle_s,
+                        local_path=None if registry.is_local else _materializer(
+                            registry, settings.adapter_cache_dir or
+                            settings.data_dir / "adapter-cache"),
+                        registered=replicas.urls)
         redis = None
         if settings.redis_url:
             import redis.asyncio as aioredis
@@ -61,15 +77,26 @@ class GatewayState:
         state = cls(settings=settings, metrics=metrics, db=db,
                     keys=KeyStore(db, settings.cache_ttl_s), registry=registry,
                     resolver=Resolver(registry, settings.cache_ttl_s), upstream=upstream,
-                    router=router, quotas=quotas, redis=redis)
+                    router=router, quotas=quotas, redis=redis,
+                    sampler=Sampler(settings, metrics, redis), replicas=replicas)
         await router.start()
         await quotas.start()
+        await state.sampler.start()
         return state
 
     async def close(self) -> None:
+        await self.sampler.stop()
         await self.quotas.stop()
         await self.router.stop()
         await self.upstream.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         self.db.dispose()
+
+
+def _materializer(registry: Registry, cache_dir: Path) -> Callable[[ResolvedModel], str]:
+    """Remote artifact store: a version is downloaded once into ``cache_dir`` (which engines must
+    see at the same path: the same host or a shared volume) and engines load it from there."""
+    def local_path(resolved: ResolvedModel) -> str:
+        return str(registry.materialize(resolved.ref, cache_dir))
+    return local_path

@@ -3,7 +3,8 @@
 SQLAlchemy 2 models plus one small :class:`Database` (engine + session factory). SQLite under the
 data folder by default (``$TUNEGATE_DATA_DIR/tunegate.db``, WAL mode so several processes can read
 while one writes); PostgreSQL (or any SQLAlchemy URL) through ``TUNEGATE_DATABASE_URL``.
-Tables are created on first open (``create_all``); there are no migrations yet.
+Tables are created on first open (``create_all``); there are no migrations yet, but nullable
+columns a later release adds are added to existing tables then (``add_missing_columns``).
 
 Other packages add their tables by subclassing :class:`Base` and importing their module before
 ``Database.create_all()`` runs.
@@ -21,6 +22,7 @@ from pydantic import Field
 from sqlalchemy import (
     JSON,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -28,8 +30,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -97,6 +102,8 @@ class ApiKey(Base):
     models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every model
     rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # requests per minute
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # tokens per minute
+    # Share of this key's requests sampled (0..1); None: the gateway's default, 0: opted out.
+    sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -180,6 +187,7 @@ class Database:
 
     def create_all(self) -> None:
         Base.metadata.create_all(self.engine)
+        add_missing_columns(self.engine)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -189,6 +197,33 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add nullable columns that the models have and existing tables lack (``ALTER TABLE ADD
+    COLUMN``): without migrations, this is how a database made by an older tunegate keeps working
+    when a release adds an optional column. Returns ``table.column`` of each column added."""
+    insp = inspect(engine)
+    existing = set(insp.get_table_names())
+    added = []
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have or not col.nullable or col.primary_key:
+                continue
+            kind = col.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}'))
+            except DBAPIError:
+                # Another process opening the same database added it first.
+                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
+                    raise
+                continue
+            added.append(f"{table.name}.{col.name}")
+    return added
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -13,15 +13,20 @@ app = typer.Typer(help="The training worker and its tools.", no_args_is_help=Tru
 
 @app.command()
 def worker(burst: bool = typer.Option(False, help="Exit when the queue is empty.")) -> None:
-    """Run a training worker on REDIS_URL (one job at a time)."""
+    """Run a training worker on REDIS_URL (one job at a time), with the evaluation jobs' worker
+    (quality monitor, shadow evaluation, promotion tick; see trainer.schedule) beside it."""
     import logging
 
+    from trainer.schedule import MonitorSettings, create_monitor_worker, run_with_monitor
     from trainer.settings import TrainerSettings
     from trainer.worker import create_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = TrainerSettings()
-    create_worker(settings, burst=burst).run()
+    monitor = MonitorSettings()
+    main = create_worker(settings, burst=burst)
+    extra = create_monitor_worker(settings, monitor) if monitor.enabled and not burst else None
+    run_with_monitor(main, extra)
 
 
 @app.command("rotten-tomatoes")

@@ -40,11 +40,13 @@ class Registrar(Protocol):
 
     fs: Any
     root: str
+    is_local: bool
 
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> Any: ...
     def set_alias(self, name: str, alias: str, version: int, reason: str | None = None) -> None: ...
     def resolve(self, model: str) -> Any: ...
     def get_version(self, name: str, version: int) -> Any: ...
+    def materialize(self, model: str, cache_dir: str | Path) -> Path: ...
 
 
 class JobHooks:
@@ -101,7 +103,7 @@ def validate_training(spec: TrainSpec, path: str, count: Any) -> ValidationRepor
 
 
 def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: list[Any],
-                 scorer: str | None) -> tuple[float | None, str | None]:
+                 scorer: str | None, work_dir: Path) -> tuple[float | None, str | None]:
     """The current ``stable`` version's score on this golden set: the recorded one when its
     manifest was scored on the same golden file and scorer, else measured now."""
     try:
@@ -112,7 +114,10 @@ def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: 
     metrics = (info.manifest or {}).get("metrics", {})
     if metrics.get("golden_sha256") == golden_sha and metrics.get("scorer") == (scorer or "exact"):
         return float(metrics["golden_score"]), info.ref
-    model, tok = load_model(spec.base_model, resolved.path)
+    path = resolved.path
+    if not registry.is_local:  # a remote store (S3, ...): download the version once
+        path = str(registry.materialize(resolved.ref, work_dir / "stable-adapter"))
+    model, tok = load_model(spec.base_model, path)
     report = evaluate(model, tok, golden, scorer=scorer, batch_size=spec.eval_batch_size,
                       max_new_tokens=spec.eval_max_new_tokens)
     return report.score, info.ref
@@ -201,7 +206,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
             assert golden_report is not None
             if registry is not None:
                 stable, stable_ref = stable_score(registry, spec, golden_report.sha256, golden,
-                                                  spec.scorer)
+                                                  spec.scorer, work_dir)
             decision = gate(eval_report.score, threshold=spec.threshold, stable_score=stable,
                             tolerance=spec.tolerance)
             result["gate"] = {**decision.to_dict(), "stable": stable_ref}
@@ -221,7 +226,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
         if registry is None:
             return finish(JobOutcome("succeeded", result=result))
         ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
-        store.add_event(job_id, f"Registered {ref} and moved {spec.name}:stable to it")
+        store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")
         return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))
     except JobCancelled:
         if getattr(cancel, "reason", "cancelled") == "timeout":
@@ -239,7 +244,8 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
 
 def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: dict[str, Any],
              golden_report: Any, eval_report: EvalReport) -> str:
-    """Copy the adapter to ``staging/<job id>`` in the store, register it, move ``stable``."""
+    """Copy the adapter to ``staging/<job id>`` in the store and register it (moves nothing
+    but ``latest``; :func:`hand_over` decides the rest)."""
     import json
 
     staging = f"staging/{spec.job_id}"
@@ -249,7 +255,10 @@ def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: di
     registry.fs.makedirs(remote, exist_ok=True)
     for p in sorted(adapter_dir.iterdir()):
         registry.fs.put_file(str(p), posixpath.join(remote, p.name))
+    from shared.quality import labels_of
+
     trained = json.loads((adapter_dir / "tunegate-adapter.json").read_text())
+    schema = spec.metadata.get("json_schema")
     manifest = {
         **trained,
         "datasets": {"training_sha256": result["validation"]["sha256"],
@@ -257,7 +266,38 @@ def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: di
         "metrics": {"golden_score": eval_report.score, "golden_n": eval_report.n,
                     "golden_sha256": golden_report.sha256, "scorer": spec.scorer or "exact",
                     "final_loss": result["train"]["final_loss"]},
+        # What the quality monitor checks served answers against (shared.quality.Rules).
+        "eval": {"labels": labels_of(e.messages[-1]["content"] for e in golden_report.examples),
+                 "json_schema": json.loads(schema) if schema else None},
     }
     info = registry.register_version(spec.name, staging, manifest)
-    registry.set_alias(spec.name, "stable", info.version, reason=f"gate passed ({spec.job_id})")
     return str(info.ref)
+
+
+def hand_over(registry: Registrar, spec: TrainSpec, ref: str) -> str:
+    """After the gate: the first version of a name becomes ``stable`` at once; a later one
+    enters promotion as a ``candidate`` (``shared.promotion``), unless promotions are off
+    (``TUNEGATE_PROMOTION_ENABLED=false``: ``stable`` moves at once). Returns what happened."""
+    from shared.errors import Conflict
+    from shared.promotion import Promotions, PromotionSettings, parse_ref
+
+    name, version = parse_ref(ref)
+    settings = PromotionSettings()
+    db = getattr(registry, "db", None)
+    try:
+        stable = registry.resolve(f"{name}:stable").version
+    except (ModelNotFound, NotFound):
+        stable = None
+    if stable == version:
+        return f"it is already {name}:stable"
+    if settings.enabled and stable is not None and db is not None:
+        try:
+            Promotions(db, registry, settings).start(  # type: ignore[arg-type]
+                name, version, actor=f"trainer:{spec.job_id}",
+                reason="passed the golden-set gate",
+                metrics=registry.get_version(name, version).manifest.get("metrics", {}))
+        except Conflict as exc:
+            return f"not promoted: {exc.message}"
+        return "it entered promotion as a candidate"
+    registry.set_alias(name, "stable", version, reason=f"gate passed ({spec.job_id})")
+    return f"moved {name}:stable to it"

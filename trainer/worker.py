@@ -93,6 +93,12 @@ async def startup(ctx: dict[str, Any]) -> None:
                                    storage_options=StoreSettings().artifact_store_options)
     sweep(store, settings.stale_after_s)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(store, settings.stale_after_s))
+    if settings.ingest_traffic and ctx.get("redis") is not None:
+        # Sampled traffic, Redis stream -> SQL, next to the jobs (trainer.traffic).
+        from trainer.traffic import Ingester, ingest_forever
+
+        ingester = Ingester(ctx["redis"], db, stream=settings.traffic_stream)
+        ctx["ingester"] = asyncio.create_task(ingest_forever(ingester, settings.ingest_interval_s))
 
 
 def sweep(store: JobStore, stale_after_s: float) -> None:
@@ -112,9 +118,10 @@ async def _sweep_forever(store: JobStore, stale_after_s: float) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    sweeper = ctx.get("sweeper")
-    if sweeper is not None:
-        sweeper.cancel()
+    for name in ("sweeper", "ingester"):
+        task = ctx.get(name)
+        if task is not None:
+            task.cancel()
     db = ctx.get("db")
     if db is not None:
         db.dispose()

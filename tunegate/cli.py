@@ -23,6 +23,7 @@ def _mount() -> None:
         ("keys", "gateway.keys_cli"),
         ("adapters", "gateway.adapters_cli"),
         ("trainer", "trainer.cli"),
+        ("traffic", "trainer.traffic_cli"),
         ("parity", "engine.parity_cli"),
     ):
         try:

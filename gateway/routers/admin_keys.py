@@ -1,5 +1,6 @@
-"""Admin API, keys: ``/admin/keys`` (list, create: the secret is in the answer once), detail and
-``DELETE`` (revoke). Admin scope only."""
+"""Admin API, keys: ``/admin/keys`` (list, create: the secret is in the answer once), detail,
+``PATCH`` (``{"sample_rate": 0..1 | null}``: the key's traffic sampling override, 0 opts out, null
+goes back to the gateway's default) and ``DELETE`` (revoke). Admin scope only."""
 
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ class KeyCreate(BaseModel):
     models: list[str] | None = None  # None: every model
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    sample_rate: float | None = Field(default=None, ge=0, le=1)  # None: the gateway's default
+
+
+class KeyUpdate(BaseModel):
+    sample_rate: float | None = Field(ge=0, le=1)  # required; null clears the override
 
 
 @router.get("")
@@ -29,13 +35,19 @@ def list_keys(state: State) -> dict[str, Any]:
 @router.post("", status_code=201)
 def create_key(body: KeyCreate, state: State) -> dict[str, Any]:
     secret, info = state.keys.create(name=body.name, scope=body.scope, models=body.models,
-                                     rpm=body.rpm, tpm=body.tpm)
+                                     rpm=body.rpm, tpm=body.tpm,
+                                     sample_rate=body.sample_rate)
     return {**info.public(), "key": secret}
 
 
 @router.get("/{key_id}")
 def get_key(key_id: str, state: State) -> dict[str, Any]:
     return state.keys.get(key_id).public()
+
+
+@router.patch("/{key_id}")
+def update_key(key_id: str, body: KeyUpdate, state: State) -> dict[str, Any]:
+    return state.keys.set_sample_rate(key_id, body.sample_rate).public()
 
 
 @router.delete("/{key_id}")

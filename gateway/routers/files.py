@@ -41,7 +41,7 @@ def files_dir(state: Any) -> Path:
     return Path(state.settings.data_dir) / "files"
 
 
-def _store_upload(data: bytes, filename: str, purpose: str, folder: Path,
+def store_upload(data: bytes, filename: str, purpose: str, folder: Path,
                   store: FileStore) -> dict[str, Any]:
     try:
         text = data.decode("utf-8")
@@ -74,7 +74,7 @@ async def create_file(
     data = await file.read(MAX_FILE_BYTES + 1)
     if len(data) > MAX_FILE_BYTES:
         raise InvalidRequest(f"file is larger than {MAX_FILE_BYTES} bytes", param="file")
-    row = await to_thread.run_sync(_store_upload, data, file.filename or "upload.jsonl", purpose,
+    row = await to_thread.run_sync(store_upload, data, file.filename or "upload.jsonl", purpose,
                                    files_dir(state), FileStore(state.db))
     return file_object(row)
 

@@ -6,7 +6,10 @@
   ``batch_size``, ``learning_rate_multiplier`` of 2e-4), ``metadata``; our fields (top level,
   ``extra_body`` in the SDK): ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target_modules``,
   ``golden_file``, ``gate_threshold``, ``gate_tolerance``, ``scorer``, ``max_steps``,
-  ``max_seq_length``, ``golden_limit``, ``evaluate_base``.
+  ``max_seq_length``, ``golden_limit``, ``evaluate_base``, and ``traffic``: ``{"model": NAME or
+  NAME@vN, "since": time, "until": time?}`` adds the labelled sampled traffic of that model (see
+  ``shared.traffic_data``) to ``training_file``; the merged file is validated like an upload,
+  stored as a file of its own, and the job trains on it (the counts are in ``tunegate.traffic``).
 - ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
   ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
 
@@ -17,6 +20,7 @@ Jobs are queued on arq (Redis) for ``tunegate trainer worker``; records live in 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +48,12 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: float | Literal["auto"] = "auto"
 
 
+class TrafficSource(BaseModel):
+    model: str = Field(min_length=1, max_length=200)  # NAME, NAME@vN or base
+    since: dt.datetime  # ISO 8601 or unix seconds; without a zone: UTC
+    until: dt.datetime | None = None
+
+
 class JobCreate(BaseModel):
     model: str = Field(min_length=1, max_length=200)
     training_file: str
@@ -65,6 +75,7 @@ class JobCreate(BaseModel):
     max_seq_length: int = Field(default=512, ge=16, le=32768)
     golden_limit: int | None = Field(default=None, ge=1)
     evaluate_base: bool = False
+    traffic: TrafficSource | None = None
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +123,8 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": spec.get("seed"),
         "metadata": spec.get("metadata") or None, "suffix": spec.get("name"),
         "estimated_finish": None, "integrations": [],
-        "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id")},
+        "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id"),
+                     "traffic": spec.get("traffic")},
     }
 
 
@@ -134,11 +146,15 @@ def _create(
         raise InvalidRequest(f"base model {body.model!r} is not in the models folder",
                              param="model", code="model_not_found")
     job_id = new_job_id()
+    training = _file_path(state, body.training_file, "training_file") or ""
+    traffic = None
+    if body.traffic is not None:
+        training, traffic = _with_traffic(state, training, body.traffic)
     hp = body.hyperparameters
     spec = TrainSpec(
         job_id=job_id, name=body.suffix or f"ft-{job_id.removeprefix('ftjob-')[:8]}",
         base_model=str(base), base_model_name=body.model,
-        training_file=_file_path(state, body.training_file, "training_file") or "",
+        training_file=training,
         validation_file=_file_path(state, body.validation_file, "validation_file"),
         golden_file=_file_path(state, body.golden_file, "golden_file"),
         seed=body.seed if body.seed is not None else 0,
@@ -154,10 +170,35 @@ def _create(
         metadata=body.metadata or {},
     )
     record = {**spec.model_dump(), "training_file_id": body.training_file,
-              "validation_file_id": body.validation_file, "golden_file_id": body.golden_file}
+              "validation_file_id": body.validation_file, "golden_file_id": body.golden_file,
+              "traffic": traffic}
     row = JobStore(state.db).create(job_id, model=body.model, name=spec.name, spec=record,
                                     status="queued")
     return spec, row
+
+
+def _with_traffic(state: Any, base_path: str,
+                  src: TrafficSource) -> tuple[str, dict[str, Any]]:
+    """The base training file plus the labelled traffic of ``src``, stored as a new file
+    (validated as uploads are); returns its path and what was added."""
+    from gateway.routers.files import files_dir, store_upload
+    from shared.traffic_data import file_keys, traffic_data
+
+    data = traffic_data(state.db, src.model, src.since, src.until, exclude=file_keys(base_path))
+    if not data.records:
+        raise InvalidRequest(
+            f"no labelled traffic of {src.model!r} since {src.since.isoformat()} "
+            f"({data.samples} labelled samples, {data.skipped} not usable as records)",
+            param="traffic", code="no_traffic_data")
+    base = Path(base_path).read_bytes()
+    if base and not base.endswith(b"\n"):
+        base += b"\n"
+    merged = base + ("\n".join(data.lines()) + "\n").encode()
+    row = store_upload(merged, f"traffic-{src.model}.jsonl", "fine-tune", files_dir(state),
+                       FileStore(state.db))
+    return str(row["path"]), {"model": src.model, "since": src.since.isoformat(),
+                              "until": src.until.isoformat() if src.until else None,
+                              "merged_file_id": row["id"], **data.summary()}
 
 
 def _queue(request: Request) -> tuple[TrainerSettings, Any]:

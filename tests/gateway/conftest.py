@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,11 +35,12 @@ def fake_replica(name: str, load_delay_s: float = 0.0) -> Iterator[tuple[str, ob
 def gateway(data_dir: Path, engines: list[str], redis_url: str | None = None,
             log: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
     port = free_port()
-    env = {**(env or {}), "TUNEGATE_DATA_DIR": str(data_dir), "TUNEGATE_DATABASE_URL": "",
+    env = {"TUNEGATE_DATA_DIR": str(data_dir), "TUNEGATE_DATABASE_URL": "",
            "TUNEGATE_ARTIFACT_STORE": "", "REDIS_URL": redis_url or "",
            "TUNEGATE_GATEWAY_REDIS_URL": redis_url or "",
            "TUNEGATE_GATEWAY_ENGINES": ",".join(engines),
-           "TUNEGATE_GATEWAY_HEALTH_INTERVAL_S": "0.3", "TUNEGATE_GATEWAY_CACHE_TTL_S": "0.2"}
+           "TUNEGATE_GATEWAY_HEALTH_INTERVAL_S": "0.3", "TUNEGATE_GATEWAY_CACHE_TTL_S": "0.2",
+           **(env or {})}  # the caller's settings win
     with run_server([sys.executable, "-m", "tunegate", "gateway", "serve", "--port", str(port)],
                     port=port, env=env, timeout_s=60, log=log) as (url, _):
         yield url
@@ -53,7 +55,7 @@ class Records:
         self.keys = KeyStore(self.db)
         self.registry = Registry(self.db, str(data_dir / "artifacts"))
 
-    def key(self, scope: str = "user", **kw: object) -> str:
+    def key(self, scope: str = "user", **kw: Any) -> str:
         secret, _ = self.keys.create(name=f"test-{uuid.uuid4().hex[:6]}", scope=scope, **kw)
         return secret
 
@@ -95,7 +97,7 @@ def fresh_window(redis_url: str) -> None:
     import redis
 
     r = redis.Redis.from_url(redis_url)
-    seconds = r.time()[0] % 60
+    seconds = r.time()[0] % 60  # type: ignore[index]
     r.close()
     if seconds > 45:
         time.sleep(60 - seconds + 0.5)

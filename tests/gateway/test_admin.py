@@ -29,7 +29,7 @@ def admin(records: Records) -> str:
 # added here on purpose, or this test fails).
 PUBLIC = {"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json",
           "/docs/oauth2-redirect"}
-USER = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/generate"}
+USER = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/generate", "/v1/feedback"}
 
 
 def admin_routes() -> list[tuple[str, str]]:

@@ -1,4 +1,5 @@
-"""When ``stable`` moves, requests go to the new version and the old one leaves the replica."""
+"""When ``stable`` moves, requests go to the new version and the old one leaves the replica; a
+rollback sends them back."""
 
 from __future__ import annotations
 
@@ -30,3 +31,7 @@ def test_old_version_is_unloaded_after_stable_moves(data_dir: Path, records: Rec
         assert old not in held(engine) and new in held(engine)
         # A client pinning the old version still gets it (loaded again on demand).
         assert chat(gw, key, model=old).json()["model"] == old
+        # Rollback (what `tunegate adapters rollback roll` does): bare-name requests go back.
+        assert records.registry.rollback("roll", "stable") == 1
+        time.sleep(0.5)
+        assert chat(gw, key, model="roll").json()["model"] == old

@@ -75,3 +75,17 @@ def test_records_on_sqlite(tmp_path: Path) -> None:
     db = Database(database_url(tmp_path))
     assert db.engine.dialect.name == "sqlite"
     _exercise(db, tmp_path / "store")
+
+
+def test_columns_added_by_a_release_are_added_to_old_tables(tmp_path: Path) -> None:
+    old = Database(database_url(tmp_path), create=False)
+    with old.engine.begin() as c:  # api_keys as an older release made it: no sample_rate
+        c.execute(text("CREATE TABLE api_keys (id VARCHAR(40) PRIMARY KEY, name VARCHAR(200), "
+                       "scope VARCHAR(16), key_hash VARCHAR(64) UNIQUE, prefix VARCHAR(16), "
+                       "models JSON, rpm INTEGER, tpm INTEGER, created_at DATETIME, "
+                       "revoked_at DATETIME)"))
+    old.dispose()
+    db = Database(database_url(tmp_path))
+    secret, info = KeyStore(db).create(name="k", sample_rate=0.0)
+    assert KeyStore(db).lookup(hash_key(secret)) == info and info.sample_rate == 0.0
+    db.dispose()

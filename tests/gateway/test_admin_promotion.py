@@ -1,0 +1,68 @@
+"""The promotions admin API in-process (no engine needed): start, promote, rollback, state and
+events, OpenAI-shaped errors, admin scope; and the quality gauge on /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from shared.promotion import EvalRun
+from tests.gateway.conftest import Records, auth
+
+
+@pytest.fixture
+def client(tmp_path: Path) -> Iterator[tuple[TestClient, Records]]:
+    records = Records(tmp_path)
+    records.adapter("rt")  # v1, stable
+    records.adapter("rt", stable=False)  # v2
+    settings = GatewaySettings(data_dir=tmp_path, engines=["http://127.0.0.1:9"],
+                               redis_url=None, quality_refresh_s=0.05)
+    with TestClient(create_app(settings)) as c:
+        yield c, records
+
+
+def test_promotion_by_hand(client: tuple[TestClient, Records]) -> None:
+    c, records = client
+    admin, user = auth(records.key("admin")), auth(records.key("user"))
+    r = c.post("/admin/promotions", json={"version": "rt@v2"}, headers=user)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    r = c.get("/admin/promotions/rt", headers=admin)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = c.post("/admin/promotions", json={"version": "rt"}, headers=admin)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "version"
+    r = c.post("/admin/promotions", json={"version": "rt@v2", "canary_weight": 0.5},
+               headers=admin)
+    assert r.status_code == 201 and r.json()["state"] == "candidate", r.text
+    assert c.post("/admin/promotions", json={"version": "rt@v2"},
+                  headers=admin).json()["error"]["code"] == "promotion_active"
+    r = c.post("/admin/promotions/rt/promote", json={"to": "canary"}, headers=admin)
+    assert r.json()["state"] == "canary"
+    assert c.app.state.tg.promotions.routes["rt"].canary_weight == 0.5  # type: ignore[attr-defined]
+    r = c.post("/admin/promotions/rt/promote", json={"to": "shadow"}, headers=admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_transition"
+    assert c.get("/admin/promotions", headers=admin).json()["data"][0]["ref"] == "rt@v2"
+    r = c.post("/admin/promotions/rt/rollback", json={"reason": "looks bad"}, headers=admin)
+    assert r.json()["state"] == "rolled_back"
+    got = c.get("/admin/promotions/rt", headers=admin).json()
+    assert [e["to_state"] for e in got["events"]] == ["candidate", "shadow", "canary",
+                                                      "rolled_back"]
+    assert got["events"][-1]["reason"] == "looks bad"
+    assert got["events"][-1]["actor"].startswith("key:")
+    assert records.registry.get_adapter("rt")["aliases"]["canary"] == 1
+
+
+def test_quality_gauge(client: tuple[TestClient, Records]) -> None:
+    import time
+
+    c, records = client
+    with records.db.session() as s:
+        s.add(EvalRun(name="rt", version=1, kind="quality", n=10, score=0.9, metrics={}))
+    deadline = time.monotonic() + 5
+    while 'tunegate_quality_score{model="rt",version="v1"} 0.9' not in c.get("/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
