@@ -19,7 +19,10 @@ both engines get the same prompts. Each server is warmed up before measuring.
 
 Writes ``bench/results/engine_cpu.json`` (keys ``ttft_ms_p50``, ``ttft_ms_p95``,
 ``single_stream_tok_s``, ``concurrent8_tok_s``, ``concurrent8_lora4_tok_s``,
-``vllm_cpu_concurrent8_tok_s`` plus context) and prints it.
+``vllm_cpu_concurrent8_tok_s`` plus context) and prints it. vLLM runs at its default dtype
+(bfloat16 on CPU) for the required keys, then once more at float32, the embedded engine's
+default dtype, for a same-precision comparison (``vllm_cpu_float32_concurrent8_tok_s``,
+``vllm_cpu_float32``; ``--skip vllm-float32`` leaves it out).
 
     .venv/bin/python bench/engine_cpu.py            # full run, ~5-8 min on a quiet 2-core box
     .venv/bin/python bench/engine_cpu.py --quick    # smoke test
@@ -120,21 +123,21 @@ def _check_tokens(shots: list, max_tokens: int) -> None:
 
 
 def run_engine(kind: str, args: argparse.Namespace, adapter_paths: list[Path], workdir: Path,
-               ) -> dict[str, Any]:
+               vllm_dtype: str | None = None) -> dict[str, Any]:
     port = free_port()
     cmd = [str(args.tunegate), "engine", "serve", "--kind", kind, "--model", str(args.model),
            "--host", "127.0.0.1", "--port", str(port), "--max-loras", "4",
            "--max-lora-rank", str(args.lora_rank), "--max-num-seqs", "16",
            "--max-model-len", str(args.max_model_len)]
-    if kind == "vllm" and args.vllm_dtype:
-        cmd += ["--dtype", args.vllm_dtype]
+    if kind == "vllm" and vllm_dtype:
+        cmd += ["--dtype", vllm_dtype]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if kind == "vllm":
         env.update(kv.split("=", 1) for kv in args.vllm_env)
     vllm_python = ROOT / ".venv-vllm" / "bin" / "python"
     if vllm_python.is_file() and "TUNEGATE_VLLM_PYTHON" not in os.environ:
         env["TUNEGATE_VLLM_PYTHON"] = str(vllm_python)
-    log = workdir / f"{kind}.log"
+    log = workdir / f"{kind}{'-' + vllm_dtype if vllm_dtype else ''}.log"
     print(f"[{kind}] starting: {' '.join(cmd)}  (log {log})", flush=True)
     with server(cmd, port=port, env=env, log=log, timeout_s=args.start_timeout) as (url, proc,
                                                                                     started):
@@ -181,7 +184,8 @@ def main() -> None:
                    help="vLLM --dtype (default: vLLM's own, bfloat16 on CPU)")
     p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for vLLM, e.g. VLLM_CPU_NUM_OF_RESERVED_CPU=0")
-    p.add_argument("--skip", choices=("embedded", "vllm"), action="append", default=[])
+    p.add_argument("--skip", choices=("embedded", "vllm", "vllm-float32"), action="append",
+                   default=[])
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine_cpu.json")
     p.add_argument("--quick", action="store_true", help="few requests: a smoke test")
@@ -200,7 +204,12 @@ def main() -> None:
                      "lora_rank": args.lora_rank, "lora_targets": args.lora_targets,
                      "vllm_dtype": args.vllm_dtype or "default (bfloat16)",
                      "vllm_env": args.vllm_env,
-                     "quick": args.quick, "ignore_eos": True, "temperature": 0},
+                     "quick": args.quick, "ignore_eos": True, "temperature": 0,
+                     # the embedded engine's as the servers see them (EngineSettings defaults)
+                     "embedded_impl": os.environ.get("TUNEGATE_ENGINE_IMPL", "fast"),
+                     "embedded_dtype": os.environ.get("TUNEGATE_ENGINE_DTYPE", "float32")},
+        # 1/5/15-minute load averages: the machine is shared, figures move with its load.
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions(),
     }
     with tempfile.TemporaryDirectory(prefix="engine_cpu_") as tmp:
@@ -217,9 +226,13 @@ def main() -> None:
                     result[key] = emb.pop(key)
                 result["embedded"] = emb
             if "vllm" not in args.skip:
-                vll = run_engine("vllm", args, adapter_paths, workdir)
+                vll = run_engine("vllm", args, adapter_paths, workdir, args.vllm_dtype)
                 result["vllm_cpu_concurrent8_tok_s"] = vll.pop("concurrent8_tok_s")
                 result["vllm_cpu"] = vll
+            if "vllm-float32" not in args.skip and args.vllm_dtype != "float32":
+                vll = run_engine("vllm", args, adapter_paths, workdir, "float32")
+                result["vllm_cpu_float32_concurrent8_tok_s"] = vll.pop("concurrent8_tok_s")
+                result["vllm_cpu_float32"] = vll
         except Exception:
             for log in workdir.glob("*.log"):
                 print(f"--- last lines of {log.name}:\n"
@@ -232,6 +245,10 @@ def main() -> None:
     if "concurrent8_tok_s" in result and "vllm_cpu_concurrent8_tok_s" in result:
         result["concurrent8_over_vllm_cpu"] = round(
             result["concurrent8_tok_s"] / result["vllm_cpu_concurrent8_tok_s"], 2)
+    if "concurrent8_tok_s" in result and "vllm_cpu_float32_concurrent8_tok_s" in result:
+        result["concurrent8_over_vllm_cpu_float32"] = round(
+            result["concurrent8_tok_s"] / result["vllm_cpu_float32_concurrent8_tok_s"], 2)
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -84,7 +84,7 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(settings.model)
     max_model_len = settings.max_model_len or int(config.max_position_embeddings)
     runner = ModelRunner(settings.model, max_num_seqs=settings.max_num_seqs,
-                         max_model_len=max_model_len, dtype=settings.dtype)
+                         max_model_len=max_model_len, dtype=settings.dtype, impl=settings.impl)
     tokenizer = runner.tokenizer
     metrics = EngineMetrics(settings.model_name)
     engine = AsyncEngine(

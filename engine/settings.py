@@ -31,6 +31,9 @@ class EngineSettings(BaseSettings):
     # float32 is the reference (parity checks compare logprobs); bfloat16 halves the weight
     # bytes read per step and uses AMX where the CPU has it, at bf16 precision.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # fast: our own decode/prefill loop over the model's weights (Llama architecture; others,
+    # and adapters it cannot apply, use hf); hf: transformers + peft, the reference.
+    impl: Literal["fast", "hf"] = "fast"
 
     @property
     def model_name(self) -> str:
