@@ -154,6 +154,10 @@ class AsyncEngine:
                        arrival: float | None = None) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs; leaving early (client gone) aborts it."""
         stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        if request_id in self._streams:
+            # Clients choose X-Request-ID, so two live requests may share one (a gateway's shadow
+            # copy, a retry racing its original): each gets its own stream, or one would hang.
+            request_id = self.new_request_id(request_id)
         self._streams[request_id] = stream
         seq = Sequence(request_id, prompt_ids, params, adapter_key)
         if arrival is not None:

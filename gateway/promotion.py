@@ -165,7 +165,9 @@ class PromotionRouting:
         if candidate is None:
             return
         call = replace(live, body=body, stream=False, resolved=candidate, reservation=None,
-                       start=time.perf_counter(), promotion=None, lane="shadow", sample=None)
+                       start=time.perf_counter(), promotion=None, lane="shadow", sample=None,
+                       # The engine sees its own id for the copy; the sample keeps the live one.
+                       upstream_request_id=f"{live.request_id}-shadow")
         self.count(r, "shadow", "requests")
         status, text = 200, ""
         try:

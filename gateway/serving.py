@@ -84,6 +84,7 @@ class Call:
     # How it is served (shared.traffic.LANES); "" means the default for ``resolved``.
     lane: str = ""
     sample: dict[str, Any] | None = None  # the body as the client sent it, when sampled
+    upstream_request_id: str | None = None  # X-Request-ID for the engine; None: request_id
 
     def __post_init__(self) -> None:
         if not self.lane:
@@ -140,7 +141,8 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
     """Send to the first replica that takes it; returns the response (unread when streaming), a
     release callback (must be called) and the model id sent upstream."""
     router = call.state.router
-    headers = {"content-type": "application/json", "x-request-id": call.request_id}
+    headers = {"content-type": "application/json",
+               "x-request-id": call.upstream_request_id or call.request_id}
     ref = None if call.resolved.is_base else call.resolved.ref
     last: TunegateError = router.no_replica()
     for replica in router.order(ref):

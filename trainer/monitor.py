@@ -54,6 +54,7 @@ class MonitorContext:
     window_s: float = 3600.0
     max_rows: int = 5000
     shadow_samples: int = 50
+    shadow_rerun_s: float = 1800.0
     replay_concurrency: int = 2
     replay_timeout_s: float = 60.0
 
@@ -174,6 +175,10 @@ async def run_shadow(mc: MonitorContext) -> list[dict[str, Any]]:
         if p["state"] != "shadow":
             continue
         name, version, baseline = p["name"], p["version"], p["baseline"]
+        entered = dt.datetime.fromisoformat(p["state_since"])
+        last = await asyncio.to_thread(latest_shadow_run, mc.db, name, version, entered)
+        if last is not None and (utcnow() - last.created_at).total_seconds() < mc.shadow_rerun_s:
+            continue  # judged recently: replays cost engine time like live traffic
         since = utcnow() - dt.timedelta(seconds=mc.window_s)
         rows = await asyncio.to_thread(rows_of, mc.db, name, baseline, since, ("stable",),
                                        mc.max_rows)
@@ -240,9 +245,11 @@ async def evidence(mc: MonitorContext, p: dict[str, Any]) -> Evidence:
             return Evidence(requests=c[0], errors=c[1], extra={"shadow_eval": None})
         m = run.metrics or {}
         labelled = bool(m.get("labelled"))
+        # The replays were requests to the candidate too: they count for its error rate.
         return Evidence(n=run.n, quality=run.score,
                         stable_quality=m.get("stable_accuracy" if labelled else "stable_quality"),
-                        requests=c[0], errors=c[1],
+                        requests=c[0] + int(m.get("requests") or 0),
+                        errors=c[1] + int(m.get("errors") or 0),
                         extra={"shadow_eval": {"id": run.id, **m}})
     rules = await asyncio.to_thread(RulesCache(mc.registry).get, name, version)
     canary_rows = await asyncio.to_thread(rows_of, mc.db, name, version, since, ("canary",),

@@ -47,6 +47,9 @@ class MonitorSettings(BaseSettings):
     window_s: float = 3600.0  # sampled traffic the quality monitor looks at, seconds back
     max_rows: int = 5000  # rows per version and run (newest first)
     shadow_samples: int = 50  # stable-lane prompts replayed per shadow evaluation
+    # A candidate is replayed again only when its newest shadow evaluation is older than this
+    # (seconds): replays load the engines like live traffic does.
+    shadow_rerun_s: float = 1800.0
     # Replays go through the gateway like any client: its URL and an API key (None: the local
     # admin key `tunegate up` writes, $TUNEGATE_DATA_DIR/local-admin.key).
     gateway_url: str = Field(default="http://127.0.0.1:8000", validation_alias=AliasChoices(
@@ -129,6 +132,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         db=db, registry=registry, promotions=Promotions(db, registry), redis=ctx.get("redis"),
         gateway_url=ms.gateway_url, api_key=_api_key(ms, trainer.data_dir),
         window_s=ms.window_s, max_rows=ms.max_rows, shadow_samples=ms.shadow_samples,
+        shadow_rerun_s=ms.shadow_rerun_s,
         replay_concurrency=ms.replay_concurrency, replay_timeout_s=ms.replay_timeout_s)
 
 

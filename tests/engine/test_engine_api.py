@@ -5,6 +5,7 @@ Here: stricter validation than vLLM, and client disconnects aborting generation.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import time
 
 import httpx
@@ -75,3 +76,18 @@ def test_non_stream_disconnect_stops_generation(engine_url: str, model_name: str
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{engine_url}/v1/completions", json=body, timeout=2.0)
     assert wait_idle(engine_url)
+
+
+def test_requests_sharing_an_x_request_id_both_complete(engine_url: str, model_name: str) -> None:
+    # A client's X-Request-ID is not unique by contract (a gateway's shadow copy carries the live
+    # request's id): two at once must both be answered, not leave one waiting forever.
+    def ask(prompt: str) -> httpx.Response:
+        return httpx.post(engine_url + "/v1/completions", timeout=60,
+                          headers={"x-request-id": "same-id"},
+                          json={"model": model_name, "prompt": prompt, "max_tokens": 8,
+                                "temperature": 0, "ignore_eos": True})
+
+    with cf.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(ask, ["The capital of France is", "One, two, three,"]))
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for r in answers)
