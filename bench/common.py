@@ -147,7 +147,7 @@ def rss_mib(pid: int) -> float:
 
 def make_lora_adapters(model_dir: Path, out_dir: Path, n: int, *, rank: int = 8,
                        targets: Sequence[str] = ("q_proj", "v_proj"), seed: int = 0,
-                       ) -> list[Path]:
+                       std: float = 0.02) -> list[Path]:
     """``n`` peft LoRA adapters for ``model_dir`` with random, non-zero B (so each changes the
     output), saved with ``save_pretrained`` under ``out_dir/lora{i}``."""
     import torch
@@ -163,7 +163,7 @@ def make_lora_adapters(model_dir: Path, out_dir: Path, n: int, *, rank: int = 8,
         peft_model = get_peft_model(model, config)
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.02)
+                torch.nn.init.normal_(param, std=std)
         path = out_dir / f"lora{i}"
         peft_model.save_pretrained(str(path))
         paths.append(path)

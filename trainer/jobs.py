@@ -40,7 +40,9 @@ class Registrar(Protocol):
 
     fs: Any
     root: str
-    is_local: bool
+
+    @property
+    def is_local(self) -> bool: ...
 
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> Any: ...
     def set_alias(self, name: str, alias: str, version: int, reason: str | None = None) -> None: ...
