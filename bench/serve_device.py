@@ -3,7 +3,10 @@ adapters (r 16, all linear layers), measured directly and through the tunegate g
 
 Runs on the device machine (see bench/serve_device.sh); writes bench/results/serve_device.json.
 Random weights measure speed, never quality. Prompts are distinct per request (no prefix-cache
-hits), and every request asks for a fixed number of tokens with ``ignore_eos``.
+hits), and every request asks for a fixed number of tokens with ``ignore_eos``. The one-stream
+phase alternates requests between the engine and the gateway (``run_interleaved``), so that
+``gateway_added_ms_p50`` compares the two paths under the same engine state; the concurrent
+phases run directly first, then through the gateway.
 """
 
 from __future__ import annotations
@@ -97,6 +100,35 @@ async def run_load(url: str, headers: dict[str, str], models: list[str], *, stre
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(streams)))
         wall = time.perf_counter() - start
+    return summarize(shots, wall)
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    headers: dict[str, str]
+    model: str
+
+
+async def run_interleaved(targets: list[Target], *, requests: int, max_tokens: int,
+                          seed: int) -> list[dict[str, float]]:
+    """One stream alternating between ``targets`` (the engine directly and through the
+    gateway), each request with its own prompt, the order flipped every round: both paths see
+    the engine in the same state, so the difference of their TTFTs is the gateway's cost and
+    not the engine's drift between two phases."""
+    rng = random.Random(seed)
+    shots: list[list[Shot]] = [[] for _ in targets]
+    async with httpx.AsyncClient(timeout=600) as client:
+        for i in range(requests):
+            order = range(len(targets)) if i % 2 == 0 else reversed(range(len(targets)))
+            for k in order:
+                t = targets[k]
+                shots[k].append(await one(client, t.url, t.headers, t.model, prompt(rng),
+                                          max_tokens))
+    return [summarize(got, sum(s.total_s for s in got)) for got in shots]
+
+
+def summarize(shots: list[Shot], wall: float) -> dict[str, float]:
     ttfts = sorted(s.ttft_s * 1000 for s in shots)
     first_texts = sorted(s.first_text_s * 1000 for s in shots)
     decode = [(s.tokens - 1) / (s.total_s - s.ttft_s) for s in shots if s.tokens > 1]
@@ -148,20 +180,21 @@ def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
-def measure(url: str, headers: dict[str, str], adapters: list[str], base: str,
-            quick: bool, seed: int = 0) -> dict[str, dict[str, float]]:
-    """``seed`` picks the prompts: give each measured path its own, so that one path never
-    meets the other's prompts in vLLM's prefix cache."""
-    n = 8 if quick else 1
-    res: dict[str, dict[str, float]] = {}
-    # Warm-up in the shapes measured next (prefill lengths, decode lengths, every adapter), so
-    # that no first-time kernel selection or allocation lands in the 1-stream tail.
+def warm_up(url: str, headers: dict[str, str], adapters: list[str], base: str,
+            seed: int) -> None:
+    """Requests in the shapes measured next (prefill lengths, decode lengths, every adapter), so
+    that no first-time kernel selection or allocation lands in a measured tail."""
     asyncio.run(run_load(url, headers, [base, *adapters], streams=4, requests=16, max_tokens=32,
                          seed=seed + 99))
     asyncio.run(run_load(url, headers, [base], streams=1, requests=16, max_tokens=128,
                          seed=seed + 98))
-    res["1stream"] = asyncio.run(run_load(url, headers, [base], streams=1, requests=100 // n,
-                                          max_tokens=128, seed=seed + 1))
+
+
+def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], base: str,
+                       seed: int) -> dict[str, dict[str, float]]:
+    """``seed`` picks the prompts: give each measured path its own, so that one path never
+    meets the other's prompts in vLLM's prefix cache."""
+    res: dict[str, dict[str, float]] = {}
     for streams in (16, 64):
         for label, models in (("base", [base]), ("lora4", adapters)):
             res[f"conc{streams}_{label}"] = asyncio.run(run_load(
@@ -248,21 +281,35 @@ def main() -> None:
             names.append(f"bench{i}")
         results["adapter_load_ms_all"] = load_ms
         results["adapter_load_ms"] = statistics.median(load_ms)
-        results["direct"] = measure(direct, {}, names, "base8b", args.quick)
-        print(json.dumps(results, indent=1), flush=True)
-        if args.gateway:
-            for name in names:  # the gateway loads its own immutable versions (bench0@v1, ...)
-                httpx.post(direct + "/v1/unload_lora_adapter", json={"lora_name": name},
-                           timeout=60).raise_for_status()
-            gw_url, headers, gw = start_gateway(direct, adapter_dirs, Path("/tmp/bench-gw"),
-                                                args.port + 100, "base8b")
-            try:
-                results["gateway"] = measure(gw_url, headers, [f"bench{i}" for i in range(4)],
-                                             "base", args.quick, seed=1000)
-            finally:
+        gw = None
+        try:
+            targets = [Target(direct, {}, "base8b")]
+            warm_up(direct, {}, names, "base8b", seed=0)
+            if args.gateway:
+                gw_url, headers, gw = start_gateway(direct, adapter_dirs, Path("/tmp/bench-gw"),
+                                                    args.port + 100, "base8b")
+                targets.append(Target(gw_url, headers, "base"))
+                # The base model only: the gateway's adapter versions (bench0@v1, ...) are
+                # loaded after the direct phase has unloaded its own (4 LoRA slots).
+                warm_up(gw_url, headers, [], "base", seed=1000)
+            one_stream = asyncio.run(run_interleaved(
+                targets, requests=100 // (8 if args.quick else 1), max_tokens=128, seed=1))
+            results["direct"] = {"1stream": one_stream[0],
+                                 **measure_concurrent(direct, {}, names, "base8b", seed=0)}
+            print(json.dumps(results, indent=1), flush=True)
+            if gw is not None:
+                for name in names:  # the gateway loads its own immutable versions
+                    httpx.post(direct + "/v1/unload_lora_adapter", json={"lora_name": name},
+                               timeout=60).raise_for_status()
+                gw_adapters = [f"bench{i}" for i in range(4)]
+                warm_up(gw_url, headers, gw_adapters, "base", seed=1000)
+                results["gateway"] = {"1stream": one_stream[1], **measure_concurrent(
+                    gw_url, headers, gw_adapters, "base", seed=1000)}
+                print(json.dumps(results["gateway"], indent=1), flush=True)
+        finally:
+            if gw is not None:
                 gw.terminate()
                 gw.wait(30)
-            print(json.dumps(results["gateway"], indent=1), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -273,6 +320,7 @@ def main() -> None:
         assert isinstance(g, dict)
         d = g  # the issue's figures are taken through the gateway
         results["gateway_ttft_ms_p95_1stream"] = g["1stream"]["ttft_ms_p95"]
+        # One stream alternating between the two paths (run_interleaved): same engine state.
         results["gateway_added_ms_p50"] = (g["1stream"]["ttft_ms_p50"]
                                            - results["direct"]["1stream"]["ttft_ms_p50"])
     summary = {
