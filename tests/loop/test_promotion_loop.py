@@ -54,15 +54,21 @@ def system(tmp_path_factory: pytest.TempPathFactory,
         "TUNEGATE_TRAFFIC_STREAM": f"tunegate:test:traffic:{tag}",
         "TUNEGATE_GATEWAY_SAMPLE_RATE": "1.0",
         "TUNEGATE_GATEWAY_QUALITY_REFRESH_S": "1",
-        # Gates sized for a test: 30 labelled samples decide; a candidate must reach 0.6 and stay
-        # within 0.12 of stable; half of the bare-name traffic goes to the canary.
+        # Gates sized for a test: 80 labelled samples decide; a candidate must reach 0.6 and stay
+        # within 0.15 of stable; half of the bare-name traffic goes to the canary. The two lanes
+        # see different reviews, and on the held-out reviews accuracy is only 0.65-0.85, so each
+        # lane's score is noisy: on 80 samples the difference of two lanes has a standard error
+        # near 0.065, so an equal candidate falls 0.15 below stable by chance about 1% of the
+        # time. With 30 samples and 0.12 (7%), a CI dry run rolled a good candidate back, and
+        # the shuffled-label candidate (0.44-0.59 against stable's 0.66-0.86) came within 0.07
+        # of stable once.
         "TUNEGATE_PROMOTION_CANARY_WEIGHT": "0.5", "TUNEGATE_PROMOTION_SHADOW_FRACTION": "0.5",
-        "TUNEGATE_PROMOTION_MIN_SAMPLES": "30", "TUNEGATE_PROMOTION_MIN_QUALITY": "0.6",
-        "TUNEGATE_PROMOTION_TOLERANCE": "0.12", "TUNEGATE_PROMOTION_MIN_REQUESTS": "10",
+        "TUNEGATE_PROMOTION_MIN_SAMPLES": "80", "TUNEGATE_PROMOTION_MIN_QUALITY": "0.6",
+        "TUNEGATE_PROMOTION_TOLERANCE": "0.15", "TUNEGATE_PROMOTION_MIN_REQUESTS": "10",
         "TUNEGATE_PROMOTION_MAX_ERROR_RATE": "0.2",
         "TUNEGATE_MONITOR_QUEUE_NAME": f"tunegate:test:monitor:{tag}",
         "TUNEGATE_MONITOR_QUALITY_INTERVAL_S": "5", "TUNEGATE_MONITOR_SHADOW_INTERVAL_S": "10",
-        "TUNEGATE_MONITOR_TICK_INTERVAL_S": "5", "TUNEGATE_MONITOR_SHADOW_SAMPLES": "40",
+        "TUNEGATE_MONITOR_TICK_INTERVAL_S": "5", "TUNEGATE_MONITOR_SHADOW_SAMPLES": "80",
         "TUNEGATE_MONITOR_API_KEY": user,
     }
     port = free_port()
@@ -216,9 +222,10 @@ def test_bad_candidate_is_rolled_back_during_canary(system: dict[str, Any],
 
 def test_good_candidate_reaches_stable_by_itself(system: dict[str, Any],
                                                  data: dict[str, Any]) -> None:
-    # The first recipe run a few steps longer: a new version, as good as stable. (Another seed or
-    # data order is not a safe "good" candidate: 20 steps can leave a tune stuck on one label.)
-    assert tune(system, data, "train", seed=0, steps=STEPS + 5) == "rt@v3"
+    # The first recipe run twice as long: a new version at least as good as stable. (Another
+    # seed or data order is not a safe "good" candidate: 20 steps can leave a tune stuck on one
+    # label; and 25 steps once scored 0.70 on the golden set, below stable.)
+    assert tune(system, data, "train", seed=0, steps=2 * STEPS) == "rt@v3"
     traffic = Traffic(system, data["traffic"])
     p = traffic.until(lambda: (q := promotion(system))["state"] in (
         "stable", "rejected", "rolled_back") and q, 600)
