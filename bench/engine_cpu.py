@@ -57,8 +57,8 @@ from bench.common import (  # noqa: E402
     run_load,
 )
 from shared.procs import free_port, server  # noqa: E402
+from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUBJECTS = ("a lighthouse keeper", "a copper harbor", "a quiet falcon", "a velvet meadow",
             "an old river stone", "a glacier", "a lantern maker", "a thunderstorm",
             "a canvas painter", "an ember in the snow", "a maple forest", "a signal tower")

@@ -29,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
 
 def prepare(out: Path, steps: int) -> None:
@@ -93,7 +93,7 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
         "rt-tuned": data / "adapter-rt",
         # Random non-zero B (peft starts B at zero, a no-op adapter).
         "random-r16": make_lora_adapters(model_dir, logs / "random", 1, rank=16,
-                                         targets=TARGETS, std=0.05)[0],
+                                         targets=ALL_PROJECTIONS, std=0.05)[0],
     }
     adapters = {k: v for k, v in adapters.items() if not only or k in only}
     prompts = golden_prompts(data / "golden.jsonl", limit)

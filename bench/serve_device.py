@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared.procs import wait_healthy  # noqa: E402
+from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WORDS = [
     "river", "stone", "lantern", "orbit", "quiet", "maple", "copper", "harbor", "velvet",
     "signal", "meadow", "thunder", "canvas", "ember", "falcon", "glacier",
@@ -172,7 +172,7 @@ def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
         save_file(tensors, str(path / "adapter_model.safetensors"))
         (path / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-            "lora_dropout": 0.0, "target_modules": list(LORA_TARGETS), "bias": "none",
+            "lora_dropout": 0.0, "target_modules": list(ALL_PROJECTIONS), "bias": "none",
             "base_model_name_or_path": str(model_dir), "fan_in_fan_out": False,
             "modules_to_save": None, "use_rslora": False, "use_dora": False,
         }))
