@@ -28,6 +28,9 @@ ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 # install), as scripts/setup_vllm_cpu.sh makes it.
 DEFAULT_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"
 CHECKOUT = Path(__file__).resolve().parent.parent
+# Tuned Triton configs for vLLM's LoRA kernels, one file set per GPU model (engine/lora_kernels.py
+# makes them); vLLM keeps its own heuristic on a GPU that has no file here.
+LORA_KERNEL_CONFIGS = Path(__file__).resolve().parent / "vllm_lora_configs"
 
 
 class VllmSettings(BaseSettings):
@@ -43,6 +46,9 @@ class VllmSettings(BaseSettings):
     # 1 GiB holds ~46k tokens of SmolLM2-135M in bf16 (30 layers x 3 KV heads x 64 dims x K,V x
     # 2 bytes = 22.5 KiB per token). Unset, vLLM sizes the cache from a fraction of all RAM.
     cpu_kvcache_gib: int = Field(default=1, ge=1)
+    # TUNEGATE_VLLM_LORA_KERNEL_CONFIGS: vLLM's VLLM_TUNED_CONFIG_FOLDER on GPUs (the tuned LoRA
+    # kernel configs shipped with tunegate unless set; an empty value leaves vLLM's heuristic).
+    lora_kernel_configs: str = str(LORA_KERNEL_CONFIGS)
 
     def resolve_python(self) -> str:
         """The configured python, else ``.venv-vllm/bin/python`` (current directory, then the
@@ -139,7 +145,8 @@ def vllm_environment(
     settings: VllmSettings | None = None,
 ) -> dict[str, str]:
     """The environment vLLM needs: ``base`` (default: this process's) plus runtime LoRA
-    updating, no hub access, no usage reporting, and on CPU the KV cache size."""
+    updating, no hub access, no usage reporting; on CPU the KV cache size, on GPU the tuned
+    LoRA kernel configs (unless ``base`` already names a VLLM_TUNED_CONFIG_FOLDER)."""
     settings = settings or VllmSettings()
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -150,6 +157,8 @@ def vllm_environment(
     dev = detect_device() if device == "auto" else device
     if dev == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    elif settings.lora_kernel_configs:
+        env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(settings.lora_kernel_configs))
     return env
 
 

@@ -102,6 +102,18 @@ def test_environment_enables_runtime_lora_and_offline() -> None:
     assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_environment("gpu", base={})
 
 
+def test_gpu_environment_points_vllm_at_the_tuned_lora_kernel_configs() -> None:
+    env = vllm_environment("gpu", base={}, settings=VllmSettings())
+    assert env["VLLM_TUNED_CONFIG_FOLDER"] == str(vllm_launcher.LORA_KERNEL_CONFIGS)
+    assert vllm_launcher.LORA_KERNEL_CONFIGS.is_dir()
+    # The operator's own folder wins; an empty setting leaves vLLM's heuristic.
+    assert vllm_environment("gpu", base={"VLLM_TUNED_CONFIG_FOLDER": "/mine"})[
+        "VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in vllm_environment(
+        "gpu", base={}, settings=VllmSettings(lora_kernel_configs=""))
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in vllm_environment("cpu", base={})
+
+
 def test_serve_vllm_execs_the_assembled_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNEGATE_VLLM_PYTHON", sys.executable + "-vllm")
     monkeypatch.setenv("TUNEGATE_VLLM_DEVICE", "cpu")
