@@ -125,3 +125,48 @@ def _registrar(gateway: str, advertise: str | None, key: str | None, kind: str, 
                          timeout_s=settings.timeout_s)
     except InvalidRequest as exc:
         raise typer.BadParameter(exc.message) from exc
+
+
+@app.command("tune-lora")
+def tune_lora(
+    out: Annotated[Path, typer.Option(help="Folder for vLLM's kernel config files "
+                                      "(then TUNEGATE_VLLM_LORA_KERNEL_CONFIGS=OUT)")],
+    model: Annotated[Path | None, typer.Option(help="Model folder whose shape to tune for")] = None,
+    shape: Annotated[str | None, typer.Option(
+        help="Or a known shape instead of a model folder (llama-3.1-8b)")] = None,
+    rank: int = 16,
+    max_loras: int = 4,
+    budget_s: Annotated[float, typer.Option(help="Search time, seconds")] = 300.0,
+) -> None:
+    """Tune vLLM's LoRA Triton kernels for this GPU (runs under vLLM's python; see
+    engine/lora_kernels.py). tunegate ships configs for the H200 only."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    from engine.lora_kernels import tune_command
+    from engine.models import SHAPES
+    from engine.vllm_launcher import VllmNotFound, VllmSettings, check_vllm_python
+
+    if (model is None) == (shape is None):
+        raise typer.BadParameter("give one of --model and --shape")
+    if shape is not None and shape not in SHAPES:
+        raise typer.BadParameter(f"unknown shape `{shape}`; known: {', '.join(sorted(SHAPES))}")
+    if model is not None and not (model / "config.json").is_file():
+        raise typer.BadParameter(f"no config.json in {model}")
+    python = VllmSettings().resolve_python()
+    try:
+        check_vllm_python(python)
+    except VllmNotFound as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        if shape is not None:  # the tuner reads only config.json
+            model = Path(tmp)
+            (model / "config.json").write_text(json.dumps(SHAPES[shape]))
+        assert model is not None
+        env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
+        raise typer.Exit(subprocess.call(tune_command(
+            python, model=model, out=out, rank=rank, max_loras=max_loras, budget_s=budget_s),
+            env=env))
