@@ -6,7 +6,8 @@ Random weights measure speed, never quality. Prompts are distinct per request (n
 hits), and every request asks for a fixed number of tokens with ``ignore_eos``. The one-stream
 phase alternates requests between the engine and the gateway (``run_interleaved``), so that
 ``gateway_added_ms_p50`` compares the two paths under the same engine state; the concurrent
-phases run directly first, then through the gateway.
+phases run directly first, then through the gateway, each as two interleaved rounds of base and
+mixed-adapter load.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict[str, str], mode
                 first_text if first_text is not None else total)
 
 
-async def run_load(url: str, headers: dict[str, str], models: list[str], *, streams: int,
-                   requests: int, max_tokens: int, seed: int) -> dict[str, float]:
-    """``requests`` requests over ``streams`` concurrent streams, models taken round-robin."""
+async def run_load_shots(url: str, headers: dict[str, str], models: list[str], *,
+                         streams: int, requests: int, max_tokens: int,
+                         seed: int) -> tuple[list[Shot], float]:
+    """``requests`` requests over ``streams`` concurrent streams, models taken round-robin;
+    returns every request's timings and the wall time."""
     rng = random.Random(seed)
     texts = [prompt(rng) for _ in range(requests)]
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -100,7 +103,13 @@ async def run_load(url: str, headers: dict[str, str], models: list[str], *, stre
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(streams)))
         wall = time.perf_counter() - start
-    return summarize(shots, wall)
+    return shots, wall
+
+
+async def run_load(url: str, headers: dict[str, str], models: list[str], *, streams: int,
+                   requests: int, max_tokens: int, seed: int) -> dict[str, float]:
+    return summarize(*await run_load_shots(url, headers, models, streams=streams,
+                                           requests=requests, max_tokens=max_tokens, seed=seed))
 
 
 @dataclass(frozen=True)
@@ -183,23 +192,41 @@ def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
 def warm_up(url: str, headers: dict[str, str], adapters: list[str], base: str,
             seed: int) -> None:
     """Requests in the shapes measured next (prefill lengths, decode lengths, every adapter), so
-    that no first-time kernel selection or allocation lands in a measured tail."""
+    that no first-time kernel selection or allocation lands in a measured tail. The concurrent
+    rounds matter with tuned LoRA kernel configs: each token-count bucket has its own Triton
+    config, compiled on first use (about 3 s for a prefill bucket on the H200), and only the
+    decode batch sizes are compiled while vLLM captures its CUDA graphs."""
     asyncio.run(run_load(url, headers, [base, *adapters], streams=4, requests=16, max_tokens=32,
                          seed=seed + 99))
+    if adapters:
+        for streams in (16, 64):
+            asyncio.run(run_load(url, headers, adapters, streams=streams, requests=streams,
+                                 max_tokens=8, seed=seed + 97 + streams))
     asyncio.run(run_load(url, headers, [base], streams=1, requests=16, max_tokens=128,
                          seed=seed + 98))
 
 
 def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], base: str,
-                       seed: int) -> dict[str, dict[str, float]]:
-    """``seed`` picks the prompts: give each measured path its own, so that one path never
-    meets the other's prompts in vLLM's prefix cache."""
+                       seed: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+    """Output tokens/s at 16 and 64 streams, base alone and the adapters mixed, in ``rounds``
+    interleaved rounds (base, lora4, base, lora4): a drift of the engine between two phases
+    lands on both. Per label the figures are those of all rounds together (tokens over wall
+    time, TTFT percentiles over every request). ``seed`` picks the prompts: give each measured
+    path its own, so that one path never meets the other's prompts in vLLM's prefix cache."""
     res: dict[str, dict[str, float]] = {}
     for streams in (16, 64):
-        for label, models in (("base", [base]), ("lora4", adapters)):
-            res[f"conc{streams}_{label}"] = asyncio.run(run_load(
-                url, headers, models, streams=streams, requests=streams * 3, max_tokens=128,
-                seed=seed + streams))
+        shots: dict[str, list[Shot]] = {"base": [], "lora4": []}
+        walls = {"base": 0.0, "lora4": 0.0}
+        for r in range(rounds):
+            for label, models in (("base", [base]), ("lora4", adapters)):
+                got, wall = asyncio.run(run_load_shots(
+                    url, headers, models, streams=streams, requests=streams * 3,
+                    max_tokens=128, seed=seed + streams + 1000 * r))
+                shots[label] += got
+                walls[label] += wall
+        for label in shots:
+            res[f"conc{streams}_{label}"] = {**summarize(shots[label], walls[label]),
+                                            "rounds": rounds}
     return res
 
 
@@ -242,6 +269,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_device.json")
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--vllm-args", default="", help="extra vLLM arguments, one string")
+    ap.add_argument("--lora-kernel-configs", default=None,
+                    help="VLLM_TUNED_CONFIG_FOLDER (default: tunegate's, engine/vllm_lora_configs;"
+                         " '' for vLLM's heuristic)")
     ap.add_argument("--gateway", action="store_true", help="also measure through the gateway")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -263,11 +293,17 @@ def main() -> None:
         extra_args=args.vllm_args.split(), python=sys.executable, device="gpu",
     )
     env = {**vllm_environment("gpu"), "VLLM_USE_FLASHINFER_SAMPLER": "0"}
+    if args.lora_kernel_configs is not None:
+        env.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+        if args.lora_kernel_configs:
+            env["VLLM_TUNED_CONFIG_FOLDER"] = args.lora_kernel_configs
+    print("VLLM_TUNED_CONFIG_FOLDER:", env.get("VLLM_TUNED_CONFIG_FOLDER"), flush=True)
     print("starting:", " ".join(cmd), flush=True)
     log = open("/tmp/vllm.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     direct = f"http://127.0.0.1:{args.port}"
-    results: dict[str, Any] = {"vllm_args": cmd[cmd.index("--model"):]}
+    results: dict[str, Any] = {"vllm_args": cmd[cmd.index("--model"):],
+                               "lora_kernel_configs": env.get("VLLM_TUNED_CONFIG_FOLDER")}
     try:
         results["vllm_start_s"] = wait_healthy(direct + "/health", proc, 900)
         load_ms = []
