@@ -6,6 +6,5 @@
 set -euo pipefail
 bash .device/install.sh /tmp/dev/vllm /tmp/site-vllm
 export PYTHONPATH=/tmp/site-vllm:$PWD PYTHONUNBUFFERED=1
-unset VLLM_TUNED_CONFIG_FOLDER  # the heuristic is what the tuner compares against
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 exec python3 -m engine.lora_kernels --shape llama-3.1-8b "$@"

@@ -285,18 +285,19 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 
-    from engine.vllm_launcher import build_vllm_command, vllm_environment
+    from engine.vllm_launcher import VllmSettings, build_vllm_command, vllm_environment
 
     cmd = build_vllm_command(
         model=str(args.model_dir), host="127.0.0.1", port=args.port, served_model_name="base8b",
         max_loras=4, max_lora_rank=16, max_model_len=4096, max_num_seqs=256,
         extra_args=args.vllm_args.split(), python=sys.executable, device="gpu",
     )
-    env = {**vllm_environment("gpu"), "VLLM_USE_FLASHINFER_SAMPLER": "0"}
-    if args.lora_kernel_configs is not None:
-        env.pop("VLLM_TUNED_CONFIG_FOLDER", None)
-        if args.lora_kernel_configs:
-            env["VLLM_TUNED_CONFIG_FOLDER"] = args.lora_kernel_configs
+    settings, base = VllmSettings(), dict(os.environ)
+    if args.lora_kernel_configs is not None:  # the flag wins over the environment
+        settings = VllmSettings(lora_kernel_configs=args.lora_kernel_configs)
+        base.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+    env = {**vllm_environment("gpu", base=base, settings=settings),
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     print("VLLM_TUNED_CONFIG_FOLDER:", env.get("VLLM_TUNED_CONFIG_FOLDER"), flush=True)
     print("starting:", " ".join(cmd), flush=True)
     log = open("/tmp/vllm.log", "wb")  # noqa: SIM115

@@ -141,7 +141,6 @@ def tune_lora(
     """Tune vLLM's LoRA Triton kernels for this GPU (runs under vLLM's python; see
     engine/lora_kernels.py). tunegate ships configs for the H200 only."""
     import json
-    import os
     import subprocess
     import tempfile
 
@@ -166,7 +165,5 @@ def tune_lora(
             model = Path(tmp)
             (model / "config.json").write_text(json.dumps(SHAPES[shape]))
         assert model is not None
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
         raise typer.Exit(subprocess.call(tune_command(
-            python, model=model, out=out, rank=rank, max_loras=max_loras, budget_s=budget_s),
-            env=env))
+            python, model=model, out=out, rank=rank, max_loras=max_loras, budget_s=budget_s)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="search time: refinement stops at half of it, the search at all of it")
     args = ap.parse_args(argv)
+    # The baseline is vLLM's heuristic: a tuned folder in the environment would replace it
+    # (vLLM reads the variable on first use, after this).
+    os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
     if args.shape:
         from engine.models import SHAPES
 

@@ -158,7 +158,7 @@ def vllm_environment(
     if dev == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
     elif settings.lora_kernel_configs:
-        env.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(settings.lora_kernel_configs))
+        env.setdefault("VLLM_TUNED_CONFIG_FOLDER", settings.lora_kernel_configs)
     return env
 
 

@@ -91,11 +91,14 @@ def test_tune_command_runs_the_file_by_path_from_any_folder(tmp_path: Path) -> N
 
     cmd = tune_command(sys.executable, model=tmp_path, out=tmp_path / "out", rank=16,
                        max_loras=4, budget_s=1.0)
-    probe = ("import runpy, sys; path = sys.argv.pop(1); "
-             "print('engine' in sys.modules, [p for p in sys.path if p.endswith('engine')])")
-    got = subprocess.run([cmd[0], "-c", probe, *cmd[3:]], cwd=tmp_path, capture_output=True,
+    # The command's own launcher code, given a probe file in place of the tuner's.
+    probe = tmp_path / "engine" / "probe.py"
+    probe.parent.mkdir()
+    probe.write_text("import sys\nprint(__name__, sys.argv[0] == __file__, "
+                     "any(p.endswith('engine') for p in sys.path))\n")
+    got = subprocess.run([*cmd[:3], str(probe)], cwd=tmp_path, capture_output=True,
                          text=True, env={"PATH": "/usr/bin:/bin"}, check=True)
-    assert got.stdout.strip() == "False []"
+    assert got.stdout.split() == ["__main__", "True", "False"]
     helped = subprocess.run([*cmd[:4], "--help"], cwd=tmp_path, capture_output=True, text=True,
                             env={"PATH": "/usr/bin:/bin"})
     assert helped.returncode == 0, helped.stderr
