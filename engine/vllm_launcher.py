@@ -31,6 +31,9 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # Tuned Triton configs for vLLM's LoRA kernels, one file set per GPU model (engine/lora_kernels.py
 # makes them); vLLM keeps its own heuristic on a GPU that has no file here.
 LORA_KERNEL_CONFIGS = Path(__file__).resolve().parent / "vllm_lora_configs"
+# tunegate's vLLM plugin (a module and its entry-point metadata, found through PYTHONPATH; see
+# engine/vllm_plugin/tunegate_vllm_plugin.py): LoRA kernel metadata prepared on the host.
+VLLM_PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
 
 
 class VllmSettings(BaseSettings):
@@ -49,6 +52,9 @@ class VllmSettings(BaseSettings):
     # TUNEGATE_VLLM_LORA_KERNEL_CONFIGS: vLLM's VLLM_TUNED_CONFIG_FOLDER on GPUs (the tuned LoRA
     # kernel configs shipped with tunegate unless set; an empty value leaves vLLM's heuristic).
     lora_kernel_configs: str = str(LORA_KERNEL_CONFIGS)
+    # TUNEGATE_VLLM_HOST_LORA_META: on GPUs, load tunegate's vLLM plugin, which prepares the LoRA
+    # kernels' per-step metadata on the host instead of with two device syncs per step.
+    host_lora_meta: bool = True
 
     def resolve_python(self) -> str:
         """The configured python, else ``.venv-vllm/bin/python`` (current directory, then the
@@ -145,8 +151,9 @@ def vllm_environment(
     settings: VllmSettings | None = None,
 ) -> dict[str, str]:
     """The environment vLLM needs: ``base`` (default: this process's) plus runtime LoRA
-    updating, no hub access, no usage reporting; on CPU the KV cache size, on GPU the tuned
-    LoRA kernel configs (unless ``base`` already names a VLLM_TUNED_CONFIG_FOLDER)."""
+    updating, no hub access, no usage reporting; on CPU the KV cache size; on GPU the tuned
+    LoRA kernel configs (unless ``base`` already names a VLLM_TUNED_CONFIG_FOLDER) and
+    tunegate's vLLM plugin on PYTHONPATH."""
     settings = settings or VllmSettings()
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -157,8 +164,12 @@ def vllm_environment(
     dev = detect_device() if device == "auto" else device
     if dev == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
-    elif settings.lora_kernel_configs:
-        env.setdefault("VLLM_TUNED_CONFIG_FOLDER", settings.lora_kernel_configs)
+    else:
+        if settings.lora_kernel_configs:
+            env.setdefault("VLLM_TUNED_CONFIG_FOLDER", settings.lora_kernel_configs)
+        if settings.host_lora_meta:
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([str(VLLM_PLUGIN_DIR), *paths])
     return env
 
 

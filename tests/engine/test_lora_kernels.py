@@ -1,6 +1,6 @@
 """The LoRA kernel tuner's bookkeeping (engine/lora_kernels.py): which kernel calls a Llama
 layer makes, what is searched, and the files vLLM reads. The timing itself needs a GPU and
-vLLM; it runs on the device machine (bench/serve_device.sh --tune-lora)."""
+vLLM; it runs on the device machine (bench/lora_tune_device.sh)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,23 @@ def test_gpu_environment_points_vllm_at_the_tuned_lora_kernel_configs() -> None:
     assert "VLLM_TUNED_CONFIG_FOLDER" not in vllm_environment(
         "gpu", base={}, settings=VllmSettings(lora_kernel_configs=""))
     assert "VLLM_TUNED_CONFIG_FOLDER" not in vllm_environment("cpu", base={})
+
+
+def test_gpu_environment_loads_the_host_lora_metadata_plugin(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    plugin = str(vllm_launcher.VLLM_PLUGIN_DIR)
+    env = vllm_environment("gpu", base={"PYTHONPATH": "/site-vllm"}, settings=VllmSettings())
+    assert env["PYTHONPATH"].split(os.pathsep) == [plugin, "/site-vllm"]
+    assert vllm_environment("gpu", base={})["PYTHONPATH"] == plugin
+    # vLLM finds it through the entry point beside the module.
+    dist_info = vllm_launcher.VLLM_PLUGIN_DIR / "tunegate_vllm_plugin-1.0.dist-info"
+    entry = dist_info / "entry_points.txt"
+    assert "tunegate_vllm_plugin:register" in entry.read_text()
+    assert (vllm_launcher.VLLM_PLUGIN_DIR / "tunegate_vllm_plugin.py").is_file()
+    monkeypatch.setenv("TUNEGATE_VLLM_HOST_LORA_META", "0")
+    assert "PYTHONPATH" not in vllm_environment("gpu", base={})
+    assert "PYTHONPATH" not in vllm_environment("cpu", base={},
+                                                settings=VllmSettings(host_lora_meta=True))
 
 
 def test_serve_vllm_execs_the_assembled_command(monkeypatch: pytest.MonkeyPatch) -> None:
