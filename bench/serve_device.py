@@ -230,6 +230,15 @@ def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], b
     return res
 
 
+def write_results(out: Path, results: dict[str, Any], summary: dict[str, Any]) -> None:
+    """``results`` with the headline figures of ``summary`` at the top level, as JSON to
+    ``out``; prints the summary."""
+    results.update(summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(summary, indent=1))
+
+
 def start_gateway(engine_url: str, adapter_dirs: list[Path], work: Path, port: int,
                   base_name: str) -> tuple[str, dict[str, str], subprocess.Popen[bytes]]:
     """The tunegate gateway in front of ``engine_url``: the adapters registered as
@@ -372,10 +381,7 @@ def main() -> None:
     for key in ("gateway_ttft_ms_p95_1stream", "gateway_added_ms_p50"):
         if key in results:
             summary[key] = results[key]
-    results.update(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=1))
+    write_results(args.out, results, summary)
 
 
 if __name__ == "__main__":
