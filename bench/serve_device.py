@@ -207,16 +207,18 @@ def warm_up(url: str, headers: dict[str, str], adapters: list[str], base: str,
 
 
 def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], base: str,
-                       seed: int, rounds: int = 2) -> dict[str, dict[str, float]]:
+                       seed: int, rounds: int = 2) -> dict[str, dict[str, Any]]:
     """Output tokens/s at 16 and 64 streams, base alone and the adapters mixed, in ``rounds``
     interleaved rounds (base, lora4, base, lora4): a drift of the engine between two phases
     lands on both. Per label the figures are those of all rounds together (tokens over wall
-    time, TTFT percentiles over every request). ``seed`` picks the prompts: give each measured
-    path its own, so that one path never meets the other's prompts in vLLM's prefix cache."""
-    res: dict[str, dict[str, float]] = {}
+    time, TTFT percentiles over every request), plus each round's output tokens/s. ``seed``
+    picks the prompts: give each measured path its own, so that one path never meets the
+    other's prompts in vLLM's prefix cache."""
+    res: dict[str, dict[str, Any]] = {}
     for streams in (16, 64):
         shots: dict[str, list[Shot]] = {"base": [], "lora4": []}
         walls = {"base": 0.0, "lora4": 0.0}
+        per_round: dict[str, list[float]] = {"base": [], "lora4": []}
         for r in range(rounds):
             for label, models in (("base", [base]), ("lora4", adapters)):
                 got, wall = asyncio.run(run_load_shots(
@@ -224,9 +226,11 @@ def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], b
                     max_tokens=128, seed=seed + streams + 1000 * r))
                 shots[label] += got
                 walls[label] += wall
+                per_round[label].append(summarize(got, wall)["output_tok_s"])
         for label in shots:
             res[f"conc{streams}_{label}"] = {**summarize(shots[label], walls[label]),
-                                            "rounds": rounds}
+                                            "rounds": rounds,
+                                            "output_tok_s_per_round": per_round[label]}
     return res
 
 
@@ -283,6 +287,9 @@ def main() -> None:
                          " '' for vLLM's heuristic)")
     ap.add_argument("--gateway", action="store_true", help="also measure through the gateway")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="interleaved base/lora4 rounds per concurrent phase (the issue's "
+                         "stock figures used 2; more rounds average out the machine's drift)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -341,7 +348,8 @@ def main() -> None:
             one_stream = asyncio.run(run_interleaved(
                 targets, requests=100 // (8 if args.quick else 1), max_tokens=128, seed=1))
             results["direct"] = {"1stream": one_stream[0],
-                                 **measure_concurrent(direct, {}, names, "base8b", seed=0)}
+                                 **measure_concurrent(direct, {}, names, "base8b", seed=0,
+                                                     rounds=args.rounds)}
             print(json.dumps(results, indent=1), flush=True)
             if gw is not None:
                 for name in names:  # the gateway loads its own immutable versions
@@ -350,7 +358,7 @@ def main() -> None:
                 gw_adapters = [f"bench{i}" for i in range(4)]
                 warm_up(gw_url, headers, gw_adapters, "base", seed=1000)
                 results["gateway"] = {"1stream": one_stream[1], **measure_concurrent(
-                    gw_url, headers, gw_adapters, "base", seed=1000)}
+                    gw_url, headers, gw_adapters, "base", seed=1000, rounds=args.rounds)}
                 print(json.dumps(results["gateway"], indent=1), flush=True)
         finally:
             if gw is not None:
