@@ -78,8 +78,7 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
     from bench.common import make_lora_adapters
     from engine.models import pull_default_model
     from engine.parity import (
-        adapter_loaded,
-        answer_all,
+        answer_adapters,
         compare,
         golden_prompts,
         start_embedded,
@@ -106,13 +105,8 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
           f"{len(prompts)} prompts", flush=True)
 
     def answers(url: str, concurrency: int) -> dict[str, Any]:
-        got = {}
-        for name, folder in adapters.items():
-            with adapter_loaded(url, f"parity-{name}", folder) as model:
-                t = time.perf_counter()
-                got[name] = answer_all(url, model, prompts, max_tokens, concurrency)
-                print(f"  {name}: {time.perf_counter() - t:.1f} s", flush=True)
-        return got
+        return answer_adapters(url, adapters, prompts, max_tokens, concurrency,
+                               lambda msg: print(f"  {msg}", flush=True))
 
     print("embedded engine (CPU, float32)", flush=True)
     with start_embedded(model_dir, 16, 2048, logs / "embedded.log") as url:

@@ -22,7 +22,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,6 +148,23 @@ def answer_all(url: str, model: str, prompts: list[list[Message]], max_tokens: i
         return list(pool.map(lambda m: greedy_answer(url, model, m, max_tokens), prompts))
 
 
+def answer_adapters(url: str, adapters: Mapping[str, Path | None],
+                    prompts: list[list[Message]], max_tokens: int, concurrency: int,
+                    progress: Callable[[str], None] | None = None) -> dict[str, list[Answer]]:
+    """Greedy answers of the engine at ``url`` for each of ``adapters`` (``{lora name: peft
+    folder, or None for the base model}``), one adapter at a time: each is loaded for its
+    prompts and unloaded after (see :func:`adapter_loaded`)."""
+    say = progress or (lambda _msg: None)
+    got: dict[str, list[Answer]] = {}
+    for name, folder in adapters.items():
+        with adapter_loaded(url, name, folder) as model:
+            start = time.perf_counter()
+            got[name] = answer_all(url, model, prompts, max_tokens, concurrency)
+            say(f"{name}: {len(prompts)} prompts on {url} as {model}, "
+                f"{time.perf_counter() - start:.1f} s")
+    return got
+
+
 def compare(adapter: str, prompts: list[list[Message]], embedded: list[Answer],
             vllm: list[Answer], max_tokens: int) -> ParityReport:
     if not prompts:
@@ -242,9 +260,8 @@ def run_parity(
                 say(f"starting the {kind} engine (log: {logs / (kind + '.log')})")
                 url = stack.enter_context(start(model_dir, rank, max_model_len,
                                                 logs / f"{kind}.log"))
-            model = stack.enter_context(adapter_loaded(url, name, folder))
-            say(f"{kind}: {len(prompts)} prompts on {url} as {model}")
-            return answer_all(url, model, prompts, max_tokens, concurrency)
+            return answer_adapters(url, {name: folder}, prompts, max_tokens, concurrency,
+                                   lambda msg: say(f"{kind}: {msg}"))[name]
 
     embedded = answers("embedded", embedded_url, start_embedded)
     vllm = answers("vllm", vllm_url, start_vllm)
