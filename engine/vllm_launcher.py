@@ -170,6 +170,8 @@ def vllm_environment(
         if settings.host_lora_meta:
             paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             env["PYTHONPATH"] = os.pathsep.join([str(VLLM_PLUGIN_DIR), *paths])
+        else:  # the plugin reads this too, should vLLM find it on its own path
+            env["TUNEGATE_VLLM_HOST_LORA_META"] = "0"
     return env
 
 

@@ -127,7 +127,8 @@ def test_gpu_environment_loads_the_host_lora_metadata_plugin(
     assert "tunegate_vllm_plugin:register" in entry.read_text()
     assert (vllm_launcher.VLLM_PLUGIN_DIR / "tunegate_vllm_plugin.py").is_file()
     monkeypatch.setenv("TUNEGATE_VLLM_HOST_LORA_META", "0")
-    assert "PYTHONPATH" not in vllm_environment("gpu", base={})
+    off = vllm_environment("gpu", base={})
+    assert "PYTHONPATH" not in off and off["TUNEGATE_VLLM_HOST_LORA_META"] == "0"
     assert "PYTHONPATH" not in vllm_environment("cpu", base={},
                                                 settings=VllmSettings(host_lora_meta=True))
 
