@@ -189,6 +189,39 @@ def write_adapters(model_dir: Path, out: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
+def ensure_model(model_dir: Path, tokenizer: Path) -> None:
+    """The random-weight Llama-3.1-8B shape at ``model_dir``, built unless already there; in a
+    child process, so that its GPU memory is given back before vLLM starts."""
+    if not (model_dir / "config.json").exists():
+        subprocess.run([sys.executable, "-m", "tunegate", "models", "random", str(model_dir),
+                        "--shape", "llama-3.1-8b", "--device", "cuda", "--tokenizer",
+                        str(tokenizer)], check=True, cwd=ROOT)
+
+
+def vllm_command(model_dir: Path, port: int, extra_args: list[str] | None = None) -> list[str]:
+    """The measured vLLM server: served as ``base8b``, 4 LoRA slots of rank 16."""
+    from engine.vllm_launcher import build_vllm_command
+
+    return build_vllm_command(
+        model=str(model_dir), host="127.0.0.1", port=port, served_model_name="base8b",
+        max_loras=4, max_lora_rank=16, max_model_len=4096, max_num_seqs=256,
+        extra_args=extra_args or [], python=sys.executable, device="gpu")
+
+
+def load_adapters(url: str, adapter_dirs: list[Path]) -> tuple[list[str], list[float]]:
+    """Loads ``adapter_dirs`` as ``bench0..N`` at run time; returns their names and each load's
+    milliseconds."""
+    names, load_ms = [], []
+    for i, path in enumerate(adapter_dirs):
+        t = time.perf_counter()
+        httpx.post(url + "/v1/load_lora_adapter",
+                   json={"lora_name": f"bench{i}", "lora_path": str(path)},
+                   timeout=120).raise_for_status()
+        load_ms.append((time.perf_counter() - t) * 1000)
+        names.append(f"bench{i}")
+    return names, load_ms
+
+
 def warm_up(url: str, headers: dict[str, str], adapters: list[str], base: str,
             seed: int) -> None:
     """Requests in the shapes measured next (prefill lengths, decode lengths, every adapter), so
@@ -293,21 +326,13 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    if not (args.model_dir / "config.json").exists():
-        # In a child process, so that its GPU memory is given back before vLLM starts.
-        subprocess.run([sys.executable, "-m", "tunegate", "models", "random",
-                        str(args.model_dir), "--shape", "llama-3.1-8b", "--device", "cuda",
-                        "--tokenizer", str(args.tokenizer)], check=True, cwd=ROOT)
+    ensure_model(args.model_dir, args.tokenizer)
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 
-    from engine.vllm_launcher import VllmSettings, build_vllm_command, vllm_environment
+    from engine.vllm_launcher import VllmSettings, vllm_environment
 
-    cmd = build_vllm_command(
-        model=str(args.model_dir), host="127.0.0.1", port=args.port, served_model_name="base8b",
-        max_loras=4, max_lora_rank=16, max_model_len=4096, max_num_seqs=256,
-        extra_args=args.vllm_args.split(), python=sys.executable, device="gpu",
-    )
+    cmd = vllm_command(args.model_dir, args.port, args.vllm_args.split())
     settings, base = VllmSettings(), dict(os.environ)
     if args.lora_kernel_configs is not None:  # the flag wins over the environment
         settings = VllmSettings(lora_kernel_configs=args.lora_kernel_configs)
@@ -323,15 +348,7 @@ def main() -> None:
                                "lora_kernel_configs": env.get("VLLM_TUNED_CONFIG_FOLDER")}
     try:
         results["vllm_start_s"] = wait_healthy(direct + "/health", proc, 900)
-        load_ms = []
-        names = []
-        for i, path in enumerate(adapter_dirs):
-            t = time.perf_counter()
-            r = httpx.post(direct + "/v1/load_lora_adapter",
-                           json={"lora_name": f"bench{i}", "lora_path": str(path)}, timeout=120)
-            r.raise_for_status()
-            load_ms.append((time.perf_counter() - t) * 1000)
-            names.append(f"bench{i}")
+        names, load_ms = load_adapters(direct, adapter_dirs)
         results["adapter_load_ms_all"] = load_ms
         results["adapter_load_ms"] = statistics.median(load_ms)
         gw = None
