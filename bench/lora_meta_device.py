@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 from serve_device import (
     ROOT,
     Shot,
+    ensure_model,
+    load_adapters,
     run_load_shots,
     summarize,
+    vllm_command,
     warm_up,
     write_adapters,
     write_results,
@@ -42,22 +43,11 @@ PLUGIN_LOG_LINE = "LoRA kernel metadata prepared on the host"
 def check_against_vllm(cases: int = 400) -> dict[str, Any]:
     """The plugin's metadata against vLLM's ``prepare_tensors``, on the GPU."""
     sys.path.insert(0, str(ROOT / "engine" / "vllm_plugin"))
-    from tunegate_vllm_plugin import meta_matches_stock
+    from tunegate_vllm_plugin import check_random_mappings
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
 
-    rng = np.random.default_rng(0)
-    failures = []
-    for case in range(cases):
-        n = int(rng.integers(1, 2048))
-        max_loras = int(rng.integers(1, 9))
-        slots = rng.integers(-1, max_loras, n).astype(np.int32)
-        if case % 5 == 0:
-            slots[:] = -1  # base model only
-        captured = [1, 2, 4, 8][:max_loras.bit_length()] if case % 3 == 0 else []
-        diffs = meta_matches_stock(LoRAKernelMeta, slots, max_loras, "cuda", captured)
-        if diffs:
-            failures.append({"case": case, "n": n, "max_loras": max_loras, "fields": diffs})
-    return {"cases": cases, "failures": failures}
+    return {"cases": cases, "failures": check_random_mappings(
+        LoRAKernelMeta, "cuda", cases=cases, max_tokens=2048, seed=0)}
 
 
 def measure(url: str, adapters: list[str], seed: int) -> dict[str, tuple[list[Shot], float]]:
@@ -97,18 +87,12 @@ def main() -> None:
     results: dict[str, Any] = {"check": json.loads(check.stdout.strip().splitlines()[-1]),
                                "check_s": time.perf_counter() - t0}
     print("check:", json.dumps(results["check"])[:400], flush=True)
-    if not (args.model_dir / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "tunegate", "models", "random",
-                        str(args.model_dir), "--shape", "llama-3.1-8b", "--device", "cuda",
-                        "--tokenizer", str(args.tokenizer)], check=True, cwd=ROOT)
+    ensure_model(args.model_dir, args.tokenizer)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 
-    from engine.vllm_launcher import VllmSettings, build_vllm_command, vllm_environment
+    from engine.vllm_launcher import VllmSettings, vllm_environment
 
-    cmd = build_vllm_command(
-        model=str(args.model_dir), host="127.0.0.1", port=args.port, served_model_name="base8b",
-        max_loras=4, max_lora_rank=16, max_model_len=4096, max_num_seqs=256,
-        python=sys.executable, device="gpu")
+    cmd = vllm_command(args.model_dir, args.port)
     ab_file = Path("/tmp/tunegate-lora-meta-stock")
     ab_file.unlink(missing_ok=True)
     env = {**vllm_environment("gpu", settings=VllmSettings(host_lora_meta=True)),
@@ -120,12 +104,7 @@ def main() -> None:
     try:
         results["vllm_start_s"] = wait_healthy(url + "/health", proc, 900)
         results["plugin_loaded"] = PLUGIN_LOG_LINE in log_path.read_text(errors="replace")
-        names = []
-        for i, path in enumerate(adapter_dirs):
-            httpx.post(url + "/v1/load_lora_adapter",
-                       json={"lora_name": f"bench{i}", "lora_path": str(path)},
-                       timeout=120).raise_for_status()
-            names.append(f"bench{i}")
+        names, _ = load_adapters(url, adapter_dirs)
         warm_up(url, {}, names, "base8b", seed=0)
         shots: dict[str, dict[str, list[Shot]]] = {"stock": {}, "host": {}}
         walls: dict[str, dict[str, float]] = {"stock": {}, "host": {}}

@@ -134,6 +134,28 @@ def meta_matches_stock(meta_cls: Any, slots: np.ndarray, max_loras: int, device:
     return diffs
 
 
+def check_random_mappings(meta_cls: Any, device: str, cases: int, max_tokens: int,
+                          seed: int) -> list[dict[str, Any]]:
+    """:func:`meta_matches_stock` over ``cases`` random mappings of 1 to ``max_tokens`` rows
+    and 1 to 8 LoRA slots (some base-only, some one adapter only, some with CUDA graph
+    counts); returns the cases that differ."""
+    rng = np.random.default_rng(seed)
+    failures = []
+    for case in range(cases):
+        n = int(rng.integers(1, max_tokens))
+        max_loras = int(rng.integers(1, 9))
+        slots = rng.integers(-1, max_loras, n).astype(np.int32)
+        if case % 5 == 0:
+            slots[:] = -1  # base model only
+        if case % 7 == 0:
+            slots[:] = rng.integers(0, max_loras)  # one adapter only
+        captured = [1, 2, 4, 8][:max_loras.bit_length()] if case % 3 == 0 else []
+        diffs = meta_matches_stock(meta_cls, slots, max_loras, device, captured)
+        if diffs:
+            failures.append({"case": case, "n": n, "max_loras": max_loras, "fields": diffs})
+    return failures
+
+
 def _patched_update_metadata(stock: Any) -> Any:
     ab_file = os.environ.get(AB_FILE_ENV)
 

@@ -26,25 +26,10 @@ from tunegate_vllm_plugin import host_meta, slots_of  # noqa: E402
 # Run in vLLM's interpreter: random mappings through vLLM's LoRAKernelMeta, both ways.
 COMPARE = """
 import json, sys
-import numpy as np
 from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
-from tunegate_vllm_plugin import meta_matches_stock
-device = sys.argv[1]
-rng = np.random.default_rng(7)
-failures = []
-for case in range(300):
-    n = int(rng.integers(1, 600))
-    max_loras = int(rng.integers(1, 9))
-    slots = rng.integers(-1, max_loras, n).astype(np.int32)
-    if case % 5 == 0:
-        slots[:] = -1
-    if case % 7 == 0:
-        slots[:] = rng.integers(0, max_loras)
-    captured = [1, 2, 4, 8][:max_loras.bit_length()] if case % 3 == 0 else []
-    diffs = meta_matches_stock(LoRAKernelMeta, slots, max_loras, device, captured)
-    if diffs:
-        failures.append([case, diffs])
-print(json.dumps(failures))
+from tunegate_vllm_plugin import check_random_mappings
+print(json.dumps(check_random_mappings(LoRAKernelMeta, sys.argv[1], cases=300, max_tokens=600,
+                                       seed=7)))
 """
 
 
