@@ -25,6 +25,7 @@ from typing import Any
 from serve_device import (
     ROOT,
     Shot,
+    concurrent_round,
     ensure_model,
     load_adapters,
     run_load_shots,
@@ -55,10 +56,8 @@ def measure(url: str, adapters: list[str], seed: int) -> dict[str, tuple[list[Sh
     out: dict[str, tuple[list[Shot], float]] = {}
     for streams in (64, 16):
         for label, models in (("base", ["base8b"]), ("lora4", adapters)):
-            got, wall = asyncio.run(run_load_shots(url, {}, models, streams=streams,
-                                                   requests=streams * 3, max_tokens=128,
-                                                   seed=seed + streams))
-            out[f"conc{streams}_{label}"] = (got, wall)
+            out[f"conc{streams}_{label}"] = concurrent_round(url, {}, models, streams,
+                                                             seed + streams)
     for label, models in (("base", ["base8b"]), ("lora1", adapters[:1])):
         got, wall = asyncio.run(run_load_shots(url, {}, models, streams=1, requests=6,
                                                max_tokens=128, seed=seed + 1))

@@ -106,6 +106,14 @@ async def run_load_shots(url: str, headers: dict[str, str], models: list[str], *
     return shots, wall
 
 
+def concurrent_round(url: str, headers: dict[str, str], models: list[str], streams: int,
+                     seed: int) -> tuple[list[Shot], float]:
+    """One round of a measured concurrent load: ``streams * 3`` requests of 128 tokens over
+    ``streams`` streams (:func:`run_load_shots`). The warm-up runs the same rounds unmeasured."""
+    return asyncio.run(run_load_shots(url, headers, models, streams=streams,
+                                      requests=streams * 3, max_tokens=128, seed=seed))
+
+
 async def run_load(url: str, headers: dict[str, str], models: list[str], *, streams: int,
                    requests: int, max_tokens: int, seed: int) -> dict[str, float]:
     return summarize(*await run_load_shots(url, headers, models, streams=streams,
@@ -244,9 +252,7 @@ def warm_up(url: str, headers: dict[str, str], adapters: list[str], base: str,
     if adapters:
         for streams in (16, 64):
             for models in ([base], adapters):
-                asyncio.run(run_load(url, headers, models, streams=streams,
-                                     requests=streams * 3, max_tokens=128,
-                                     seed=seed + 97 + streams))
+                concurrent_round(url, headers, models, streams, seed + 97 + streams)
     asyncio.run(run_load(url, headers, [base], streams=1, requests=16, max_tokens=128,
                          seed=seed + 98))
 
@@ -266,9 +272,8 @@ def measure_concurrent(url: str, headers: dict[str, str], adapters: list[str], b
         per_round: dict[str, list[float]] = {"base": [], "lora4": []}
         for r in range(rounds):
             for label, models in (("base", [base]), ("lora4", adapters)):
-                got, wall = asyncio.run(run_load_shots(
-                    url, headers, models, streams=streams, requests=streams * 3,
-                    max_tokens=128, seed=seed + streams + 1000 * r))
+                got, wall = concurrent_round(url, headers, models, streams,
+                                             seed + streams + 1000 * r)
                 shots[label] += got
                 walls[label] += wall
                 per_round[label].append(summarize(got, wall)["output_tok_s"])
