@@ -64,9 +64,16 @@ def latest_quality(db: Database, max_age_s: float) -> list[tuple[str, int, float
 
 
 def eval_runs(db: Database, name: str, version: int, limit: int = 20) -> list[dict[str, Any]]:
+    """The version's evaluation runs, newest first: the latest ``limit`` of each kind. Per kind,
+    because the quality monitor writes a run every few seconds while a version serves, and a
+    single newest-first window would push the promotion's shadow evaluation (its gate evidence)
+    out of view during a long canary."""
+    of_version = (EvalRun.name == name, EvalRun.version == version)
     with db.session() as s:
-        rows = s.scalars(select(EvalRun).where(EvalRun.name == name, EvalRun.version == version)
-                         .order_by(EvalRun.id.desc()).limit(limit)).all()
+        kinds = s.scalars(select(EvalRun.kind).where(*of_version).distinct()).all()
+        rows = sorted((r for kind in kinds for r in s.scalars(
+            select(EvalRun).where(*of_version, EvalRun.kind == kind)
+            .order_by(EvalRun.id.desc()).limit(limit))), key=lambda r: r.id, reverse=True)
         return [{"id": r.id, "kind": r.kind, "n": r.n, "score": r.score, "metrics": r.metrics,
                  "created_at": r.created_at.isoformat()} for r in rows]
 

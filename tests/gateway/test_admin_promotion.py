@@ -56,6 +56,23 @@ def test_promotion_by_hand(client: tuple[TestClient, Records]) -> None:
     assert records.registry.get_adapter("rt")["aliases"]["canary"] == 1
 
 
+def test_frequent_quality_runs_leave_the_shadow_evaluation_in_view(
+        client: tuple[TestClient, Records]) -> None:
+    c, records = client
+    admin = auth(records.key("admin"))
+    assert c.post("/admin/promotions", json={"version": "rt@v2"},
+                  headers=admin).status_code == 201
+    with records.db.session() as s:
+        s.add(EvalRun(name="rt", version=2, kind="shadow", n=80, score=0.85, metrics={}))
+        for i in range(25):  # the quality monitor, every few seconds during the canary
+            s.add(EvalRun(name="rt", version=2, kind="quality", n=i, score=0.8, metrics={}))
+        s.add(EvalRun(name="rt", version=1, kind="quality", n=5, score=0.7, metrics={}))
+    evals = c.get("/admin/promotions/rt", headers=admin).json()["evals"]
+    assert [e["kind"] for e in evals] == ["quality"] * 20 + ["shadow"]
+    assert [e["n"] for e in evals[:20]] == list(range(24, 4, -1))  # the newest 20, newest first
+    assert evals[-1]["score"] == 0.85
+
+
 def test_quality_gauge(client: tuple[TestClient, Records]) -> None:
     import time
 
