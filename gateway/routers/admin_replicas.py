@@ -58,9 +58,12 @@ async def register_replica(body: ReplicaRegister, state: State,
     record, created = await to_thread.run_sync(state.replicas.register, url, body.kind)
     if not created:
         response.status_code = 200
-    # This process routes to it at once; the others on their next health round.
-    added = await state.router.sync_registered()
-    await asyncio.gather(*(state.router.check(r) for r in added))
+    # This process routes to it at once; the others on their next health round. Every replica
+    # never checked yet is checked now: not only those this call added, since the background
+    # health round may have added this one a moment ago, its check still in flight.
+    await state.router.sync_registered()
+    await asyncio.gather(*(state.router.check(r) for r in state.router.replicas
+                           if not r.last_check))
     replica = next((r for r in state.router.replicas if r.url == url), None)
     status = replica.status() if replica is not None else {}
     return {**status, **record.public()}

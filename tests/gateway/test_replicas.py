@@ -142,3 +142,28 @@ def test_user_keys_get_403(gw: str, records: Records) -> None:
             assert r.status_code == (403 if headers else 401), (r.request.method, r.text)
             assert r.json()["error"]["type"] == ("permission_error" if headers
                                                  else "authentication_error")
+
+
+def test_registration_answers_with_a_checked_replica_after_a_background_sync(
+        tmp_path: Path) -> None:
+    # The background health round can add a just-registered replica (sync_registered) before
+    # the registering request does; the answer must still report a checked, healthy replica.
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+
+    records = Records(tmp_path)
+    admin = auth(records.key("admin"))
+    settings = GatewaySettings(data_dir=tmp_path, engines=[f"http://127.0.0.1:{free_port()}"],
+                               redis_url=None, health_interval_s=3600)
+    with fake_replica("raced") as (url, _), TestClient(create_app(settings)) as c:
+        state = c.app.state.tg  # type: ignore[attr-defined]
+        state.replicas.register(url, "vllm")
+        added = asyncio.run(state.router.sync_registered())  # what a health round does first
+        assert [r.url for r in added] == [url] and added[0].last_check == 0.0
+        r = c.post("/admin/replicas", headers=admin, json={"url": url})
+        assert r.status_code == 200, r.text
+        assert r.json()["healthy"] is True and r.json()["last_check"] > 0
