@@ -113,8 +113,9 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
         reference = answers(url, 4)
 
     results: dict[str, Any] = {
-        "note": "embedded engine (float32, device CPU) vs stock vLLM on the GPU, greedy, "
-                f"{max_tokens} tokens, Rotten Tomatoes golden prompts; bench/parity_device.py",
+        "note": "embedded engine (float32, device CPU) vs vLLM on the GPU as --kind vllm runs "
+                f"it, greedy, {max_tokens} tokens, Rotten Tomatoes golden prompts; "
+                "bench/parity_device.py",
         "prompts": len(prompts),
         "host": platform.node(),
     }

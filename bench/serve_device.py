@@ -336,6 +336,8 @@ def main() -> None:
                     help="VLLM_TUNED_CONFIG_FOLDER (default: tunegate's, engine/vllm_lora_configs;"
                          " '' for vLLM's heuristic)")
     ap.add_argument("--gateway", action="store_true", help="also measure through the gateway")
+    ap.add_argument("--no-lora-fold", action="store_true",
+                    help="vLLM's own LoRA kernels, not tunegate's fold (TUNEGATE_VLLM_LORA_FOLD=0)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved base/lora4 rounds per concurrent phase (the issue's "
@@ -350,10 +352,12 @@ def main() -> None:
     from engine.vllm_launcher import VllmSettings, vllm_environment
 
     cmd = vllm_command(args.model_dir, args.port, args.vllm_args.split())
-    settings, base = VllmSettings(), dict(os.environ)
+    overrides: dict[str, Any] = {"lora_fold": False} if args.no_lora_fold else {}
+    base = dict(os.environ)
     if args.lora_kernel_configs is not None:  # the flag wins over the environment
-        settings = VllmSettings(lora_kernel_configs=args.lora_kernel_configs)
+        overrides["lora_kernel_configs"] = args.lora_kernel_configs
         base.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+    settings = VllmSettings(**overrides)
     env = {**vllm_environment("gpu", base=base, settings=settings),
            "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     print("VLLM_TUNED_CONFIG_FOLDER:", env.get("VLLM_TUNED_CONFIG_FOLDER"), flush=True)
@@ -403,6 +407,11 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+    # What tunegate's plugin did in vLLM (host metadata, LoRA fold), from vLLM's own log.
+    results["plugin_log"] = sorted({line.split("tunegate plugin: ", 1)[1].strip()
+                                    for line in Path("/tmp/vllm.log").read_text(
+                                        errors="replace").splitlines()
+                                    if "tunegate plugin: " in line})
     d = results["direct"]
     assert isinstance(d, dict)
     if args.gateway:

@@ -3,6 +3,7 @@
 # ../shared/device/README.md): install them, then run bench/serve_device.py with the arguments given.
 #   usage: bash bench/serve_device.sh [serve_device.py args]
 #          bash bench/serve_device.sh --ab-lora-meta [lora_meta_device.py args]
+#          bash bench/serve_device.sh --fold-kernels [lora_fold_device.py args]
 set -euo pipefail
 bash .device/install.sh /tmp/dev/vllm /tmp/site-vllm
 # Gateway dependencies that the device image lacks travel as wheels in .whl (bench/device_prep.sh makes them).
@@ -15,4 +16,5 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True HF_HU
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 script=bench/serve_device.py
 if [ "${1:-}" = "--ab-lora-meta" ]; then script=bench/lora_meta_device.py; shift; fi
+if [ "${1:-}" = "--fold-kernels" ]; then shift; exec python3 bench/lora_fold_device.py "$@"; fi
 exec python3 "$script" --tokenizer .device/tok "$@"

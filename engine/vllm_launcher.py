@@ -55,6 +55,10 @@ class VllmSettings(BaseSettings):
     # TUNEGATE_VLLM_HOST_LORA_META: on GPUs, load tunegate's vLLM plugin, which prepares the LoRA
     # kernels' per-step metadata on the host instead of with two device syncs per step.
     host_lora_meta: bool = True
+    # TUNEGATE_VLLM_LORA_FOLD: on GPUs, the same plugin folds each adapter slot's LoRA A rows
+    # into the base layer's weight, so one GEMM does the base and the shrink and one small kernel
+    # the expand (engine/vllm_plugin/tunegate_lora_fold.py); off, vLLM's own LoRA kernels run.
+    lora_fold: bool = True
 
     def resolve_python(self) -> str:
         """The configured python, else ``.venv-vllm/bin/python`` (current directory, then the
@@ -153,7 +157,7 @@ def vllm_environment(
     """The environment vLLM needs: ``base`` (default: this process's) plus runtime LoRA
     updating, no hub access, no usage reporting; on CPU the KV cache size; on GPU the tuned
     LoRA kernel configs (unless ``base`` already names a VLLM_TUNED_CONFIG_FOLDER) and
-    tunegate's vLLM plugin on PYTHONPATH."""
+    tunegate's vLLM plugin on PYTHONPATH (unless both its parts are switched off)."""
     settings = settings or VllmSettings()
     env = dict(os.environ if base is None else base)
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
@@ -167,11 +171,14 @@ def vllm_environment(
     else:
         if settings.lora_kernel_configs:
             env.setdefault("VLLM_TUNED_CONFIG_FOLDER", settings.lora_kernel_configs)
-        if settings.host_lora_meta:
+        if settings.host_lora_meta or settings.lora_fold:
             paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             env["PYTHONPATH"] = os.pathsep.join([str(VLLM_PLUGIN_DIR), *paths])
-        else:  # the plugin reads this too, should vLLM find it on its own path
+        # The plugin reads these, also should vLLM find it on its own path.
+        if not settings.host_lora_meta:
             env["TUNEGATE_VLLM_HOST_LORA_META"] = "0"
+        if not settings.lora_fold:
+            env["TUNEGATE_VLLM_LORA_FOLD"] = "0"
     return env
 
 

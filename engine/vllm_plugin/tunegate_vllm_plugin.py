@@ -1,4 +1,5 @@
-"""tunegate's vLLM plugin: LoRA kernel metadata prepared on the host, without a device sync.
+"""tunegate's vLLM plugin: LoRA kernel metadata prepared on the host, without a device sync,
+and (tunegate_lora_fold.py, beside this file) LoRA folded into the base layers' GEMMs.
 
 vLLM (0.26) rebuilds the metadata of its LoRA kernels before every forward pass, in
 ``LoRAKernelMeta.prepare_tensors``. It does so on the GPU, from the slot mapping it has just
@@ -17,7 +18,8 @@ vLLM loads it through its ``vllm.general_plugins`` entry point (the ``*.dist-inf
 beside this file; tunegate's launcher puts this folder on vLLM's PYTHONPATH). It imports only
 vLLM, torch and numpy: vLLM's environment need not have tunegate installed. It patches nothing
 unless the platform is CUDA and vLLM's classes have the members it relies on; otherwise it logs
-why and leaves vLLM as it is. ``TUNEGATE_VLLM_HOST_LORA_META=0`` turns it off.
+why and leaves vLLM as it is. ``TUNEGATE_VLLM_HOST_LORA_META=0`` turns the metadata part off,
+``TUNEGATE_VLLM_LORA_FOLD=0`` the fold.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = logging.getLogger("vllm.tunegate_plugin")
 # patched method takes vLLM's own path.
 AB_FILE_ENV = "TUNEGATE_VLLM_HOST_LORA_META_AB_FILE"
 ENABLE_ENV = "TUNEGATE_VLLM_HOST_LORA_META"
+FOLD_ENV = "TUNEGATE_VLLM_LORA_FOLD"
 
 
 def slots_of(lora_ids: Sequence[int], lora_index_to_id: Sequence[int | None]) -> np.ndarray:
@@ -175,15 +178,34 @@ def _patched_update_metadata(stock: Any) -> Any:
     return update_metadata
 
 
+def _switched_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def register() -> None:
-    """vLLM's general-plugin hook; runs in every vLLM process, possibly more than once."""
-    if os.environ.get(ENABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off", ""):
-        return
+    """vLLM's general-plugin hook; runs in every vLLM process, possibly more than once. On CUDA
+    it installs the host-side LoRA metadata (``TUNEGATE_VLLM_HOST_LORA_META``) and the LoRA
+    fold of tunegate_lora_fold.py (``TUNEGATE_VLLM_LORA_FOLD``); either can be switched off."""
     try:
         from vllm.platforms import current_platform
 
         if not current_platform.is_cuda():
             return
+    except Exception as exc:  # noqa: BLE001 - any import failure leaves vLLM untouched
+        log.warning("tunegate plugin: off (%s)", exc)
+        return
+    if _switched_on(ENABLE_ENV):
+        _install_host_meta()
+    if _switched_on(FOLD_ENV):
+        try:
+            from tunegate_lora_fold import install
+            install()
+        except Exception as exc:  # noqa: BLE001 - vLLM keeps its own LoRA kernels
+            log.warning("tunegate plugin: LoRA fold off (%r)", exc)
+
+
+def _install_host_meta() -> None:
+    try:
         from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
         from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
     except Exception as exc:  # noqa: BLE001 - any import failure leaves vLLM untouched

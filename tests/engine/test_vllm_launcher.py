@@ -126,9 +126,15 @@ def test_gpu_environment_loads_the_host_lora_metadata_plugin(
     entry = dist_info / "entry_points.txt"
     assert "tunegate_vllm_plugin:register" in entry.read_text()
     assert (vllm_launcher.VLLM_PLUGIN_DIR / "tunegate_vllm_plugin.py").is_file()
+    assert (vllm_launcher.VLLM_PLUGIN_DIR / "tunegate_lora_fold.py").is_file()
     monkeypatch.setenv("TUNEGATE_VLLM_HOST_LORA_META", "0")
+    half = vllm_environment("gpu", base={})  # the fold alone still needs the plugin
+    assert half["PYTHONPATH"] == plugin and half["TUNEGATE_VLLM_HOST_LORA_META"] == "0"
+    assert "TUNEGATE_VLLM_LORA_FOLD" not in half
+    monkeypatch.setenv("TUNEGATE_VLLM_LORA_FOLD", "0")
     off = vllm_environment("gpu", base={})
     assert "PYTHONPATH" not in off and off["TUNEGATE_VLLM_HOST_LORA_META"] == "0"
+    assert off["TUNEGATE_VLLM_LORA_FOLD"] == "0"
     assert "PYTHONPATH" not in vllm_environment("cpu", base={},
                                                 settings=VllmSettings(host_lora_meta=True))
 

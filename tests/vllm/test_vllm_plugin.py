@@ -33,15 +33,18 @@ print(json.dumps(check_random_mappings(LoRAKernelMeta, sys.argv[1], cases=300, m
 """
 
 
-def _in_vllm(python: str, code: str, *args: str, inherit_path: bool = False) -> str:
+def _in_vllm(python: str, code: str, *args: str, inherit_path: bool = False,
+             env: dict[str, str] | None = None) -> str:
     """Runs ``code`` in ``python`` with the plugin folder on PYTHONPATH (before this process's
-    PYTHONPATH when ``inherit_path``: on the device machine, vLLM is found through it)."""
+    PYTHONPATH when ``inherit_path``: on the device machine, vLLM is found through it), with
+    ``env`` added to its environment."""
     paths = [str(VLLM_PLUGIN_DIR)]
     if inherit_path and os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
-    env = {"PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    full = {"PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+            **(env or {})}
     done = subprocess.run([python, "-c", code, *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=full)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()[-1]
 
