@@ -59,7 +59,7 @@ class GatewayState:
                         max_adapters=settings.max_adapters_per_replica,
                         base_model_name=settings.base_model_name,
                         targets=registry.alias_targets, unload_idle_s=settings.unload_idle_s,
-                        local_path=None if registry.is_local else _materializer(
+                        local_path=None if registry.store.is_local else _materializer(
                             registry, settings.adapter_cache_dir or
                             settings.data_dir / "adapter-cache"),
                         registered=replicas.urls)

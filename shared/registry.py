@@ -14,8 +14,10 @@ Rules:
 
 - A version ``NAME@vN`` is immutable. Its files live at ``<store>/adapters/NAME/vN`` with
   ``tunegate-manifest.json`` written last; its ``content_hash`` is the sha256 over the sorted
-  ``(relative path, sha256 of file)`` pairs (the manifest excluded). Registering content equal to
-  an existing version of the same name returns that version and moves nothing.
+  ``(relative path, sha256 of file)`` pairs (the manifest excluded). Registering content equal
+  to an existing version of the same name returns that version and moves nothing. The files go
+  through ``reg.store``, an ``ArtifactStore`` (``shared.artifact_store``); this module keeps the
+  records (SQL).
 - ``register_version`` takes a folder *inside the store* (a relative path without ``..``); the
   folder is moved (renamed) into place, so callers write to a temporary folder first and a
   partial artifact never appears under ``adapters/``.
@@ -33,30 +35,22 @@ Rules:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import posixpath
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from shared.artifact_store import ADAPTERS_DIR, MANIFEST_FILE, ArtifactStore
 from shared.db import Adapter, AdapterVersion, Alias, AliasEvent, Database, utcnow
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from shared.settings import CommonSettings
 
 BASE = "base"
 ALIASES = ("latest", "stable", "canary")
-MANIFEST_FILE = "tunegate-manifest.json"
-ADAPTERS_DIR = "adapters"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_RE = re.compile(r"^v?([0-9]{1,9})$")
 
@@ -148,104 +142,30 @@ class Registry:
     def __init__(self, db: Database, store: str,
                  storage_options: dict[str, Any] | None = None) -> None:
         self.db = db
-        self.fs, root = fsspec.core.url_to_fs(str(store), **(storage_options or {}))
-        self.root = root.rstrip("/")
-        self.fs.makedirs(self._abs(ADAPTERS_DIR), exist_ok=True)
+        self.store = ArtifactStore(store, storage_options)
+        self.store.makedirs(ADAPTERS_DIR)
 
-    # ---- paths -------------------------------------------------------------------------------
-    def _abs(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
-
-    def _public_path(self, rel: str) -> str:
-        path = self._abs(rel)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return path if self.is_local else f"{protocol}://{path}"
-
-    @property
-    def is_local(self) -> bool:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return protocol in ("file", "local")
-
+    # ---- artifacts -------------------------------------------------------------------------
     def materialize(self, model: str, cache_dir: str | Path) -> Path:
         """A local folder holding the version ``model`` names (what engines need to load it).
         Local stores give the artifact folder itself; remote ones (S3, ...) download it once into
-        ``cache_dir/adapters/NAME/vN`` (a temporary folder, then one rename): versions are
-        immutable, so a cached copy never goes stale."""
+        ``cache_dir/adapters/NAME/vN``: versions are immutable, so a cached copy never goes
+        stale."""
         resolved = self.resolve(model)
         if resolved.is_base:
             raise InvalidRequest("the base model has no adapter artifact", param="model")
         info = self.get_version(resolved.name, resolved.version or 0)
-        if self.is_local:
-            return Path(self._abs(info.artifact))
-        dst = Path(cache_dir) / info.artifact
-        if (dst / MANIFEST_FILE).is_file():
-            return dst
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-        try:
-            src = self._abs(info.artifact)
-            for path in self.fs.find(src):
-                local = tmp / posixpath.relpath(path, src)
-                local.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(path, str(local))
-            if dst.exists():  # another process finished first
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dst
-
-    def inside_store(self, rel: str) -> str:
-        """Normalise a client-given path and check it stays inside the store; returns it relative.
-        Absolute paths, ``..`` segments and URLs are refused (400)."""
-        if not rel or rel.startswith(("/", "\\")) or "://" in rel or "\x00" in rel:
-            raise InvalidRequest("path must be relative to the artifact store", param="path")
-        parts = rel.replace("\\", "/").split("/")
-        if any(p == ".." for p in parts):
-            raise InvalidRequest("path must not contain '..'", param="path")
-        norm = posixpath.normpath("/".join(parts))
-        if norm in (".", "") or norm.split("/")[0] == ADAPTERS_DIR:
-            raise InvalidRequest("path must name a folder outside adapters/", param="path")
-        if not self.fs.isdir(self._abs(norm)):
-            raise InvalidRequest(f"no folder {norm!r} in the artifact store", param="path")
-        return norm
-
-    def _move_tree(self, src: str, dst: str) -> None:
-        """Move the folder ``src`` to ``dst`` (both relative). Local: one atomic rename. Object
-        stores have no folders nor rename: each file is copied, then the source deleted; no
-        reader sees a half-copied version because versions are found through the database row,
-        committed after the copy and the manifest."""
-        if self.is_local:
-            self.fs.mv(self._abs(src), self._abs(dst), recursive=True)
-            return
-        base = self._abs(src)
-        files = self.fs.find(base)
-        for path in files:
-            self.fs.copy(path, posixpath.join(self._abs(dst), posixpath.relpath(path, base)))
-        self.fs.rm(files)
-        self.fs.invalidate_cache()
-
-    def content_hash(self, rel: str) -> str:
-        base = self._abs(rel)
-        files = sorted(p for p in self.fs.find(base) if not p.endswith("/" + MANIFEST_FILE))
-        outer = hashlib.sha256()
-        for p in files:
-            inner = hashlib.sha256()
-            with self.fs.open(p, "rb") as f:
-                while block := f.read(1 << 20):  # 1 MiB blocks
-                    inner.update(block)
-            outer.update(posixpath.relpath(p, base).encode() + b"\0" + inner.digest())
-        return outer.hexdigest()
+        if self.store.is_local:
+            return Path(self.store.path(info.artifact))
+        return self.store.download(info.artifact, Path(cache_dir) / info.artifact)
 
     # ---- versions ----------------------------------------------------------------------------
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> VersionInfo:
         """Move the folder ``src`` (relative to the store) into place as the next version of
         ``name`` and record it with ``manifest``; moves ``latest``. Idempotent on content."""
         validate_name(name)
-        src = self.inside_store(src)
-        digest = self.content_hash(src)
+        src = self.store.inside(src)
+        digest = self.store.content_hash(src)
         for _attempt in range(5):
             moved: str | None = None
             try:
@@ -260,16 +180,15 @@ class Registry:
                     n = (s.scalar(select(func.max(AdapterVersion.version))
                                   .where(AdapterVersion.name == name)) or 0) + 1
                     dst = f"{ADAPTERS_DIR}/{name}/v{n}"
-                    if self.fs.exists(self._abs(dst)):
+                    if self.store.exists(dst):
                         # Left by a crash between move and commit: never reuse, never overwrite.
-                        self._move_tree(dst, f"{dst}.orphan-{digest[:8]}")
+                        self.store.move_tree(dst, f"{dst}.orphan-{digest[:8]}")
                         continue
-                    self.fs.makedirs(self._abs(f"{ADAPTERS_DIR}/{name}"), exist_ok=True)
-                    self._move_tree(src, dst)
+                    self.store.makedirs(f"{ADAPTERS_DIR}/{name}")
+                    self.store.move_tree(src, dst)
                     moved = dst
                     full = {**manifest, "name": name, "version": n, "content_hash": digest}
-                    with self.fs.open(self._abs(f"{dst}/{MANIFEST_FILE}"), "w") as f:
-                        json.dump(full, f, indent=2, sort_keys=True, default=str)
+                    self.store.write_json(f"{dst}/{MANIFEST_FILE}", full)
                     row = AdapterVersion(name=name, version=n, content_hash=digest, artifact=dst,
                                          manifest=full)
                     s.add(row)
@@ -280,8 +199,8 @@ class Registry:
             except IntegrityError:
                 # Another process took version n first: put the folder back and retry.
                 if moved is not None:
-                    self.fs.rm(self._abs(f"{moved}/{MANIFEST_FILE}"))
-                    self._move_tree(moved, src)
+                    self.store.remove(f"{moved}/{MANIFEST_FILE}")
+                    self.store.move_tree(moved, src)
         raise Conflict(f"could not allocate a version for {name!r}; retry")
 
     def get_version(self, name: str, version: int) -> VersionInfo:
@@ -294,7 +213,7 @@ class Registry:
 
     def _info(self, row: AdapterVersion) -> VersionInfo:
         return VersionInfo(name=row.name, version=row.version, content_hash=row.content_hash,
-                           artifact=row.artifact, path=self._public_path(row.artifact),
+                           artifact=row.artifact, path=self.store.public_path(row.artifact),
                            manifest=dict(row.manifest or {}), created_at=row.created_at.isoformat())
 
     # ---- adapters ----------------------------------------------------------------------------
@@ -391,7 +310,7 @@ class Registry:
             if v is None:
                 raise ModelNotFound(model)
             return ResolvedModel(requested=model, name=name, version=v.version,
-                                 path=self._public_path(v.artifact))
+                                 path=self.store.public_path(v.artifact))
 
     def alias_targets(self) -> set[str]:
         """``NAME@vN`` of every version some alias points at now (what replicas should keep)."""

@@ -10,7 +10,6 @@ the job's private work folder, copied to ``staging/<job id>`` in the artifact st
 from __future__ import annotations
 
 import contextlib
-import posixpath
 import shutil
 import threading
 import time
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from shared.artifact_store import ArtifactStore
 from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
 from trainer.backends import select_backend
@@ -38,11 +38,7 @@ class CancelFlag(threading.Event):
 class Registrar(Protocol):
     """What the pipeline needs of ``shared.registry.Registry``."""
 
-    fs: Any
-    root: str
-
-    @property
-    def is_local(self) -> bool: ...
+    store: ArtifactStore
 
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> Any: ...
     def set_alias(self, name: str, alias: str, version: int, reason: str | None = None) -> None: ...
@@ -117,7 +113,7 @@ def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: 
     if metrics.get("golden_sha256") == golden_sha and metrics.get("scorer") == (scorer or "exact"):
         return float(metrics["golden_score"]), info.ref
     path = resolved.path
-    if not registry.is_local:  # a remote store (S3, ...): download the version once
+    if not registry.store.is_local:  # a remote store (S3, ...): download the version once
         path = str(registry.materialize(resolved.ref, work_dir / "stable-adapter"))
     model, tok = load_model(spec.base_model, path)
     report = evaluate(model, tok, golden, scorer=scorer, batch_size=spec.eval_batch_size,
@@ -251,12 +247,7 @@ def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: di
     import json
 
     staging = f"staging/{spec.job_id}"
-    remote = posixpath.join(registry.root, staging)
-    if registry.fs.exists(remote):
-        registry.fs.rm(remote, recursive=True)
-    registry.fs.makedirs(remote, exist_ok=True)
-    for p in sorted(adapter_dir.iterdir()):
-        registry.fs.put_file(str(p), posixpath.join(remote, p.name))
+    registry.store.upload(adapter_dir, staging)
     from shared.quality import labels_of
 
     trained = json.loads((adapter_dir / "tunegate-adapter.json").read_text())

@@ -267,7 +267,8 @@ def install() -> bool:
     cls.create_lora_weights = patch_create(stock_create)
     for sub in _all_subclasses(cls):
         if "create_lora_weights" in vars(sub):
-            sub.create_lora_weights = patch_create(vars(sub)["create_lora_weights"])
+            sub.create_lora_weights = (  # type: ignore[attr-defined]
+                patch_create(vars(sub)["create_lora_weights"]))
     cls._apply_sync = apply_sync
     log.info("tunegate plugin: LoRA folded into the base GEMM where it qualifies")
     return True
@@ -275,6 +276,7 @@ def install() -> bool:
 
 def _all_subclasses(cls: type) -> list[type]:
     out: list[type] = []
+    sub: type
     for sub in cls.__subclasses__():
         out += [sub, *_all_subclasses(sub)]
     return out

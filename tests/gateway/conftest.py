@@ -61,7 +61,7 @@ class Records:
 
     def adapter(self, name: str, *, stable: bool = True) -> str:
         rel = f"staging/{uuid.uuid4().hex}"
-        d = Path(self.registry.root) / rel
+        d = Path(self.registry.store.root) / rel
         d.mkdir(parents=True)
         (d / "adapter_config.json").write_text(json.dumps({"name": name, "n": rel}))
         v = self.registry.register_version(name, rel, {"test": True})

@@ -28,7 +28,7 @@ def data_dir(tmp_path: Path) -> Path:
     db = Database(DatabaseSettings(data_dir=tmp_path).url)
     reg: Registry = StoreSettings(data_dir=tmp_path).registry(db)
     for i in (1, 2):
-        d = Path(reg.root) / f"staging/{i}"
+        d = Path(reg.store.root) / f"staging/{i}"
         d.mkdir(parents=True)
         (d / "adapter_model.safetensors").write_text(f"weights {i}")
         reg.register_version("sent", f"staging/{i}", {"job_id": f"job-{i}",

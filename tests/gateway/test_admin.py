@@ -86,7 +86,7 @@ def test_register_refuses_paths_outside_the_store(gw: str, admin: str, path: str
 
 
 def test_register_alias_rollback_route_requests(gw: str, admin: str, records: Records) -> None:
-    store = Path(records.registry.root)
+    store = Path(records.registry.store.root)
     refs = []
     for i in (1, 2):
         d = store / f"staging/flow{i}"

@@ -95,7 +95,7 @@ def _make_adapter(base_dir: Path, out: Path) -> None:
 def test_adapter_loaded_by_the_gateway(gw: str, engine: str, records: Records,
                                        default_model_dir: Path, client: openai.OpenAI) -> None:
     rel = "staging/e2e"
-    _make_adapter(default_model_dir, Path(records.registry.root) / rel)
+    _make_adapter(default_model_dir, Path(records.registry.store.root) / rel)
     v = records.registry.register_version("e2e", rel, {"base_model": default_model_dir.name})
     records.registry.set_alias("e2e", "stable", v.version)
     resp = client.chat.completions.create(model="e2e", messages=QUESTION, max_tokens=6,

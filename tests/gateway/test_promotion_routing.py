@@ -18,8 +18,8 @@ def test_canary_weight_shadow_fraction_and_pinning(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     reg = Registry(db, str(tmp_path / "artifacts"))
     for i in (1, 2):
-        (Path(reg.root) / f"staging/{i}").mkdir(parents=True)
-        (Path(reg.root) / f"staging/{i}/w").write_text(str(i))
+        (Path(reg.store.root) / f"staging/{i}").mkdir(parents=True)
+        (Path(reg.store.root) / f"staging/{i}/w").write_text(str(i))
         reg.register_version("rt", f"staging/{i}", {})
     reg.set_alias("rt", "stable", 1)
     promotions = Promotions(db, reg, PromotionSettings(canary_weight=0.3, shadow_fraction=0.6))

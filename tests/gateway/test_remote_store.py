@@ -32,8 +32,9 @@ def test_gateway_loads_a_remote_version_from_its_local_cache(
     store = "s3://tunegate-remote/store"
     s3fs.S3FileSystem(**s3_options, skip_instance_cache=True).mkdir("tunegate-remote")
     registry = Registry(Database(database_url(tmp_path)), store, storage_options=s3_options)
-    registry.fs.pipe({f"{registry.root}/staging/a/adapter_config.json": b'{"r": 8}',
-                      f"{registry.root}/staging/a/adapter_model.safetensors": b"weights"})
+    staged = f"{registry.store.root}/staging/a"
+    registry.store.fs.pipe({f"{staged}/adapter_config.json": b'{"r": 8}',
+                            f"{staged}/adapter_model.safetensors": b"weights"})
     version = registry.register_version("remote", "staging/a", {})
     registry.set_alias("remote", "stable", version.version)
     admin = Records(tmp_path).key("admin")

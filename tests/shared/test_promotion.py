@@ -18,7 +18,7 @@ def promotions(tmp_path: Path) -> Promotions:
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     reg = Registry(db, str(tmp_path / "artifacts"))
     for i in (1, 2, 3):
-        d = Path(reg.root) / f"staging/{i}"
+        d = Path(reg.store.root) / f"staging/{i}"
         d.mkdir(parents=True)
         (d / "adapter_model.safetensors").write_text(f"weights {i}")
         reg.register_version("sent", f"staging/{i}", {"metrics": {"golden_score": 0.9}})
@@ -85,8 +85,8 @@ def test_guards(promotions: Promotions) -> None:
 def test_no_stable_means_no_promotion(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     reg = Registry(db, str(tmp_path / "artifacts"))
-    (Path(reg.root) / "staging/1").mkdir(parents=True)
-    (Path(reg.root) / "staging/1/w").write_text("w")
+    (Path(reg.store.root) / "staging/1").mkdir(parents=True)
+    (Path(reg.store.root) / "staging/1/w").write_text("w")
     reg.register_version("x", "staging/1", {})
     with pytest.raises(Conflict):
         Promotions(db, reg).start("x", 1, actor="op", reason="r")

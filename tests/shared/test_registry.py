@@ -18,7 +18,7 @@ def reg(tmp_path: Path) -> Registry:
 
 
 def stage(reg: Registry, rel: str, payload: str) -> str:
-    d = Path(reg.root) / rel
+    d = Path(reg.store.root) / rel
     d.mkdir(parents=True)
     (d / "adapter_config.json").write_text(json.dumps({"r": 8}))
     (d / "adapter_model.safetensors").write_text(payload)
@@ -28,7 +28,7 @@ def stage(reg: Registry, rel: str, payload: str) -> str:
 def test_register_moves_folder_writes_manifest_and_sets_latest(reg: Registry) -> None:
     v1 = reg.register_version("sent", stage(reg, "staging/a", "one"), {"rank": 8})
     assert v1.ref == "sent@v1"
-    assert not (Path(reg.root) / "staging/a").exists()
+    assert not (Path(reg.store.root) / "staging/a").exists()
     manifest = json.loads((Path(v1.path) / MANIFEST_FILE).read_text())
     assert manifest["rank"] == 8 and manifest["version"] == 1
     assert manifest["content_hash"] == v1.content_hash
@@ -43,7 +43,7 @@ def test_same_content_is_the_same_version(reg: Registry) -> None:
     v1 = reg.register_version("sent", stage(reg, "staging/a", "same"), {})
     again = reg.register_version("sent", stage(reg, "staging/b", "same"), {})
     assert again.ref == v1.ref
-    assert (Path(reg.root) / "staging/b").exists()  # left where it was
+    assert (Path(reg.store.root) / "staging/b").exists()  # left where it was
 
 
 @pytest.mark.parametrize("bad", ["/etc", "../outside", "staging/../../x", "s3://bucket/x",

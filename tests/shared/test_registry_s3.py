@@ -40,17 +40,18 @@ def reg(tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Re
 
 
 def stage(reg: Registry, rel: str, payload: str) -> str:
-    base = f"{reg.root}/{rel}"
-    reg.fs.pipe({f"{base}/adapter_config.json": json.dumps({"r": 8}).encode(),
-                 f"{base}/adapter_model.safetensors": payload.encode()})
+    base = f"{reg.store.root}/{rel}"
+    reg.store.fs.pipe({f"{base}/adapter_config.json": json.dumps({"r": 8}).encode(),
+                       f"{base}/adapter_model.safetensors": payload.encode()})
     return rel
 
 
 def test_register_resolve_rollback_on_s3(reg: Registry, tmp_path: Path) -> None:
     v1 = reg.register_version("sent", stage(reg, "staging/a", "one"), {"rank": 8})
     assert v1.ref == "sent@v1" and v1.path.startswith("s3://")
-    assert not reg.fs.exists(f"{reg.root}/staging/a/adapter_config.json")  # moved, not copied
-    manifest = json.loads(reg.fs.cat(f"{reg.root}/adapters/sent/v1/{MANIFEST_FILE}"))
+    # moved, not copied
+    assert not reg.store.fs.exists(f"{reg.store.root}/staging/a/adapter_config.json")
+    manifest = json.loads(reg.store.fs.cat(f"{reg.store.root}/adapters/sent/v1/{MANIFEST_FILE}"))
     assert manifest["content_hash"] == v1.content_hash and manifest["rank"] == 8
     # Same content again: the same version, nothing moves.
     again = reg.register_version("sent", stage(reg, "staging/a2", "one"), {})

@@ -25,7 +25,7 @@ def mc(tmp_path: Path) -> MonitorContext:
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     reg = Registry(db, str(tmp_path / "artifacts"))
     for i in (1, 2):
-        d = Path(reg.root) / f"staging/{i}"
+        d = Path(reg.store.root) / f"staging/{i}"
         d.mkdir(parents=True)
         (d / "adapter_model.safetensors").write_text(f"weights {i}")
         reg.register_version("rt", f"staging/{i}", LABELS)

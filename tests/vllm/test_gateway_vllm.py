@@ -107,7 +107,7 @@ def test_adapter_load_change_and_unload(gw: str, vllm_url: str, records: Records
     def register(adapter: str) -> str:
         # Distinct contents: the registry gives identical contents the existing version.
         rel = f"staging/gv-{adapter}"
-        shutil.copytree(lane_adapters[adapter], Path(records.registry.root) / rel)
+        shutil.copytree(lane_adapters[adapter], Path(records.registry.store.root) / rel)
         v = records.registry.register_version("gv", rel, {"base_model": "SmolLM2-135M-Instruct"})
         records.registry.set_alias("gv", "stable", v.version)
         return v.ref

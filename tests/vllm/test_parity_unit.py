@@ -57,7 +57,7 @@ def test_resolve_adapter_from_the_registry(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("TUNEGATE_DATABASE_URL", raising=False)
     monkeypatch.delenv("TUNEGATE_ARTIFACT_STORE", raising=False)
     reg = Registry(Database(database_url(tmp_path)), str(tmp_path / "artifacts"))
-    src = Path(reg.root) / "staging" / "x"
+    src = Path(reg.store.root) / "staging" / "x"
     src.mkdir(parents=True)
     (src / "adapter_config.json").write_text('{"r": 4}')
     v = reg.register_version("sent", "staging/x", {})
