@@ -16,10 +16,11 @@ tensors hold exactly what vLLM's own code would write; ``meta_matches_stock`` ch
 
 vLLM loads it through its ``vllm.general_plugins`` entry point (the ``*.dist-info`` folder
 beside this file; tunegate's launcher puts this folder on vLLM's PYTHONPATH). It imports only
-vLLM, torch and numpy: vLLM's environment need not have tunegate installed. It patches nothing
-unless the platform is CUDA and vLLM's classes have the members it relies on; otherwise it logs
-why and leaves vLLM as it is. ``TUNEGATE_VLLM_HOST_LORA_META=0`` turns the metadata part off,
-``TUNEGATE_VLLM_LORA_FOLD=0`` the fold.
+vLLM, torch, numpy and (the fold) Triton, which vLLM brings: vLLM's environment need not have
+tunegate installed. It patches nothing unless the platform is CUDA and vLLM's classes have the
+members it relies on; otherwise it logs why and leaves vLLM as it is.
+``TUNEGATE_VLLM_HOST_LORA_META=0`` turns the metadata part off, ``TUNEGATE_VLLM_LORA_FOLD=0``
+the fold.
 """
 
 from __future__ import annotations
