@@ -72,7 +72,10 @@ def main() -> None:
 
     import os
 
-    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(ROOT / "engine/vllm_lora_configs"))
+    from engine.vllm_launcher import VllmSettings
+
+    # vLLM's kernels with the configs `--kind vllm` gives them (read on first use, after this).
+    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", VllmSettings().lora_kernel_configs)
     import torch
     from tunegate_lora_fold import Fold
     from vllm.lora.ops.triton_ops import utils

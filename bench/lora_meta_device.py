@@ -22,19 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve_device import (
-    ROOT,
-    Shot,
-    concurrent_round,
-    ensure_model,
-    load_adapters,
-    run_load_shots,
-    summarize,
-    vllm_command,
-    warm_up,
-    write_adapters,
-    write_results,
-)
+from device_fixtures import ROOT, ensure_model, load_adapters, vllm_command, write_adapters
+from serve_device import Shot, concurrent_round, run_load_shots, summarize, warm_up, write_results
 
 from shared.procs import wait_healthy
 

@@ -192,7 +192,6 @@ def fold_layer(layer: Any) -> Fold | None:
     base.weight.data = fold.base_weight()
     layer.lora_a_stacked = tuple(fold.lora_a(i) for i in range(len(slices)))
     layer.lora_b_stacked = tuple(fold.lora_b(i) for i in range(len(slices)))
-    layer._tunegate_fold = fold
     return fold
 
 
