@@ -73,7 +73,7 @@ def ensure_model(model_dir: Path, tokenizer: Path) -> None:
 
 def vllm_command(model_dir: Path, port: int, extra_args: list[str] | None = None) -> list[str]:
     """The measured vLLM server: served as ``base8b``, 4 LoRA slots of rank 16."""
-    from engine.vllm_launcher import build_vllm_command
+    from engine.vllm.launcher import build_vllm_command
 
     return build_vllm_command(
         model=str(model_dir), host="127.0.0.1", port=port, served_model_name="base8b",

@@ -2,7 +2,7 @@
 
 For each linear layer of a decoder layer (qkv, o, gate_up, down) and each batch size, three
 paths are timed, each replayed from a CUDA graph as the engine runs them (the timing of
-engine/lora_kernels.py): the base GEMM alone; the base GEMM plus vLLM's LoRA (buffer, shrink,
+engine/vllm/tune_lora.py): the base GEMM alone; the base GEMM plus vLLM's LoRA (buffer, shrink,
 expand, with tunegate's tuned kernel configs); the fold (one GEMM over the weight with the
 adapters' A rows under it, then the fold's expand kernel). Four adapters of rank 16, tokens
 spread over them. Each path's output is also compared with float32 math. The per-step figures
@@ -21,7 +21,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "engine" / "vllm_plugin"))
+sys.path.insert(0, str(ROOT / "engine" / "vllm" / "plugin"))
 
 LAYERS = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)),
           "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,))}
@@ -72,7 +72,7 @@ def main() -> None:
 
     import os
 
-    from engine.vllm_launcher import VllmSettings
+    from engine.vllm.launcher import VllmSettings
 
     # vLLM's kernels with the configs `--kind vllm` gives them (read on first use, after this).
     os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", VllmSettings().lora_kernel_configs)
@@ -81,7 +81,7 @@ def main() -> None:
     from vllm.lora.ops.triton_ops import utils
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
 
-    from engine.lora_kernels import Bench
+    from engine.vllm.tune_lora import Bench
 
     slots, rank, dtype = 4, 16, torch.bfloat16
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -32,7 +32,7 @@ PLUGIN_LOG_LINE = "LoRA kernel metadata prepared on the host"
 
 def check_against_vllm(cases: int = 400) -> dict[str, Any]:
     """The plugin's metadata against vLLM's ``prepare_tensors``, on the GPU."""
-    sys.path.insert(0, str(ROOT / "engine" / "vllm_plugin"))
+    sys.path.insert(0, str(ROOT / "engine" / "vllm" / "plugin"))
     from tunegate_vllm_plugin import check_random_mappings
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
 
@@ -78,7 +78,7 @@ def main() -> None:
     ensure_model(args.model_dir, args.tokenizer)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 
-    from engine.vllm_launcher import VllmSettings, vllm_environment
+    from engine.vllm.launcher import VllmSettings, vllm_environment
 
     cmd = vllm_command(args.model_dir, args.port)
     ab_file = Path("/tmp/tunegate-lora-meta-stock")

@@ -236,7 +236,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--vllm-args", default="", help="extra vLLM arguments, one string")
     ap.add_argument("--lora-kernel-configs", default=None,
-                    help="VLLM_TUNED_CONFIG_FOLDER (default: tunegate's, engine/vllm_lora_configs;"
+                    help="VLLM_TUNED_CONFIG_FOLDER (default: tunegate's, engine/vllm/lora_configs;"
                          " '' for vLLM's heuristic)")
     ap.add_argument("--gateway", action="store_true", help="also measure through the gateway")
     ap.add_argument("--no-lora-fold", action="store_true",
@@ -252,7 +252,7 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     adapter_dirs = write_adapters(args.model_dir, Path("/tmp/bench-adapters"), 4, 16)
 
-    from engine.vllm_launcher import VllmSettings, vllm_environment
+    from engine.vllm.launcher import VllmSettings, vllm_environment
 
     cmd = vllm_command(args.model_dir, args.port, args.vllm_args.split())
     overrides: dict[str, Any] = {"lora_fold": False} if args.no_lora_fold else {}

@@ -69,7 +69,7 @@ def serve(
     registrar = _registrar(register, advertise_url, admin_key, settings.kind, settings.host,
                            settings.port) if register else None
     if settings.kind == "vllm":
-        from engine.vllm_launcher import serve_vllm
+        from engine.vllm.launcher import serve_vllm
 
         # vLLM picks its own batch size (256 on GPU) unless one was asked for explicitly;
         # the embedded default of 16 suits 2 CPU cores, not a GPU.
@@ -93,7 +93,7 @@ def serve(
 
     import uvicorn
 
-    from engine.server import create_app
+    from engine.embedded.server import create_app
 
     app = create_app(settings)
     if registrar is not None:
@@ -139,14 +139,14 @@ def tune_lora(
     budget_s: Annotated[float, typer.Option(help="Search time, seconds")] = 300.0,
 ) -> None:
     """Tune vLLM's LoRA Triton kernels for this GPU (runs under vLLM's python; see
-    engine/lora_kernels.py). tunegate ships configs for the H200 only."""
+    engine/vllm/tune_lora.py). tunegate ships configs for the H200 only."""
     import json
     import subprocess
     import tempfile
 
-    from engine.lora_kernels import tune_command
     from engine.models import SHAPES
-    from engine.vllm_launcher import VllmNotFound, VllmSettings, check_vllm_python
+    from engine.vllm.launcher import VllmNotFound, VllmSettings, check_vllm_python
+    from engine.vllm.tune_lora import tune_command
 
     if (model is None) == (shape is None):
         raise typer.BadParameter("give one of --model and --shape")

@@ -204,7 +204,7 @@ def start_embedded(model_dir: Path, rank: int, max_model_len: int, log: Path
 
 def start_vllm(model_dir: Path, rank: int, max_model_len: int, log: Path,
                dtype: str = "float32") -> contextlib.AbstractContextManager[str]:
-    from engine.vllm_launcher import (
+    from engine.vllm.launcher import (
         VllmSettings,
         build_vllm_command,
         check_vllm_python,

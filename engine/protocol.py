@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.embedded.token_sampling import SamplingParams
 from engine.errors import BadRequestError
-from engine.sampling import SamplingParams
 
 
 def bad(message: str, param: str | None, value: Any = None, *, show: bool = True) -> None:

@@ -15,7 +15,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.metrics import EngineMetrics
+from engine.embedded.metrics import EngineMetrics
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 

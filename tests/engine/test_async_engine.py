@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from engine.async_engine import AsyncEngine
+from engine.embedded.async_engine import AsyncEngine
+from engine.embedded.token_sampling import SamplingParams
 from engine.errors import EngineInternalError
-from engine.sampling import SamplingParams
 from tests.engine.test_scheduler import FakeRunner, detok, expected
 
 
@@ -60,8 +60,8 @@ async def test_leaving_early_aborts(engine: AsyncEngine) -> None:
         break
     await gen.aclose()
     for _ in range(100):
-        if not engine.scheduler.has_work():
+        if not engine.embedded.scheduler.has_work():
             break
         await asyncio.sleep(0.02)
-    assert not engine.scheduler.has_work()
-    assert len(engine.runner.kv[0]) < 5_000  # stopped long before its 10 000 tokens
+    assert not engine.embedded.scheduler.has_work()
+    assert len(engine.embedded.runner.kv[0]) < 5_000  # stopped long before its 10 000 tokens

@@ -12,7 +12,7 @@ from tunegate.cli import app
 
 
 def test_vllm_kind_calls_the_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import engine.vllm_launcher as launcher
+    import engine.vllm.launcher as launcher
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(launcher, "serve_vllm", lambda **kw: calls.append(kw))
@@ -38,7 +38,7 @@ def test_embedded_kind_refuses_a_missing_model(tmp_path: Path) -> None:
 
 def test_vllm_kind_leaves_batch_size_to_vllm(monkeypatch: pytest.MonkeyPatch,
                                              tmp_path: Path) -> None:
-    import engine.vllm_launcher as launcher
+    import engine.vllm.launcher as launcher
 
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(launcher, "serve_vllm", lambda **kw: calls.append(kw))

@@ -1,4 +1,4 @@
-"""The fast path (engine.fast_llama) against the reference path (transformers + peft), in process:
+"""The fast path (embedded fast_llama) against the reference (transformers + peft), in process:
 same greedy tokens and close logits over batched prefill and decode, with and without adapters,
 in mixed batches; base rows of a mixed batch exactly base; fallbacks to the reference path for
 models and adapters the fast path cannot run."""
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from engine.embedded.runner import ModelRunner
 from engine.models import SHAPES, write_random_model
-from engine.runner import ModelRunner
 from tests.protocol_checks import make_adapter
 
 pytestmark = pytest.mark.slow

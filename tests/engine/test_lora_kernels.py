@@ -1,4 +1,4 @@
-"""The LoRA kernel tuner's bookkeeping (engine/lora_kernels.py): which kernel calls a Llama
+"""The LoRA kernel tuner's bookkeeping (engine/vllm/tune_lora.py): which kernel calls a Llama
 layer makes, what is searched, and the files vLLM reads. The timing itself needs a GPU and
 vLLM; it runs on the device machine (bench/lora_tune_device.sh)."""
 
@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.lora_kernels import candidates, config_files, layer_shapes, per_step
 from engine.models import SHAPES
-from engine.vllm_launcher import LORA_KERNEL_CONFIGS
+from engine.vllm.launcher import LORA_KERNEL_CONFIGS
+from engine.vllm.tune_lora import candidates, config_files, layer_shapes, per_step
 
 
 def test_llama_8b_layer_makes_vllms_fused_calls() -> None:
@@ -87,7 +87,7 @@ def test_tune_command_runs_the_file_by_path_from_any_folder(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from engine.lora_kernels import tune_command
+    from engine.vllm.tune_lora import tune_command
 
     cmd = tune_command(sys.executable, model=tmp_path, out=tmp_path / "out", rank=16,
                        max_loras=4, budget_s=1.0)

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from engine.embedded.lora import AdapterInfo, AdapterSet, validate_adapter
 from engine.errors import BadRequestError, EngineBusy, InvalidUserInput, NotFoundError
-from engine.lora import AdapterInfo, AdapterSet, validate_adapter
 
 MODULES = {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")}
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.runner import ModelRunner
+from engine.embedded.runner import ModelRunner
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, Sequence, StepOutput
+from engine.embedded.scheduler import Scheduler, Sequence, StepOutput
+from engine.embedded.token_sampling import SamplingParams
 
 VOCAB = 50
 EOS = 0
@@ -228,7 +228,7 @@ def test_seeded_sampling_is_reproducible() -> None:
 
 @pytest.mark.parametrize("top_p", [0.05, 1.0])
 def test_top_p_keeps_the_nucleus(top_p: float) -> None:
-    from engine.sampling import make_generator, sample
+    from engine.embedded.token_sampling import make_generator, sample
 
     logits = torch.tensor([[5.0, 4.0, 0.0, 0.0, 0.0]])
     params = SamplingParams(temperature=1.0, top_p=top_p, seed=0)
@@ -238,7 +238,7 @@ def test_top_p_keeps_the_nucleus(top_p: float) -> None:
 
 
 def test_logprobs_are_of_the_raw_distribution() -> None:
-    from engine.sampling import sample
+    from engine.embedded.token_sampling import sample
 
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     params = SamplingParams(temperature=0.0, logprobs=2)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from engine import vllm_launcher
-from engine.vllm_launcher import VllmSettings, build_vllm_command, serve_vllm, vllm_environment
+from engine.vllm import launcher as vllm_launcher
+from engine.vllm.launcher import VllmSettings, build_vllm_command, serve_vllm, vllm_environment
 
 COMMON: dict[str, Any] = dict(
     model="/models/m", host="127.0.0.1", port=8123, served_model_name="base", max_loras=4,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.vllm_launcher import VllmSettings
+from engine.vllm.launcher import VllmSettings
 from tests.procs import free_port, run_server
 from tests.protocol_checks import make_adapter
 
@@ -55,7 +55,7 @@ def vllm_url(vllm_python: str, default_model_dir: Path,
     # python and device from TUNEGATE_VLLM_* and execs vLLM with the launcher's environment.
     port = free_port()
     code = (
-        "from engine.vllm_launcher import serve_vllm; "
+        "from engine.vllm.launcher import serve_vllm; "
         f"serve_vllm(model={str(default_model_dir)!r}, host='127.0.0.1', port={port}, "
         f"served_model_name={default_model_dir.name!r}, max_loras=2, "
         f"max_lora_rank={MAX_LORA_RANK}, max_model_len={MAX_MODEL_LEN}, max_num_seqs=8, "

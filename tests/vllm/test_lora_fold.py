@@ -1,4 +1,4 @@
-"""The LoRA fold of tunegate's vLLM plugin (engine/vllm_plugin/tunegate_lora_fold.py).
+"""The LoRA fold of tunegate's vLLM plugin (engine/vllm/plugin/tunegate_lora_fold.py).
 
 The fold and its Triton kernel import no vLLM, but Triton: the CPU checks run in vLLM's
 environment (the contract lane ships Triton) under Triton's interpreter, against float32 torch

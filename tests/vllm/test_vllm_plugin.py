@@ -1,4 +1,4 @@
-"""tunegate's vLLM plugin (engine/vllm_plugin): LoRA kernel metadata prepared on the host.
+"""tunegate's vLLM plugin (engine/vllm/plugin): LoRA kernel metadata prepared on the host.
 
 The metadata logic runs here against numpy/torch references; the checks that need vLLM run in
 vLLM's own environment (.venv-vllm, the contract lane): vLLM discovers the plugin through its
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.vllm_launcher import VLLM_PLUGIN_DIR
+from engine.vllm.launcher import VLLM_PLUGIN_DIR
 
 sys.path.insert(0, str(VLLM_PLUGIN_DIR))
 from tunegate_vllm_plugin import host_meta, slots_of  # noqa: E402

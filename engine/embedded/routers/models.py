@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from engine.embedded.routers.deps import EngineDep
 from engine.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
-from engine.routers.deps import EngineDep
 
 router = APIRouter()
 

@@ -1,4 +1,4 @@
-"""LoRA for the fast path (:mod:`engine.fast_llama`): every resident adapter's low-rank weights,
+"""LoRA for the fast path (:mod:`.fast_llama`): every resident adapter's low-rank weights,
 stacked so one batch applies all of its adapters with two small matmuls per fused projection.
 
 peft still loads an adapter (its key mapping, ``rank_pattern``/``alpha_pattern`` and rsLoRA

@@ -6,7 +6,7 @@ running sequence, sample, detokenize, check the stop conditions and free finishe
 request thus joins and leaves the batch between any two tokens.
 
 Running sequences always sit in slots ``0..n-1`` in list order; freeing one moves the last into its
-slot (see :mod:`engine.kv_cache`). The scheduler is plain Python over a :class:`Runner`, so its unit
+slot (see :mod:`.kv_cache`). The scheduler is plain Python over a :class:`Runner`, so its unit
 tests use a fake runner.
 """
 
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.runner import Runner
-from engine.sampling import SamplingParams, TokenChoice, make_generator, sample
+from engine.embedded.runner import Runner
+from engine.embedded.token_sampling import SamplingParams, TokenChoice, make_generator, sample
 
 # Prompt tokens prefilled in one iteration at most (beyond the first prompt), so a burst of long
 # prompts does not stall the running streams for seconds.

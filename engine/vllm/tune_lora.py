@@ -12,7 +12,7 @@ This module times the kernels themselves (vLLM's own ``_lora_shrink``/``_lora_ex
 candidate captured in a CUDA graph as the engine runs them), checks every candidate's output
 against a float32 reference, and writes the fastest into those files, plus a report with the
 heuristic's time next to the tuned one for every shape. ``tunegate engine serve --kind vllm``
-points vLLM at the folder shipped in ``engine/vllm_lora_configs`` (made with this module on an
+points vLLM at the folder shipped in ``engine/vllm/lora_configs`` (made with this module on an
 H200); other GPUs find no file for their name there and keep vLLM's heuristic, unless tuned:
 
     tunegate engine tune-lora --model MODEL_DIR --out DIR     (or --shape llama-3.1-8b)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from engine.routers.deps import MetricsDep
+from engine.embedded.routers.deps import MetricsDep
 
 router = APIRouter()
 

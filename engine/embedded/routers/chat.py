@@ -7,10 +7,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.embedded.routers.deps import ServingDep
+from engine.embedded.scheduler import StepOutput
+from engine.embedded.serving import SYSTEM_FINGERPRINT, usage
 from engine.protocol import ChatCompletionRequest
-from engine.routers.deps import ServingDep
-from engine.scheduler import StepOutput
-from engine.serving import SYSTEM_FINGERPRINT, usage
 
 router = APIRouter()
 

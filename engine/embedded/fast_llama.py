@@ -6,7 +6,7 @@ the attention hook cost about as much as the matmuls themselves. Here one layer 
 ops: RMSNorm, one q|k|v matmul, RoPE, two cache writes, three attention ops, an o-projection
 matmul that also adds the residual, one gate|up matmul, SiLU-and-multiply and a down-projection
 matmul that adds the residual; LoRA adds three small ops per projection when a batch uses
-adapters (:mod:`engine.fast_lora`).
+adapters (:mod:`engine.embedded.fast_lora`).
 
 The fused q|k|v and gate|up matrices are built once; the transformers modules' weights are then
 re-pointed at row slices of them (views, no second copy), so the reference path (transformers +
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.fast_lora import LoraBank
-from engine.kv_cache import SlotCache
+from engine.embedded.fast_lora import LoraBank
+from engine.embedded.kv_cache import SlotCache
 
 # RoPE kinds whose frequencies change with the sequence length: one table cannot serve them.
 _DYNAMIC_ROPE = {"dynamic", "longrope"}
@@ -236,7 +236,7 @@ class FastLlama:
         att_mask = torch.zeros((n, kv_len), dtype=self.dtype).masked_fill_(past, float("-inf"))
         att_mask = att_mask.repeat_interleave(kvh, dim=0)[:, None]  # [n * kvh, 1, kv_len]
         # Where each (slot, kv head) writes its new value, and each (slot, kv head, dim) its new
-        # key, in a layer's flat cache (keys are stored transposed, see engine.kv_cache).
+        # key, in a layer's flat cache (keys are stored transposed, see engine.embedded.kv_cache).
         heads = torch.arange(n)[:, None] * kvh + torch.arange(kvh)[None]  # [n, kvh]
         pos = positions[:, None]
         v_dst = (heads * cap + pos).reshape(-1)

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from engine.embedded.lora import AdapterInfo, AdapterSet, validate_adapter
+from engine.embedded.scheduler import Scheduler, Sequence, StepOutput
+from engine.embedded.token_sampling import SamplingParams
 from engine.errors import BadRequestError, EngineInternalError
-from engine.lora import AdapterInfo, AdapterSet, validate_adapter
-from engine.sampling import SamplingParams
-from engine.scheduler import Scheduler, Sequence, StepOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -76,10 +76,10 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
     """Load the model and make the engine objects (runs in a worker thread: it is slow)."""
     from transformers import AutoConfig
 
-    from engine.async_engine import AsyncEngine
-    from engine.metrics import EngineMetrics
-    from engine.runner import ModelRunner
-    from engine.serving import OpenAIServing
+    from engine.embedded.async_engine import AsyncEngine
+    from engine.embedded.metrics import EngineMetrics
+    from engine.embedded.runner import ModelRunner
+    from engine.embedded.serving import OpenAIServing
 
     config = AutoConfig.from_pretrained(settings.model)
     max_model_len = settings.max_model_len or int(config.max_position_embeddings)
@@ -100,7 +100,7 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
 
 
 def create_app(settings: EngineSettings) -> FastAPI:
-    from engine.routers import chat, completions, health, models
+    from engine.embedded.routers import chat, completions, health, models
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

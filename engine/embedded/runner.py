@@ -1,5 +1,5 @@
 """The model runner: a transformers causal LM (plus peft LoRA adapters) driven step by step over a
-:class:`~engine.kv_cache.SlotCache`.
+:class:`~engine.embedded.kv_cache.SlotCache`.
 
 The scheduler owns which sequence sits in which slot; the runner only runs forwards:
 ``prefill`` for new prompts (written into their slots) and ``decode`` for one token of every
@@ -10,7 +10,7 @@ Two implementations of the forwards (``impl``, setting ``TUNEGATE_ENGINE_IMPL``)
 - ``hf``, the reference: the transformers model (with peft's mixed-batch forward,
   ``adapter_names``, once an adapter is loaded: each row gets its adapter, ``"__base__"`` rows the
   pure base weights);
-- ``fast``, the default: our own loop over the same weights (:mod:`engine.fast_llama`), about
+- ``fast``, the default: our own loop over the same weights (:mod:`.fast_llama`), about
   twice the decode throughput of ``hf`` at 8 streams on a 2-core CPU. Models it cannot run (not
   Llama-architecture, biases, dynamic RoPE) use ``hf``; so do forwards while an adapter it
   cannot apply (DoRA, embedding or lm_head targets, ...) is resident. Both write the same KV
@@ -74,7 +74,7 @@ class ModelRunner:
         import torch
         from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
-        from engine.kv_cache import SlotCache
+        from engine.embedded.kv_cache import SlotCache
 
         self.torch = torch
         self.model_dir = Path(model_dir)
@@ -112,7 +112,7 @@ class ModelRunner:
         self.fast: Any = None
         self._hf_only: set[str] = set()  # resident adapters the fast path cannot apply
         if impl == "fast":
-            from engine.fast_llama import FastLlama, unsupported_reason
+            from engine.embedded.fast_llama import FastLlama, unsupported_reason
 
             reason = unsupported_reason(model)
             if reason is None:
@@ -219,7 +219,7 @@ class ModelRunner:
         return key
 
     def _fast_adapter(self, key: str) -> None:
-        from engine.fast_lora import UnsupportedAdapter, extract_adapter
+        from engine.embedded.fast_lora import UnsupportedAdapter, extract_adapter
 
         try:
             weights = extract_adapter(self.model, key, layers=len(self.fast.layers),

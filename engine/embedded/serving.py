@@ -14,11 +14,11 @@ from typing import Any
 
 from fastapi import Request
 
-from engine.async_engine import AsyncEngine
+from engine.embedded.async_engine import AsyncEngine
+from engine.embedded.scheduler import StepOutput
+from engine.embedded.token_sampling import SamplingParams, TokenChoice
 from engine.errors import BadRequestError, ModelDoesNotExist
 from engine.protocol import ChatCompletionRequest, CompletionRequest
-from engine.sampling import SamplingParams, TokenChoice
-from engine.scheduler import StepOutput
 from shared.errors import TunegateError
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from engine.async_engine import AsyncEngine
-from engine.metrics import EngineMetrics
-from engine.serving import OpenAIServing
+from engine.embedded.async_engine import AsyncEngine
+from engine.embedded.metrics import EngineMetrics
+from engine.embedded.serving import OpenAIServing
 
 
 def get_serving(request: Request) -> OpenAIServing:
