@@ -18,8 +18,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shared.job_spec import ALL_PROJECTIONS  # noqa: E402
 from shared.procs import wait_healthy  # noqa: E402
-from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
 # vLLM's output during a benchmark run; the plugin's lines are read back from it.
 VLLM_LOG = Path("/tmp/vllm.log")

@@ -56,8 +56,8 @@ from bench.common import (  # noqa: E402
     rss_mib,
     run_load,
 )
+from shared.job_spec import ALL_PROJECTIONS  # noqa: E402
 from shared.procs import free_port, server  # noqa: E402
-from trainer.spec import ALL_PROJECTIONS  # noqa: E402
 
 SUBJECTS = ("a lighthouse keeper", "a copper harbor", "a quiet falcon", "a velvet meadow",
             "an old river stone", "a glacier", "a lantern maker", "a thunderstorm",

@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trainer.spec import ALL_PROJECTIONS  # noqa: E402
+from shared.job_spec import ALL_PROJECTIONS  # noqa: E402
 
 
 def prepare(out: Path, steps: int, name: str = "rt", n_train: int = 400) -> None:
@@ -38,12 +38,12 @@ def prepare(out: Path, steps: int, name: str = "rt", n_train: int = 400) -> None
     reviews (the golden split does not depend on ``n_train``)."""
     from shared.data import write_jsonl
     from shared.db import Database
+    from shared.job_records import JobStore
+    from shared.job_spec import TrainSpec
     from shared.registry import Registry
     from shared.settings import CommonSettings
     from trainer.data_sources import build_splits
     from trainer.jobs import run_job
-    from trainer.records import JobStore
-    from trainer.spec import TrainSpec
 
     out.mkdir(parents=True, exist_ok=True)
     train, golden = build_splits(n_train=n_train, n_golden=200, seed=0)

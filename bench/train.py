@@ -1,5 +1,5 @@
 """GPU training figures (issue 4): the trainer's own backend (Unsloth 4-bit QLoRA, the defaults of
-``trainer.spec``) on a random-weight Llama-3.1-8B shape.
+``shared.job_spec``) on a random-weight Llama-3.1-8B shape.
 
 Two phases, each in its own process so the second starts from an empty GPU:
 - ``speed``: micro-batches of 8 examples of 512 tokens; ``tok_s`` is input tokens per second over
@@ -80,8 +80,8 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
 
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     backend = select_backend(backend_name)  # unsloth is imported before transformers
+    from shared.job_spec import TrainSpec
     from trainer.backends.cpu import load_tokenizer
-    from trainer.spec import TrainSpec
 
     tokenizer = load_tokenizer(model_dir)
     if name in ("speed", "hf_speed"):

@@ -42,7 +42,7 @@ class Metrics:
                                        ["replica"], registry=r)
         self.adapter_loads = Counter(p + "adapter_loads", "Adapter loads by outcome",
                                      ["replica", "outcome"], registry=r)
-        # Traffic sampling (gateway.sampling): records by outcome: written (on the Redis stream),
+        # Traffic sampling (gateway.traffic_sampler): records by outcome: written (on the stream),
         # dropped (buffer full), failed (Redis error), no_redis.
         self.samples = Counter(p + "samples", "Sampled request records by outcome", ["outcome"],
                                registry=r)

@@ -3,7 +3,7 @@
 Per HTTP request: takes ``X-Request-ID`` (printable, at most 128 characters) or makes one, puts it
 in ``scope["state"]["request_id"]`` for handlers (which forward it to the engine), returns it in
 the response headers (with ``x-tunegate-sampled: 1`` when a handler sampled the request, see
-``gateway.sampling``), and records the request count (route, status, model) and latency.
+``gateway.traffic_sampler``), and records the request count (route, status, model) and latency.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from gateway.metrics import OTHER, Metrics
-from gateway.sampling import SAMPLED_HEADER
+from gateway.traffic_sampler import SAMPLED_HEADER
 
 Scope = dict[str, Any]
 

@@ -197,7 +197,7 @@ class PromotionRouting:
 
 def shadow_record(live: Call, candidate: ResolvedModel, body: dict[str, Any], text: str,
                   status: int, latency_ms: float) -> dict[str, Any]:
-    """A ``shared.traffic.TrafficSample`` row's fields for a shadow answer."""
+    """A ``shared.traffic_records.TrafficSample`` row's fields for a shadow answer."""
     return {"request_id": live.request_id, "trace_id": None, "key_id": live.key.id,
             "route": live.route,
             "model": live.resolved.requested, "name": candidate.name,

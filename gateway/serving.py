@@ -18,9 +18,9 @@ from fastapi.responses import Response
 
 from gateway.auth import KeyInfo
 from gateway.quotas import Reservation, estimate_tokens
-from gateway.sampling import answer_text
 from gateway.sse import SSEResponse, error_event
 from gateway.state import GatewayState
+from gateway.traffic_sampler import answer_text
 from gateway.upstream import ReplicaUnreachable, UpstreamResponse, error_from_response
 from shared.errors import InvalidRequest, PermissionDenied, TunegateError, UpstreamError
 from shared.promotion import Route
@@ -81,7 +81,7 @@ class Call:
     reservation: Reservation | None = None
     start: float = field(default_factory=time.perf_counter)
     promotion: Route | None = None  # set when this is a promotion's canary request
-    # How it is served (shared.traffic.LANES); "" means the default for ``resolved``.
+    # How it is served (shared.traffic_records.LANES); "" means the default for ``resolved``.
     lane: str = ""
     sample: dict[str, Any] | None = None  # the body as the client sent it, when sampled
     upstream_request_id: str | None = None  # X-Request-ID for the engine; None: request_id

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.db import database_url
 from shared.settings import CommonSettings
-from shared.traffic import STREAM
+from shared.traffic_records import STREAM
 
 
 def _data_dir() -> Path:
@@ -60,7 +60,7 @@ class GatewaySettings(BaseSettings):
     redis_timeout_s: float = 0.25  # per Redis call on the request path, seconds
     redis_retry_after_s: float = 1.0  # after a Redis failure, skip Redis this long (fail open)
 
-    # Traffic sampling (gateway.sampling). Rates are shares of requests, 0..1. A key's own
+    # Traffic sampling (gateway.traffic_sampler). Rates are shares of requests, 0..1. A key's own
     # ``sample_rate`` (admin API, ``tunegate keys``) wins over the per-model one, which wins over
     # the default; 0 never samples. Per model: JSON ``{"base": 0.05, "sentiment": 0.2}`` by
     # adapter name.

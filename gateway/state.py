@@ -13,8 +13,8 @@ from gateway.metrics import Metrics
 from gateway.quotas import Quotas
 from gateway.resolver import Resolver
 from gateway.routing import Router
-from gateway.sampling import Sampler
 from gateway.settings import GatewaySettings
+from gateway.traffic_sampler import Sampler
 from gateway.upstream import Upstream
 from shared.db import Database
 from shared.registry import Registry, ResolvedModel, StoreSettings
@@ -38,7 +38,7 @@ class GatewayState:
     router: Router
     quotas: Quotas
     redis: Any | None
-    sampler: Sampler  # traffic sampling (gateway.sampling); records shadow answers too
+    sampler: Sampler  # traffic sampling (gateway.traffic_sampler); records shadow answers too
     replicas: ReplicaStore  # engines registered through the admin API (shared.replicas)
     # Canary routing and shadow mirroring; installed by gateway.routers.admin_promotion's lifespan.
     promotions: PromotionRouting | None = None

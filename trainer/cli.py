@@ -62,7 +62,7 @@ def validate(
 def follow(job_id: str, poll_s: float = 1.0) -> None:
     """Follow a job's progress from the records database, with a progress bar."""
     from shared.db import Database, DatabaseSettings
-    from trainer.records import TERMINAL, JobStore
+    from shared.job_records import TERMINAL, JobStore
 
     store = JobStore(Database.from_settings(DatabaseSettings()))
     last_id: int | None = None

@@ -20,11 +20,11 @@ from typing import Any, Protocol
 from shared.artifact_store import ArtifactStore
 from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
+from shared.job_records import JobStore
+from shared.job_spec import TrainSpec
 from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled, StepInfo
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
-from trainer.records import JobStore
-from trainer.spec import TrainSpec
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
 

@@ -37,7 +37,7 @@ from shared.promotion import Decision, EvalRun, Evidence, Promotions, decide
 from shared.quality import Rules, Tally, answer_text
 from shared.registry import Registry
 from shared.scoring import LabelSet, normalize
-from shared.traffic import TrafficSample
+from shared.traffic_records import TrafficSample
 
 log = logging.getLogger("tunegate.monitor")
 COUNTS_KEY = "tunegate:promotion:{id}"  # written by gateway.promotion

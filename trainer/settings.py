@@ -8,7 +8,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import CommonSettings
-from shared.traffic import STREAM
+from shared.traffic_records import STREAM
 
 
 class TrainerSettings(BaseSettings):
@@ -45,7 +45,7 @@ class TrainerSettings(BaseSettings):
     stale_after_s: float = 120.0
     backend: str = "auto"  # auto | cpu | unsloth | hf_qlora
     # Sampled traffic: the gateway's Redis stream, moved into SQL every ingest_interval_s seconds
-    # (trainer.traffic); ingest_traffic=False leaves it to other workers.
+    # (trainer.traffic_ingest); ingest_traffic=False leaves it to other workers.
     traffic_stream: str = Field(default=STREAM, validation_alias=AliasChoices(
         "TUNEGATE_TRAFFIC_STREAM", "TUNEGATE_TRAINER_TRAFFIC_STREAM", "traffic_stream"))
     ingest_traffic: bool = True

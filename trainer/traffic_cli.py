@@ -2,7 +2,7 @@
 
 ``tunegate traffic export --model M --since T [--until T] [--labelled] OUT.jsonl`` writes samples
 of ``M`` (``NAME``, ``NAME@vN`` or ``base``) as JSONL records in the training/golden shapes
-(``shared.traffic_data``): with ``--labelled``, only samples with feedback, the
+(``shared.traffic_datasets``): with ``--labelled``, only samples with feedback, the
 ``corrected_output`` or ``label`` as the answer (a golden file for evaluation); without it, every
 sample, unlabelled ones with the answer that was served. ``T`` is an ISO 8601 date or time (UTC
 when it has no zone) or a span back from now: ``30m``, ``24h``, ``7d``.
@@ -52,7 +52,7 @@ def export(
     from shared.data import write_jsonl
     from shared.db import Database, DatabaseSettings
     from shared.errors import TunegateError
-    from shared.traffic_data import traffic_data
+    from shared.traffic_datasets import traffic_data
 
     db = Database(DatabaseSettings().url)
     try:
@@ -74,7 +74,7 @@ def ingest() -> None:
 
     from shared.db import Database, DatabaseSettings
     from trainer.settings import TrainerSettings
-    from trainer.traffic import Ingester
+    from trainer.traffic_ingest import Ingester
 
     settings = TrainerSettings()
 

@@ -27,9 +27,9 @@ from arq.constants import abort_jobs_ss
 from arq.jobs import Job
 
 from shared.db import Database, DatabaseSettings
-from trainer.records import ACTIVE, JobStore, worker_lost_error
+from shared.job_records import ACTIVE, JobStore, worker_lost_error
+from shared.job_spec import TrainSpec
 from trainer.settings import TrainerSettings
-from trainer.spec import TrainSpec
 
 JOB_FUNCTION = "train_adapter"
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     sweep(store, settings.stale_after_s)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(store, settings.stale_after_s))
     if settings.ingest_traffic and ctx.get("redis") is not None:
-        # Sampled traffic, Redis stream -> SQL, next to the jobs (trainer.traffic).
-        from trainer.traffic import Ingester, ingest_forever
+        # Sampled traffic, Redis stream -> SQL, next to the jobs (trainer.traffic_ingest).
+        from trainer.traffic_ingest import Ingester, ingest_forever
 
         ingester = Ingester(ctx["redis"], db, stream=settings.traffic_stream)
         ctx["ingester"] = asyncio.create_task(ingest_forever(ingester, settings.ingest_interval_s))

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.deps import Key, State
 from shared.db import Database
 from shared.errors import NotFound, Overloaded
-from shared.traffic import (
+from shared.traffic_records import (
     FEEDBACK_FIELDS,
     PENDING_FEEDBACK_TTL_S,
     apply_feedback,

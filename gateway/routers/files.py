@@ -24,7 +24,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from gateway.deps import State, admin_key
 from shared.data import DatasetRejected, validate_lines
 from shared.errors import InvalidRequest, NotFound
-from trainer.records import FileStore
+from shared.job_records import FileStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(admin_key)])
 

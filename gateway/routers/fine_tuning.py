@@ -8,13 +8,13 @@
   ``golden_file``, ``gate_threshold``, ``gate_tolerance``, ``scorer``, ``max_steps``,
   ``max_seq_length``, ``golden_limit``, ``evaluate_base``, and ``traffic``: ``{"model": NAME or
   NAME@vN, "since": time, "until": time?}`` adds the labelled sampled traffic of that model (see
-  ``shared.traffic_data``) to ``training_file``; the merged file is validated like an upload,
+  ``shared.traffic_datasets``) to ``training_file``; the merged file is validated like an upload,
   stored as a file of its own, and the job trains on it (the counts are in ``tunegate.traffic``).
 - ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
   ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
 
 Jobs are queued on arq (Redis) for ``tunegate trainer worker``; records live in SQL
-(``trainer.records``). The base ``model`` names a folder under ``$TUNEGATE_DATA_DIR/models``.
+(``shared.job_records``). The base ``model`` names a folder under ``$TUNEGATE_DATA_DIR/models``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pydantic import BaseModel, Field
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
-from trainer.records import TERMINAL, FileStore, JobStore
+from shared.job_records import TERMINAL, FileStore, JobStore
+from shared.job_spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
 from trainer.settings import TrainerSettings
-from trainer.spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
 from trainer.worker import cancel_training, enqueue_training, new_job_id
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
@@ -182,7 +182,7 @@ def _with_traffic(state: Any, base_path: str,
     """The base training file plus the labelled traffic of ``src``, stored as a new file
     (validated as uploads are); returns its path and what was added."""
     from gateway.routers.files import files_dir, store_upload
-    from shared.traffic_data import file_keys, traffic_data
+    from shared.traffic_datasets import file_keys, traffic_data
 
     data = traffic_data(state.db, src.model, src.since, src.until, exclude=file_keys(base_path))
     if not data.records:

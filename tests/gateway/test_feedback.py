@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from shared.db import Database, database_url
-from shared.traffic import TrafficSample
+from shared.traffic_records import TrafficSample
 from tests.gateway.conftest import Records, auth, fake_replica, gateway
-from tests.gateway.test_sampling import record_of, rid, sampling_env
-from trainer.traffic import Ingester
+from tests.gateway.test_traffic_sampler import record_of, rid, sampling_env
+from trainer.traffic_ingest import Ingester
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from gateway.sampling import parse_traceparent, stream_text
 from gateway.scrub import load_scrubber, scrub_text, scrub_value
+from gateway.traffic_sampler import parse_traceparent, stream_text
 
 
 @pytest.mark.parametrize(("text", "expected"), [

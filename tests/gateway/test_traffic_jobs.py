@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from shared.data import validate_file
-from shared.traffic import TrafficSample
+from shared.job_records import FileStore, JobStore
+from shared.traffic_records import TrafficSample
 from tests.gateway.conftest import Records, auth, fake_replica, gateway
-from trainer.records import FileStore, JobStore
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -13,7 +13,7 @@ import pytest
 from shared.db import Database
 from shared.promotion import EvalRun, Promotions, PromotionSettings
 from shared.registry import Registry
-from shared.traffic import TrafficSample
+from shared.traffic_records import TrafficSample
 from trainer.monitor import MonitorContext, run_quality, run_tick
 from trainer.schedule import cron_times
 

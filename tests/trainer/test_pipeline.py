@@ -13,11 +13,11 @@ import pytest
 
 from shared.data import write_jsonl
 from shared.db import Database
+from shared.job_records import JobStore
+from shared.job_spec import TrainSpec
 from shared.registry import Registry
 from trainer.data_sources import build_splits, shuffled_labels
 from trainer.jobs import JobOutcome, run_job
-from trainer.records import JobStore
-from trainer.spec import TrainSpec
 
 STEPS = 15
 N_GOLDEN = 40

@@ -18,11 +18,11 @@ from sqlalchemy import update
 
 from shared.data import write_jsonl
 from shared.db import Database, DatabaseSettings
+from shared.job_records import FineTuningJob, JobStore
+from shared.job_spec import TrainSpec
 from shared.registry import Registry
 from trainer.data_sources import build_splits
-from trainer.records import FineTuningJob, JobStore
 from trainer.settings import TrainerSettings
-from trainer.spec import TrainSpec
 from trainer.worker import (
     cancel_training,
     create_worker,

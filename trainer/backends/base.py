@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.data import Message
-from trainer.spec import TrainSpec
+from shared.job_spec import TrainSpec
 
 ADAPTER_MANIFEST = "tunegate-adapter.json"
 

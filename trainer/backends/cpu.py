@@ -16,6 +16,7 @@ from typing import Any
 
 from shared.chat import IGNORE_INDEX, Tokenized, tokenize_for_training
 from shared.data import Message
+from shared.job_spec import TrainSpec
 from trainer.backends.base import (
     Hooks,
     TrainResult,
@@ -23,7 +24,6 @@ from trainer.backends.base import (
     save_adapter_atomically,
 )
 from trainer.backends.loop import pad_batch, run_loop
-from trainer.spec import TrainSpec
 
 
 def load_tokenizer(model_dir: str | Path) -> Any:

@@ -17,9 +17,9 @@ from typing import Any
 
 from shared.chat import IGNORE_INDEX, Tokenized
 from shared.data import Message
+from shared.job_spec import TrainSpec
 from trainer.backends.base import Hooks, TrainResult, adapter_manifest, save_adapter_atomically
 from trainer.backends.loop import ForwardSum, pad_batch, run_loop
-from trainer.spec import TrainSpec
 
 
 def padded_forward_sum(pad_id: int) -> ForwardSum:

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from shared.data import Message
+from shared.job_spec import TrainSpec
 from trainer.backends.base import Hooks, TrainResult
-from trainer.spec import TrainSpec
 
 
 class HfQloraBackend:

@@ -6,11 +6,11 @@ entry in ``sample_rate_by_model``, else ``sample_rate`` (1% by default). Without
 sampled. A sampled request's response carries ``x-tunegate-sampled: 1`` (added by
 ``gateway.middleware``), so a client knows feedback on its ``x-request-id`` will be accepted.
 
-What is recorded (``shared.traffic.SampleRecord``): the client's body as sent, the answer's text
-(streams reassembled from the SSE deltas that passed through), the model asked for, the resolved
-name and version, the lane, key id, HTTP status (499 when the client left mid-stream), latency and
-time to first token (streams) in ms, the request id and the trace id (the current OpenTelemetry
-span's when there is one, else the W3C ``traceparent`` header's, else none).
+What is recorded (``shared.traffic_records.SampleRecord``): the client's body as sent, the answer
+text (streams reassembled from the SSE deltas that passed through), the model asked for, the
+resolved name and version, the lane, key id, HTTP status (499 when the client left mid-stream),
+latency and time to first token (streams) in ms, the request id and the trace id (the current
+OpenTelemetry span's when there is one, else the W3C ``traceparent`` header's, else none).
 
 Off the request path: the request only copies its body (a shallow dict copy) and appends a dict
 to an in-memory buffer (bounded: ``sample_buffer`` records, more are dropped and counted). One
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.metrics import Metrics
 from gateway.scrub import load_scrubber, scrub_value
 from gateway.settings import GatewaySettings
-from shared.traffic import ENTRY_FIELD, OWNER_TTL_S, owner_key
+from shared.traffic_records import ENTRY_FIELD, OWNER_TTL_S, owner_key
 
 if TYPE_CHECKING:
     from fastapi import Request

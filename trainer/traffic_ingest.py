@@ -5,8 +5,8 @@ job: those wait for the job slot, which a training run holds for hours). Each ro
 
 1. ``XAUTOCLAIM`` entries another consumer read and never acknowledged for ``claim_idle_s``
    (a worker that died mid-round), then ``XREADGROUP`` new ones (consumer group ``GROUP``);
-2. parse each entry as ``shared.traffic.SampleRecord``: a bad entry is logged and acknowledged
-   (it would never get better), never raised;
+2. parse each entry as ``shared.traffic_records.SampleRecord``: a bad entry is logged and
+   acknowledged (it would never get better), never raised;
 3. insert the rows in one transaction, ignoring ``(request_id, lane)`` pairs already stored, and
    commit;
 4. only then ``XACK`` and ``XDEL`` the entries. A crash between 3 and 4 re-delivers them and the
@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from sqlalchemy import select, tuple_
 
 from shared.db import Database
-from shared.traffic import (
+from shared.traffic_records import (
     ENTRY_FIELD,
     FEEDBACK_FIELDS,
     SampleRecord,

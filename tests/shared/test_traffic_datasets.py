@@ -15,8 +15,8 @@ import pytest
 from shared.data import validate_file
 from shared.db import Database, database_url
 from shared.errors import InvalidRequest
-from shared.traffic import TrafficSample
-from shared.traffic_data import parse_model, traffic_data
+from shared.traffic_datasets import parse_model, traffic_data
+from shared.traffic_records import TrafficSample
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 N = [0]
@@ -88,7 +88,7 @@ def test_filters(db: Database) -> None:
               == "served"]
     assert len(served) == 1  # the unlabelled sample, with the answer that was served
     exclude = traffic_data(db, "sent", T0).records[:1]
-    from shared.traffic_data import record_key
+    from shared.traffic_datasets import record_key
 
     assert len(traffic_data(db, "sent", T0, exclude={record_key(exclude[0])}).records) == 3
     with pytest.raises(InvalidRequest):

@@ -17,10 +17,10 @@ import redis.asyncio as aioredis
 from sqlalchemy import select
 
 from shared.db import Database, database_url
-from shared.traffic import TrafficSample, pending_feedback_key
+from shared.traffic_records import TrafficSample, pending_feedback_key
 from tests.shared.test_db import pg  # noqa: F401  (fixture: a PostgreSQL schema per test)
 from trainer.settings import TrainerSettings
-from trainer.traffic import GROUP, Ingester
+from trainer.traffic_ingest import GROUP, Ingester
 from trainer.worker import create_worker
 
 

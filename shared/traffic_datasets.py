@@ -29,7 +29,7 @@ from sqlalchemy import or_, select
 from shared.data import parse_record, validate_lines
 from shared.db import Database
 from shared.errors import InvalidRequest
-from shared.traffic import TrafficSample
+from shared.traffic_records import TrafficSample
 
 CHAT_ROUTES = ("/v1/chat/completions", "/v1/generate")
 _MODEL_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})(?:@v?(?P<version>\d{1,9}))?$")

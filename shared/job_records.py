@@ -29,7 +29,7 @@ class FineTuningJob(Base):
     status: Mapped[str] = mapped_column(String(24), index=True)
     model: Mapped[str] = mapped_column(String(200))  # the base model's served name
     name: Mapped[str] = mapped_column(String(64))  # the adapter name (suffix)
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # trainer.spec.TrainSpec
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # shared.job_spec.TrainSpec
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200), nullable=True)  # NAME@vN
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # message/code/param
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # train/eval/gate
