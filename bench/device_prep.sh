@@ -39,7 +39,7 @@ if ! compgen -G ".whl/*.whl" > /dev/null; then
     prometheus-client aiohttp fsspec typer redis arq python-multipart
 fi
 if [ ! -f .device/tok/tokenizer.json ]; then
-  model=$(.venv/bin/python -c "from shared.settings import CommonSettings; print(CommonSettings().default_model_dir)")
+  model=$(.venv/bin/python -c "from shared.settings import StorageSettings; print(StorageSettings().default_model_dir)")
   .venv/bin/python -c "import sys; from transformers import AutoTokenizer; \
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$model" .device/tok
 fi

@@ -167,10 +167,10 @@ def versions() -> dict[str, str]:
 
 
 def main() -> None:
-    from shared.settings import CommonSettings
+    from shared.settings import StorageSettings
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=CommonSettings().default_model_dir)
+    p.add_argument("--model", type=Path, default=StorageSettings().default_model_dir)
     p.add_argument("--tunegate", type=Path, default=ROOT / ".venv" / "bin" / "tunegate")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ttft-requests", type=int, default=12)

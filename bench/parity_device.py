@@ -41,7 +41,7 @@ def prepare(out: Path, steps: int, name: str = "rt", n_train: int = 400) -> None
     from shared.job_records import JobStore
     from shared.job_spec import TrainSpec
     from shared.registry import Registry
-    from shared.settings import CommonSettings
+    from shared.settings import StorageSettings
     from trainer.data_sources import build_splits
     from trainer.jobs import run_job
 
@@ -54,7 +54,7 @@ def prepare(out: Path, steps: int, name: str = "rt", n_train: int = 400) -> None
         db = Database(f"sqlite:///{work / 'db.sqlite'}")
         store, registry = JobStore(db), Registry(db, str(work / "artifacts"))
         spec = TrainSpec(job_id="ftjob-parity", name="rt-parity",
-                         base_model=str(CommonSettings().default_model_dir),
+                         base_model=str(StorageSettings().default_model_dir),
                          training_file=str(train_file), golden_file=str(out / "golden.jsonl"),
                          golden_limit=40, max_steps=steps, batch_size=8, learning_rate=1e-3,
                          threshold=0.0, eval_max_new_tokens=4, seed=0)
@@ -84,10 +84,10 @@ def run(data: Path, out: Path, max_tokens: int, limit: int | None = None,
         start_embedded,
         start_vllm,
     )
-    from shared.settings import CommonSettings
+    from shared.settings import StorageSettings
 
     t0 = time.perf_counter()
-    model_dir = CommonSettings().default_model_dir
+    model_dir = StorageSettings().default_model_dir
     pull_default_model(model_dir)
     logs = Path(tempfile.mkdtemp(prefix="parity-logs-"))
     adapters: dict[str, Path | None] = {

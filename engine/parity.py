@@ -87,12 +87,12 @@ def resolve_adapter(adapter: str) -> tuple[str, Path | None]:
     path = Path(adapter)
     if path.is_dir():
         return f"parity-{path.resolve().name}", path.resolve()
-    from gateway.settings import GatewaySettings
     from shared.db import Database
     from shared.registry import Registry
+    from shared.settings import StorageSettings
 
-    settings = GatewaySettings()
-    registry = Registry(Database(settings.db_url), settings.store)
+    settings = StorageSettings()
+    registry = Registry.from_settings(Database(settings.db_url), settings)
     resolved = registry.resolve(adapter)
     # A local folder for the engines: the artifact itself, or a download of a remote one.
     return resolved.ref, registry.materialize(resolved.ref, settings.data_dir / "adapter-cache")
@@ -248,9 +248,9 @@ def run_parity(
     name, folder = resolve_adapter(adapter)
     rank = adapter_rank(folder) if folder else 8
     if model_dir is None:
-        from shared.settings import CommonSettings
+        from shared.settings import StorageSettings
 
-        model_dir = CommonSettings().default_model_dir
+        model_dir = StorageSettings().default_model_dir
     logs = log_dir or Path(tempfile.mkdtemp(prefix="tunegate-parity-"))
 
     def answers(kind: str, url: str | None,

@@ -33,7 +33,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.replicas import replica_url
-from shared.settings import CommonSettings
+from shared.settings import LOCAL_KEY_FILE, StorageSettings
 
 log = logging.getLogger("tunegate.engine.register")
 
@@ -70,9 +70,7 @@ def admin_key(given: str | None = None, settings: RegisterSettings | None = None
     settings = settings or RegisterSettings()
     if settings.key is not None:
         return settings.key.get_secret_value()
-    from tunegate.up import LOCAL_KEY_FILE
-
-    path = (data_dir or CommonSettings().data_dir) / LOCAL_KEY_FILE
+    path = (data_dir or StorageSettings().data_dir) / LOCAL_KEY_FILE
     with contextlib.suppress(OSError):
         return path.read_text().strip() or None
     return None

@@ -8,11 +8,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import CommonSettings
+from shared.settings import StorageSettings
 
 
 def _default_model() -> Path:
-    return CommonSettings().default_model_dir
+    return StorageSettings().default_model_dir
 
 
 class EngineSettings(BaseSettings):

@@ -15,11 +15,12 @@ app = typer.Typer(help="Adapter versions and aliases (the registry).", no_args_i
 
 
 def _registry() -> Any:
-    from shared.db import Database, DatabaseSettings
-    from shared.registry import StoreSettings
+    from shared.db import Database
+    from shared.registry import Registry
+    from shared.settings import StorageSettings
 
-    settings = DatabaseSettings()
-    return StoreSettings(data_dir=settings.data_dir).registry(Database(settings.url))
+    settings = StorageSettings()
+    return Registry.from_settings(Database(settings.db_url), settings)
 
 
 def _fail(exc: Exception) -> typer.Exit:

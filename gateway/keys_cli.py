@@ -17,9 +17,10 @@ app = typer.Typer(help="API keys (written straight to the database).", no_args_i
 
 def _store():  # type: ignore[no-untyped-def]
     from gateway.auth import KeyStore
-    from shared.db import Database, DatabaseSettings
+    from shared.db import Database
+    from shared.settings import StorageSettings
 
-    return KeyStore(Database(DatabaseSettings().url))
+    return KeyStore(Database(StorageSettings().db_url))
 
 
 @app.command()

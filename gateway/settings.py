@@ -1,6 +1,7 @@
-"""Gateway settings (``TUNEGATE_GATEWAY_*``), plus the few shared ones read under their own names:
-``TUNEGATE_DATA_DIR``, ``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_STORE`` and ``REDIS_URL``
-(``TUNEGATE_GATEWAY_REDIS_URL`` wins over ``REDIS_URL``)."""
+"""Gateway settings (``TUNEGATE_GATEWAY_*``), plus the shared ones read under their own names:
+storage (``TUNEGATE_DATA_DIR``, ``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_STORE``, ...:
+``shared.settings.StorageSettings``), the training queue's name (``shared.job_queue``) and
+``REDIS_URL`` (``TUNEGATE_GATEWAY_REDIS_URL`` wins over ``REDIS_URL``)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from shared.db import database_url
-from shared.settings import CommonSettings
+from shared.job_queue import JobQueueSettings
+from shared.settings import StorageSettings
 from shared.traffic_records import STREAM
 
 
-def _data_dir() -> Path:
-    return CommonSettings().data_dir
-
-
-class GatewaySettings(BaseSettings):
+class GatewaySettings(StorageSettings, JobQueueSettings):
     model_config = SettingsConfigDict(env_prefix="TUNEGATE_GATEWAY_", extra="ignore",
                                       populate_by_name=True)
 
@@ -28,12 +25,6 @@ class GatewaySettings(BaseSettings):
     # Engine replicas: base URLs, comma-separated in the environment.
     engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [
         "http://127.0.0.1:8001"])
-    data_dir: Path = Field(default_factory=_data_dir,
-                           validation_alias=AliasChoices("data_dir", "TUNEGATE_DATA_DIR"))
-    database_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("database_url", "TUNEGATE_DATABASE_URL"))
-    artifact_store: str | None = Field(  # local path or fsspec URL; default <data_dir>/artifacts
-        default=None, validation_alias=AliasChoices("artifact_store", "TUNEGATE_ARTIFACT_STORE"))
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices(
         "redis_url", "TUNEGATE_GATEWAY_REDIS_URL", "REDIS_URL"))
 
@@ -100,11 +91,3 @@ class GatewaySettings(BaseSettings):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"sample rate of {name!r} must be between 0 and 1")
         return v
-
-    @property
-    def db_url(self) -> str:
-        return database_url(self.data_dir, self.database_url)
-
-    @property
-    def store(self) -> str:
-        return self.artifact_store or str(self.data_dir / "artifacts")

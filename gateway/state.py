@@ -17,7 +17,7 @@ from gateway.settings import GatewaySettings
 from gateway.traffic_sampler import Sampler
 from gateway.upstream import Upstream
 from shared.db import Database
-from shared.registry import Registry, ResolvedModel, StoreSettings
+from shared.registry import Registry, ResolvedModel
 from shared.replicas import ReplicaStore
 
 if TYPE_CHECKING:
@@ -47,9 +47,7 @@ class GatewayState:
     async def open(cls, settings: GatewaySettings, metrics: Metrics) -> GatewayState:
         db = Database(settings.db_url)
         replicas = ReplicaStore(db)
-        # fsspec options (an S3 endpoint, ...) from TUNEGATE_ARTIFACT_STORE_OPTIONS.
-        registry = Registry(db, settings.store,
-                            storage_options=StoreSettings().artifact_store_options)
+        registry = Registry.from_settings(db, settings)
         upstream = Upstream(connect_timeout_s=settings.connect_timeout_s,
                             request_timeout_s=settings.request_timeout_s,
                             max_connections=settings.max_connections)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -38,23 +37,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from shared.settings import CommonSettings
+from shared.settings import StorageSettings
 
 DB_FILE = "tunegate.db"
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-class DatabaseSettings(CommonSettings):
-    """``TUNEGATE_DATABASE_URL``; unset means SQLite at ``$TUNEGATE_DATA_DIR/tunegate.db``."""
-
-    database_url: str | None = Field(default=None)
-
-    @property
-    def url(self) -> str:
-        return database_url(self.data_dir, self.database_url)
 
 
 def database_url(data_dir: Path, url: str | None = None) -> str:
@@ -182,8 +171,8 @@ class Database:
             self.create_all()
 
     @classmethod
-    def from_settings(cls, settings: DatabaseSettings | None = None) -> Database:
-        return cls((settings or DatabaseSettings()).url)
+    def from_settings(cls, settings: StorageSettings | None = None) -> Database:
+        return cls((settings or StorageSettings()).db_url)
 
     def create_all(self) -> None:
         Base.metadata.create_all(self.engine)

@@ -24,7 +24,7 @@ Rules:
 - Every registration moves the ``latest`` alias. ``stable`` and ``canary`` move only by
   ``set_alias`` (the trainer's gate, the promotion loop, an operator).
 - Model names: ``base``; ``NAME`` (= ``NAME:stable``); ``NAME:ALIAS``; ``NAME@vN`` (or ``NAME@N``).
-- Stores: a local folder, or an S3-compatible bucket through fsspec/s3fs (``StoreSettings``:
+- Stores: a local folder, or an S3-compatible bucket through fsspec/s3fs (``StorageSettings``:
   ``TUNEGATE_ARTIFACT_STORE=s3://bucket/prefix`` and ``TUNEGATE_ARTIFACT_STORE_OPTIONS`` with
   the endpoint and credentials). Engines load adapters from a local folder: ``materialize``
   downloads a version once into a local cache (versions are immutable, so the copy never goes
@@ -40,14 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from shared.artifact_store import ADAPTERS_DIR, MANIFEST_FILE, ArtifactStore
 from shared.db import Adapter, AdapterVersion, Alias, AliasEvent, Database, utcnow
 from shared.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
-from shared.settings import CommonSettings
+from shared.settings import StorageSettings
 
 BASE = "base"
 ALIASES = ("latest", "stable", "canary")
@@ -120,30 +119,19 @@ def parse_model_name(model: str) -> tuple[str, str | None, int | None]:
     return model, "stable", None
 
 
-class StoreSettings(CommonSettings):
-    """Where adapter artifacts live: ``TUNEGATE_ARTIFACT_STORE``, a local path or an fsspec URL
-    (``s3://bucket/prefix``; default ``$TUNEGATE_DATA_DIR/artifacts``), and
-    ``TUNEGATE_ARTIFACT_STORE_OPTIONS``, a JSON object of fsspec storage options, for an
-    S3-compatible server for example ``{"endpoint_url": "http://minio:9000", "key": "...",
-    "secret": "..."}`` (s3fs names; credentials may also come from the usual AWS variables)."""
-
-    artifact_store: str | None = None
-    artifact_store_options: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def store(self) -> str:
-        return self.artifact_store or str(self.data_dir / "artifacts")
-
-    def registry(self, db: Database) -> Registry:
-        return Registry(db, self.store, storage_options=self.artifact_store_options)
-
-
 class Registry:
     def __init__(self, db: Database, store: str,
                  storage_options: dict[str, Any] | None = None) -> None:
         self.db = db
         self.store = ArtifactStore(store, storage_options)
         self.store.makedirs(ADAPTERS_DIR)
+
+    @classmethod
+    def from_settings(cls, db: Database, settings: StorageSettings | None = None) -> Registry:
+        """The registry at ``TUNEGATE_ARTIFACT_STORE`` with ``TUNEGATE_ARTIFACT_STORE_OPTIONS``
+        (``shared.settings.StorageSettings``)."""
+        settings = settings or StorageSettings()
+        return cls(db, settings.store_url, storage_options=settings.artifact_store_options)
 
     # ---- artifacts -------------------------------------------------------------------------
     def materialize(self, model: str, cache_dir: str | Path) -> Path:

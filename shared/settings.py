@@ -1,26 +1,54 @@
-"""Settings common to every tunegate process. Each package adds its own settings class
-(``engine.settings``, ``gateway.settings``, ...); only settings classes read the environment."""
+"""Storage settings common to every tunegate process: the data folder, the database, the artifact
+store, and the files kept in the data folder. Each package adds its own settings class
+(``engine.settings``, ``gateway.settings``, ...); only settings classes read the environment.
+
+The gateway's and the trainer's settings classes extend :class:`StorageSettings`, so each of these
+variables is read under one name by every process."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The local admin key `tunegate up` makes once (mode 0600), read by `tunegate demo`, the engine's
+# self-registration and the monitor's replays when no key is given.
+LOCAL_KEY_FILE = "local-admin.key"
 
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "tunegate"
 
 
-class CommonSettings(BaseSettings):
-    """Where tunegate keeps models, adapters, records and logs (``TUNEGATE_DATA_DIR``)."""
+class StorageSettings(BaseSettings):
+    """Where tunegate keeps models, adapters, records and logs."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNEGATE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TUNEGATE_", extra="ignore",
+                                      populate_by_name=True)
 
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        validation_alias=AliasChoices("data_dir", "TUNEGATE_DATA_DIR"),
+        description="The data folder: models, the SQLite database, artifacts, uploaded files, "
+                    "job folders, logs.")
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("database_url", "TUNEGATE_DATABASE_URL"),
+        description="SQLAlchemy URL of the records (keys, adapters, jobs, traffic); "
+                    "postgresql:// maps to psycopg 3. Unset: SQLite at <data_dir>/tunegate.db.")
+    artifact_store: str | None = Field(
+        default=None, validation_alias=AliasChoices("artifact_store", "TUNEGATE_ARTIFACT_STORE"),
+        description="Where adapter versions live: a local path or an fsspec URL "
+                    "(s3://bucket/prefix). Unset: <data_dir>/artifacts.")
+    artifact_store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("artifact_store_options",
+                                      "TUNEGATE_ARTIFACT_STORE_OPTIONS"),
+        description='fsspec storage options as a JSON object, e.g. {"endpoint_url": '
+                    '"http://minio:9000", "key": "...", "secret": "..."} (s3fs names; '
+                    "credentials may also come from the usual AWS variables).")
 
     @property
     def models_dir(self) -> Path:
@@ -29,3 +57,17 @@ class CommonSettings(BaseSettings):
     @property
     def default_model_dir(self) -> Path:
         return self.models_dir / DEFAULT_MODEL_NAME
+
+    @property
+    def local_key_file(self) -> Path:
+        return self.data_dir / LOCAL_KEY_FILE
+
+    @property
+    def db_url(self) -> str:
+        from shared.db import database_url
+
+        return database_url(self.data_dir, self.database_url)
+
+    @property
+    def store_url(self) -> str:
+        return self.artifact_store or str(self.data_dir / "artifacts")

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from shared.settings import CommonSettings
+from shared.settings import StorageSettings
 from tests.procs import redis_server
 
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
-    path = CommonSettings().default_model_dir
+    path = StorageSettings().default_model_dir
     if not (path / "tunegate-model.json").is_file():
         pytest.fail(f"default model missing at {path}: run `tunegate models pull` first")
     return path

@@ -61,10 +61,11 @@ def validate(
 @app.command()
 def follow(job_id: str, poll_s: float = 1.0) -> None:
     """Follow a job's progress from the records database, with a progress bar."""
-    from shared.db import Database, DatabaseSettings
+    from shared.db import Database
     from shared.job_records import TERMINAL, JobStore
+    from shared.settings import StorageSettings
 
-    store = JobStore(Database.from_settings(DatabaseSettings()))
+    store = JobStore(Database.from_settings(StorageSettings()))
     last_id: int | None = None
     bar = None
     done = 0

@@ -47,10 +47,9 @@ class DemoOptions:
 
 
 def default_api_key() -> str:
-    from shared.settings import CommonSettings
-    from tunegate.up import LOCAL_KEY_FILE
+    from shared.settings import StorageSettings
 
-    path = CommonSettings().data_dir / LOCAL_KEY_FILE
+    path = StorageSettings().local_key_file
     if not path.is_file():
         raise SystemExit(f"no API key given and no {path}: start `tunegate up` first, "
                          "or pass --api-key")

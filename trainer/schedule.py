@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.settings import LOCAL_KEY_FILE
 from trainer.settings import TrainerSettings
 
 JOBS = ("quality_monitor", "shadow_evaluation", "promotion_tick")
@@ -113,21 +114,20 @@ async def promotion_tick(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
 def _api_key(settings: MonitorSettings, data_dir: Path) -> str | None:
     if settings.api_key:
         return settings.api_key
-    path = data_dir / "local-admin.key"
+    path = data_dir / LOCAL_KEY_FILE
     return path.read_text().strip() if path.is_file() else None
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    from shared.db import Database, DatabaseSettings
+    from shared.db import Database
     from shared.promotion import Promotions
-    from shared.registry import Registry, StoreSettings
+    from shared.registry import Registry
     from trainer.monitor import MonitorContext
 
     trainer: TrainerSettings = ctx["settings"]
     ms: MonitorSettings = ctx["monitor_settings"]
-    db = Database.from_settings(DatabaseSettings(data_dir=trainer.data_dir))
-    registry = Registry(db, trainer.store_url,
-                        storage_options=StoreSettings().artifact_store_options)
+    db = Database.from_settings(trainer)
+    registry = Registry.from_settings(db, trainer)
     ctx["monitor"] = MonitorContext(
         db=db, registry=registry, promotions=Promotions(db, registry), redis=ctx.get("redis"),
         gateway_url=ms.gateway_url, api_key=_api_key(ms, trainer.data_dir),

@@ -1,18 +1,21 @@
-"""What the trainer reads from the environment. Only this class reads it."""
+"""What the trainer reads from the environment. Only this class reads it (the storage variables
+and the queue name through the shared classes it extends)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from shared.settings import CommonSettings
+from shared.job_queue import JobQueueSettings
+from shared.settings import StorageSettings
 from shared.traffic_records import STREAM
 
 
-class TrainerSettings(BaseSettings):
-    """``TUNEGATE_TRAINER_*`` variables; ``REDIS_URL`` names the queue."""
+class TrainerSettings(StorageSettings, JobQueueSettings):
+    """``TUNEGATE_TRAINER_*`` variables; ``REDIS_URL`` names the queue's Redis; storage
+    (``TUNEGATE_DATA_DIR``, ...) from ``StorageSettings``."""
 
     model_config = SettingsConfigDict(
         env_prefix="TUNEGATE_TRAINER_", extra="ignore", populate_by_name=True
@@ -22,18 +25,8 @@ class TrainerSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "TUNEGATE_TRAINER_REDIS_URL"),
     )
-    # Where registered adapters live (local path or fsspec URL), as the gateway reads it.
-    artifact_store: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices("TUNEGATE_ARTIFACT_STORE", "TUNEGATE_TRAINER_ARTIFACT_STORE"),
-    )
     # False: train and evaluate, never touch the registry (benchmarks).
     register_adapters: bool = True
-    queue_name: str = "tunegate:trainer"
-    data_dir: Path = Field(
-        default_factory=lambda: CommonSettings().data_dir,
-        validation_alias=AliasChoices("TUNEGATE_DATA_DIR", "TUNEGATE_TRAINER_DATA_DIR"),
-    )
     # A training job may run for hours on CPU; arq cancels a job at this limit (seconds).
     job_timeout_s: int = 6 * 3600
     # One job at a time per worker: a job uses every core (CPU) or the whole GPU.
@@ -50,10 +43,6 @@ class TrainerSettings(BaseSettings):
         "TUNEGATE_TRAFFIC_STREAM", "TUNEGATE_TRAINER_TRAFFIC_STREAM", "traffic_stream"))
     ingest_traffic: bool = True
     ingest_interval_s: float = 1.0
-
-    @property
-    def store_url(self) -> str:
-        return self.artifact_store or str(self.data_dir / "artifacts")
 
     @property
     def jobs_dir(self) -> Path:

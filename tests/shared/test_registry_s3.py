@@ -11,7 +11,8 @@ import pytest
 
 from shared.db import Database
 from shared.errors import Conflict, ModelNotFound
-from shared.registry import MANIFEST_FILE, Registry, StoreSettings
+from shared.registry import MANIFEST_FILE, Registry
+from shared.settings import StorageSettings
 from tests.procs import free_port, run_server
 
 s3fs = pytest.importorskip("s3fs")
@@ -28,15 +29,15 @@ def s3_endpoint() -> Iterator[str]:
 
 @pytest.fixture
 def reg(tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Registry:
-    # The store as an operator configures it: environment variables read by StoreSettings.
+    # The store as an operator configures it: environment variables read by StorageSettings.
     bucket = f"tunegate-{tmp_path.name.lower().replace('_', '-')[:40]}"
     monkeypatch.setenv("TUNEGATE_ARTIFACT_STORE", f"s3://{bucket}/store")
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
     monkeypatch.setenv("TUNEGATE_ARTIFACT_STORE_OPTIONS", json.dumps(options))
     s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir(bucket)  # the operator's bucket
-    settings = StoreSettings(data_dir=tmp_path)
-    assert settings.store == f"s3://{bucket}/store"
-    return settings.registry(Database(f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    settings = StorageSettings(data_dir=tmp_path)
+    assert settings.store_url == f"s3://{bucket}/store"
+    return Registry.from_settings(Database(f"sqlite:///{tmp_path / 'db.sqlite'}"), settings)
 
 
 def stage(reg: Registry, rel: str, payload: str) -> str:

@@ -17,20 +17,15 @@ from arq.connections import RedisSettings
 from sqlalchemy import update
 
 from shared.data import write_jsonl
-from shared.db import Database, DatabaseSettings
+from shared.db import Database
+from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import FineTuningJob, JobStore
 from shared.job_spec import TrainSpec
 from shared.registry import Registry
+from shared.settings import StorageSettings
 from trainer.data_sources import build_splits
 from trainer.settings import TrainerSettings
-from trainer.worker import (
-    cancel_training,
-    create_worker,
-    enqueue_training,
-    new_job_id,
-    shutdown,
-    startup,
-)
+from trainer.worker import create_worker, shutdown, startup
 
 
 @pytest.fixture
@@ -41,7 +36,7 @@ async def system(
         redis_url=redis_url, data_dir=tmp_path, progress_interval_s=0.0,
         queue_name=f"tunegate:test:{secrets.token_hex(4)}",  # never meets another worker's jobs
     )
-    db = Database(DatabaseSettings(data_dir=tmp_path).url)
+    db = Database(StorageSettings(data_dir=tmp_path).db_url)
     train, golden = build_splits(n_train=120, n_golden=8, seed=0)
     pool = await create_pool(RedisSettings.from_dsn(redis_url))
     worker = create_worker(settings, handle_signals=False)
