@@ -25,9 +25,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anyio import to_thread
 from prometheus_client import Counter
@@ -37,11 +37,31 @@ from shared.promotion import Promotions, Route
 from shared.registry import ResolvedModel
 
 if TYPE_CHECKING:
-    from gateway.serving import Call
+    from gateway.auth import KeyInfo
+    from gateway.upstream import UpstreamResponse
 
 log = logging.getLogger("tunegate.gateway.promotion")
 COUNTS_KEY = "tunegate:promotion:{id}"
 COUNTS_TTL_S = 30 * 24 * 3600  # counters of a finished promotion expire after 30 days
+
+
+class Call(Protocol):
+    """What mirroring reads of the live request (``gateway.serving.Call``); a protocol, so this
+    module does not depend on the request path that calls it."""
+
+    key: KeyInfo
+    route: str
+    body: dict[str, Any]
+    resolved: ResolvedModel
+
+    @property
+    def request_id(self) -> str: ...
+
+
+# Sends a copy: the body and the candidate in, the engine's answer and its release out
+# (``gateway.serving.send`` over the live request with those two replaced).
+SendCopy = Callable[[dict[str, Any], ResolvedModel],
+                    Awaitable[tuple["UpstreamResponse", Callable[[], None], str]]]
 
 
 def counts_key(promotion_id: int) -> str:
@@ -143,35 +163,31 @@ class PromotionRouting:
         if r is not None and err.status >= 500:
             self.count(r, lane, "errors")
 
-    def mirror(self, call: Call, r: Route, record: Callable[[dict[str, Any]], Any] | None,
-               ) -> None:
-        """Send a copy of ``call`` to the candidate in the background (bounded)."""
+    def mirror(self, call: Call, r: Route, send: SendCopy,
+               record: Callable[[dict[str, Any]], Any] | None) -> None:
+        """Send a copy of ``call`` to the candidate in the background (bounded) with ``send``;
+        ``record`` gets the shadow row (``shadow_record``)."""
         if sum(1 for t in self._shadows if t.get_name() == "shadow") >= self.max_shadow:
             self.shadow_requests.labels("dropped").inc()
             return
         # Copied now: the live request's body is changed on its way upstream (model name).
         body = copy.deepcopy(call.body)
-        task = asyncio.create_task(self._shadow(call, body, r, record), name="shadow")
+        task = asyncio.create_task(self._shadow(call, body, r, send, record), name="shadow")
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    async def _shadow(self, live: Call, body: dict[str, Any], r: Route,
+    async def _shadow(self, live: Call, body: dict[str, Any], r: Route, send: SendCopy,
                       record: Callable[[dict[str, Any]], Any] | None) -> None:
-        from gateway.serving import send
-
         body["stream"] = False
         body.pop("stream_options", None)
         candidate = self._candidates.get(r.promotion_id)
         if candidate is None:
             return
-        call = replace(live, body=body, stream=False, resolved=candidate, reservation=None,
-                       start=time.perf_counter(), promotion=None, lane="shadow", sample=None,
-                       # The engine sees its own id for the copy; the sample keeps the live one.
-                       upstream_request_id=f"{live.request_id}-shadow")
+        start = time.perf_counter()
         self.count(r, "shadow", "requests")
         status, text = 200, ""
         try:
-            resp, release, _ = await send(call)
+            resp, release, _ = await send(body, candidate)
             try:
                 data = json.loads(await resp.read())
             finally:
@@ -190,7 +206,7 @@ class PromotionRouting:
         if record is not None:
             try:
                 record(shadow_record(live, candidate, body, text, status,
-                                     (time.perf_counter() - call.start) * 1000))
+                                     (time.perf_counter() - start) * 1000))
             except Exception:
                 log.exception("recording a shadow answer failed")
 

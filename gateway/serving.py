@@ -7,10 +7,11 @@ OpenAI answering with a dated snapshot: clients see exactly which version served
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -123,8 +124,19 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
     call.reservation = await state.quotas.reserve(key, estimate_tokens(chars, max_tokens))
     state.sampler.consider(call)
     if promo is not None and canary is None and (shadow := promo.shadow_route(model, resolved)):
-        promo.mirror(call, shadow, state.sampler.submit)
+        promo.mirror(call, shadow, functools.partial(send_copy, call), state.sampler.submit)
     return call
+
+
+async def send_copy(live: Call, body: dict[str, Any], candidate: ResolvedModel,
+                    ) -> tuple[UpstreamResponse, Callable[[], None], str]:
+    """Send a shadow copy of ``live`` (``body``, to ``candidate``): never streamed, no quota, no
+    sample of its own (the promotion records its answer)."""
+    call = replace(live, body=body, stream=False, resolved=candidate, reservation=None,
+                   start=time.perf_counter(), promotion=None, lane="shadow", sample=None,
+                   # The engine sees its own id for the copy; the sample keeps the live one.
+                   upstream_request_id=f"{live.request_id}-shadow")
+    return await send(call)
 
 
 async def send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:

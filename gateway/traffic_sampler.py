@@ -42,7 +42,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.metrics import Metrics
 from gateway.scrub import load_scrubber, scrub_value
@@ -53,11 +53,28 @@ if TYPE_CHECKING:
     from fastapi import Request
 
     from gateway.auth import KeyInfo
-    from gateway.serving import Call
+    from shared.registry import ResolvedModel
 
 log = logging.getLogger("tunegate.gateway.sampling")
 
 SAMPLED_HEADER = (b"x-tunegate-sampled", b"1")
+
+
+class Call(Protocol):
+    """What the sampler reads of a request on its way (``gateway.serving.Call``); a protocol, so
+    this module does not depend on the request path that calls it."""
+
+    request: Request
+    key: KeyInfo
+    route: str
+    body: dict[str, Any]
+    resolved: ResolvedModel
+    start: float
+    lane: str
+    sample: dict[str, Any] | None
+
+    @property
+    def request_id(self) -> str: ...
 _BATCH = 500  # records per pipelined write
 
 
