@@ -10,7 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.embedded.token_sampling import SamplingParams
 from engine.errors import BadRequestError
 
 
@@ -72,17 +71,6 @@ class SamplingFields(BaseModel):
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [x for x in stops if x]
-
-    def sampling(self, *, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            stop=self.stop_list(),
-            seed=self.seed,
-            logprobs=logprobs,
-            ignore_eos=self.ignore_eos,
-        )
 
 
 class CompletionRequest(SamplingFields):

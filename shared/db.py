@@ -37,23 +37,12 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from shared.settings import StorageSettings
-
-DB_FILE = "tunegate.db"
+# database_url and DB_FILE live with the storage settings; callers may import them from here.
+from shared.settings import DB_FILE, StorageSettings, database_url  # noqa: F401
 
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-def database_url(data_dir: Path, url: str | None = None) -> str:
-    """The URL to use: ``url`` when given, else SQLite in ``data_dir``. A bare
-    ``postgresql://`` URL is mapped to the psycopg 3 driver."""
-    if url:
-        if url.startswith("postgresql://") or url.startswith("postgres://"):
-            url = "postgresql+psycopg://" + url.split("://", 1)[1]
-        return url
-    return f"sqlite:///{Path(data_dir) / DB_FILE}"
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

@@ -17,6 +17,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # The local admin key `tunegate up` makes once (mode 0600), read by `tunegate demo`, the engine's
 # self-registration and the monitor's replays when no key is given.
 LOCAL_KEY_FILE = "local-admin.key"
+DB_FILE = "tunegate.db"  # the SQLite database in the data folder, when no URL is given
 
 
 def _default_data_dir() -> Path:
@@ -64,10 +65,18 @@ class StorageSettings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        from shared.db import database_url
-
         return database_url(self.data_dir, self.database_url)
 
     @property
     def store_url(self) -> str:
         return self.artifact_store or str(self.data_dir / "artifacts")
+
+
+def database_url(data_dir: Path, url: str | None = None) -> str:
+    """The URL to use: ``url`` when given, else SQLite in ``data_dir``. A bare
+    ``postgresql://`` URL is mapped to the psycopg 3 driver."""
+    if url:
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+    return f"sqlite:///{Path(data_dir) / DB_FILE}"

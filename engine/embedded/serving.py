@@ -18,12 +18,26 @@ from engine.embedded.async_engine import AsyncEngine
 from engine.embedded.scheduler import StepOutput
 from engine.embedded.token_sampling import SamplingParams, TokenChoice
 from engine.errors import BadRequestError, ModelDoesNotExist
-from engine.protocol import ChatCompletionRequest, CompletionRequest
+from engine.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from shared.errors import TunegateError
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
 LOGPROB_FLOOR = -9999.0  # vLLM clips -inf logprobs to this so the JSON stays valid
 SYSTEM_FINGERPRINT = "tunegate-embedded"
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int,
+                    logprobs: int | None) -> SamplingParams:
+    """The engine's sampling parameters for a request (vLLM's defaults where a field is unset)."""
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop_list(),
+        seed=req.seed,
+        logprobs=logprobs,
+        ignore_eos=req.ignore_eos,
+    )
 
 
 @dataclass
@@ -105,7 +119,7 @@ class OpenAIServing:
         max_tokens = self._max_tokens(req.max_tokens, len(ids))
         return Prepared(f"cmpl-{request_id or uuid.uuid4().hex[:16]}", int(time.time()),
                         req.model or self.model_name, key, ids,
-                        req.sampling(max_tokens=max_tokens, logprobs=req.logprobs))
+                        sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs))
 
     def prepare_chat(self, req: ChatCompletionRequest, request_id: str | None) -> Prepared:
         req.check(self.max_model_len, self.max_logprobs)
@@ -126,7 +140,7 @@ class OpenAIServing:
         max_tokens = self._max_tokens(asked, len(ids))
         return Prepared(f"chatcmpl-{request_id or uuid.uuid4().hex[:16]}", int(time.time()),
                         req.model or self.model_name, key, ids,
-                        req.sampling(max_tokens=max_tokens, logprobs=logprobs))
+                        sampling_params(req, max_tokens=max_tokens, logprobs=logprobs))
 
     # -- running -------------------------------------------------------------------------------
 
