@@ -169,7 +169,7 @@ def plugin_section() -> list[str]:
                     and isinstance(node.targets[0], ast.Name)
                     and node.targets[0].id.endswith("_ENV")
                     and isinstance(node.value, ast.Constant)):
-                rows.append((node.value.value, path.name))
+                rows.append((str(node.value.value), path.name))
     seen: dict[str, list[str]] = {}
     for var, file in rows:
         seen.setdefault(var, []).append(file)
