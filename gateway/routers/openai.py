@@ -48,8 +48,8 @@ async def _proxy(request: Request, key: Any, state: Any, route: str, field: str)
 
 
 # The two hot routes authenticate inside the handler instead of through ``Depends``: FastAPI's
-# dependency solving is a measurable share of the gateway's per-request CPU (see the report in
-# bench/gateway_overhead.py); the checks are the same functions as everywhere else.
+# dependency solving is a measurable share of the gateway's per-request CPU (bench/README.md,
+# gateway overhead); the checks are the same functions as everywhere else.
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     key = await current_key(request)
