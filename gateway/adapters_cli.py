@@ -6,7 +6,9 @@ like ``tunegate keys``. Running gateways see a moved alias within twice their ca
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -21,6 +23,17 @@ def _registry() -> Any:
 
     settings = StorageSettings()
     return Registry.from_settings(Database(settings.db_url), settings)
+
+
+@contextlib.contextmanager
+def _failing() -> Iterator[None]:
+    """A registry or promotion error becomes a message on stderr and exit code 2."""
+    from shared.errors import TunegateError
+
+    try:
+        yield
+    except TunegateError as exc:
+        raise _fail(exc) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -48,13 +61,9 @@ def list_adapters(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command()
 def show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """An adapter's versions (hash, golden score, job) and its alias history."""
-    from shared.errors import TunegateError
-
     reg = _registry()
-    try:
+    with _failing():
         info = reg.get_adapter(name)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     history = reg.alias_history(name)
     if as_json:
         typer.echo(json.dumps({**info, "history": history}))
@@ -80,12 +89,8 @@ def rollback(
     reason: str = typer.Option("operator rollback", help="Recorded in the alias history"),
 ) -> None:
     """Move ALIAS back to the version it held before its last move (repeat to go further)."""
-    from shared.errors import TunegateError
-
-    try:
+    with _failing():
         version = _registry().rollback(name, alias, reason=reason)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     typer.echo(f"{name}:{alias} -> {name}@v{version}")
 
 
@@ -96,17 +101,14 @@ def promote(
     reason: str = typer.Option("operator promotion", help="Recorded in the alias history"),
 ) -> None:
     """Point ALIAS at the version NAME@vN."""
-    from shared.errors import TunegateError
     from shared.registry import parse_model_name
 
-    try:
+    with _failing():
         name, _, version = parse_model_name(ref)
         if version is None:
             typer.echo(f"error: {ref!r} is not NAME@vN", err=True)
             raise typer.Exit(2)
         _registry().set_alias(name, alias, version, reason=reason)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     typer.echo(f"{name}:{alias} -> {name}@v{version}")
 
 
@@ -143,49 +145,34 @@ def promotion_start(
     reason: str = typer.Option("started by an operator"),
 ) -> None:
     """Start promoting NAME@vN (state candidate; the monitor's gates move it on)."""
-    from shared.errors import TunegateError
     from shared.promotion import parse_ref
 
-    try:
+    with _failing():
         name, version = parse_ref(ref)
         p = _promotions().start(name, version, actor="cli", reason=reason,
                                 shadow_fraction=shadow_fraction, canary_weight=canary_weight)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     _print_promotion(p, False)
 
 
 @promotion_app.command("show")
 def promotion_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """NAME's current (or last) promotion and every promotion event of NAME."""
-    from shared.errors import TunegateError
-
-    try:
+    with _failing():
         p = _promotions().get(name)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     _print_promotion(p, as_json)
 
 
 @promotion_app.command("promote")
 def promotion_promote(name: str, reason: str = typer.Option("by an operator")) -> None:
     """Move NAME's promotion one step forward by hand (the gates are skipped)."""
-    from shared.errors import TunegateError
-
-    try:
+    with _failing():
         p = _promotions().advance(name, actor="cli", reason=reason)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     typer.echo(f"{p['ref']}: {p['from_state']} -> {p['state']}")
 
 
 @promotion_app.command("rollback")
 def promotion_rollback(name: str, reason: str = typer.Option("by an operator")) -> None:
     """Stop NAME's promotion: reject the candidate, roll back its canary, or move stable back."""
-    from shared.errors import TunegateError
-
-    try:
+    with _failing():
         p = _promotions().stop(name, actor="cli", reason=reason)
-    except TunegateError as exc:
-        raise _fail(exc) from None
     typer.echo(f"{p['ref']}: {p['from_state']} -> {p['state']}")
