@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,40 +76,35 @@ def cron_times(interval_s: int) -> dict[str, Any] | None:
     return {"minute": set(range(0, 60, interval_s // 60)), "second": 0}
 
 
-def _lock(ctx: dict[str, Any], job: str) -> asyncio.Lock:
-    # A run that outlasts its interval (a long replay) makes the next one skip, not pile up.
+async def _alone(ctx: dict[str, Any], job: str,
+                 run: Callable[[], Awaitable[list[dict[str, Any]]]]) -> list[dict[str, Any]] | str:
+    """``run()``, unless the previous run of ``job`` is still going: a run that outlasts its
+    interval (a long replay) makes the next one skip, not pile up."""
     locks: dict[str, asyncio.Lock] = ctx.setdefault("monitor_locks", {})
-    return locks.setdefault(job, asyncio.Lock())
+    lock = locks.setdefault(job, asyncio.Lock())
+    if lock.locked():
+        return "skipped: the previous run is still going"
+    async with lock:
+        return await run()
 
 
 async def quality_monitor(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     from trainer.monitor import run_quality
 
-    lock = _lock(ctx, "quality_monitor")
-    if lock.locked():
-        return "skipped: the previous run is still going"
-    async with lock:
-        return await asyncio.to_thread(run_quality, ctx["monitor"])
+    return await _alone(ctx, "quality_monitor",
+                        lambda: asyncio.to_thread(run_quality, ctx["monitor"]))
 
 
 async def shadow_evaluation(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     from trainer.monitor import run_shadow
 
-    lock = _lock(ctx, "shadow_evaluation")
-    if lock.locked():
-        return "skipped: the previous run is still going"
-    async with lock:
-        return await run_shadow(ctx["monitor"])
+    return await _alone(ctx, "shadow_evaluation", lambda: run_shadow(ctx["monitor"]))
 
 
 async def promotion_tick(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     from trainer.monitor import run_tick
 
-    lock = _lock(ctx, "promotion_tick")
-    if lock.locked():
-        return "skipped: the previous run is still going"
-    async with lock:
-        return await run_tick(ctx["monitor"])
+    return await _alone(ctx, "promotion_tick", lambda: run_tick(ctx["monitor"]))
 
 
 def _api_key(settings: MonitorSettings, data_dir: Path) -> str | None:
