@@ -35,7 +35,7 @@ class CancelFlag(threading.Event):
     reason: str = "cancelled"
 
 
-class Registrar(Protocol):
+class AdapterRegistry(Protocol):
     """What the pipeline needs of ``shared.registry.Registry``."""
 
     store: ArtifactStore
@@ -100,7 +100,7 @@ def validate_training(spec: TrainSpec, path: str, count: Any) -> ValidationRepor
     )
 
 
-def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: list[Any],
+def stable_score(registry: AdapterRegistry, spec: TrainSpec, golden_sha: str, golden: list[Any],
                  scorer: str | None, work_dir: Path) -> tuple[float | None, str | None]:
     """The current ``stable`` version's score on this golden set: the recorded one when its
     manifest was scored on the same golden file and scorer, else measured now."""
@@ -121,7 +121,7 @@ def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: 
     return report.score, info.ref
 
 
-def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, work_dir: Path,
+def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | None, work_dir: Path,
             cancel: threading.Event, progress_interval_s: float = 2.0) -> JobOutcome:
     job_id = spec.job_id
     hooks = JobHooks(store, job_id, cancel, progress_interval_s)
@@ -240,7 +240,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
             "message": f"{type(exc).__name__}: {exc}", "code": "training_error", "param": None}))
 
 
-def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: dict[str, Any],
+def register(registry: AdapterRegistry, spec: TrainSpec, adapter_dir: Path, result: dict[str, Any],
              golden_report: Any, eval_report: EvalReport) -> str:
     """Copy the adapter to ``staging/<job id>`` in the store and register it (moves nothing
     but ``latest``; :func:`hand_over` decides the rest)."""
@@ -267,7 +267,7 @@ def register(registry: Registrar, spec: TrainSpec, adapter_dir: Path, result: di
     return str(info.ref)
 
 
-def hand_over(registry: Registrar, spec: TrainSpec, ref: str) -> str:
+def hand_over(registry: AdapterRegistry, spec: TrainSpec, ref: str) -> str:
     """After the gate: the first version of a name becomes ``stable`` at once; a later one
     enters promotion as a ``candidate`` (``shared.promotion``), unless promotions are off
     (``TUNEGATE_PROMOTION_ENABLED=false``: ``stable`` moves at once). Returns what happened."""
