@@ -35,7 +35,8 @@ def pg() -> Database:
     with db.engine.begin() as c:
         c.execute(text(f"CREATE SCHEMA {schema}"))
     db.dispose()
-    db = Database(database_url(Path("."), PG_URL) + f"?options=-csearch_path%3D{schema}")
+    db = Database(database_url(Path("."), PG_URL) + f"?options=-csearch_path%3D{schema}",
+                  auto_migrate=True)
     yield db
     db.dispose()
     admin = Database(database_url(Path("."), PG_URL), create=False)
