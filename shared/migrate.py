@@ -104,8 +104,9 @@ def auto_migrate_setting() -> bool | None:
     return DatabaseSettings().database_auto_migrate
 
 
-def alembic_config(connection: Connection | None = None,
-                   metadata: sa.MetaData | None = None) -> Config:
+def alembic_config(
+    connection: Connection | None = None, metadata: sa.MetaData | None = None
+) -> Config:
     """An Alembic config for the shipped revisions; ``connection`` is the one they run on."""
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
@@ -146,7 +147,8 @@ def status_of(conn: Connection) -> SchemaStatus:
     current = MigrationContext.configure(conn).get_current_revision()
     scripts = script()
     unversioned = current is None and any(
-        sa.inspect(conn).has_table(t) for t in first_schema().tables)
+        sa.inspect(conn).has_table(t) for t in first_schema().tables
+    )
     known = current is None or _has_revision(scripts, current)
     return SchemaStatus(current, head_revision(), unversioned, known)
 
@@ -163,8 +165,12 @@ def ensure_schema(engine: Engine, auto_migrate: bool | None = None) -> SchemaSta
     if found.at_head:
         return found
     if not found.known:
-        log.warning("database schema at revision %s, which this code does not ship (its head is "
-                    "%s): a newer release migrated it; running on it", found.current, found.head)
+        log.warning(
+            "database schema at revision %s, which this code does not ship (its head is "
+            "%s): a newer release migrated it; running on it",
+            found.current,
+            found.head,
+        )
         return found
     if auto_migrate is None:
         auto_migrate = auto_migrate_setting()
@@ -175,7 +181,9 @@ def ensure_schema(engine: Engine, auto_migrate: bool | None = None) -> SchemaSta
             f"The database schema is behind this tunegate: it has {found.describe()}, this code "
             f"needs revision {found.head}. Run `tunegate db upgrade` once (same "
             f"TUNEGATE_DATABASE_URL), then start the processes; or set {_AUTO_MIGRATE_HINT} to let "
-            "a starting process migrate it (see docs/migrations.md).", code="schema_out_of_date")
+            "a starting process migrate it (see docs/migrations.md).",
+            code="schema_out_of_date",
+        )
     upgrade(engine)
     return found
 
@@ -190,8 +198,11 @@ def upgrade(engine: Engine, revision: str = "head") -> list[str]:
         added: list[str] = []
         if found.unversioned:
             added = _adopt(conn)
-            log.warning("adopted a database made before migrations at revision %s (added: %s)",
-                        FIRST_REVISION, ", ".join(added) or "nothing")
+            log.warning(
+                "adopted a database made before migrations at revision %s (added: %s)",
+                FIRST_REVISION,
+                ", ".join(added) or "nothing",
+            )
         command.upgrade(alembic_config(conn), revision)
         return added
 
@@ -239,7 +250,8 @@ def _adopt(conn: Connection) -> list[str]:
             if not col.nullable or col.primary_key:
                 raise SchemaAdoptionError(
                     f"cannot adopt this database: table {table.name} lacks the required column "
-                    f"{col.name}; it was not made by a tunegate release")
+                    f"{col.name}; it was not made by a tunegate release"
+                )
             ops.add_column(table.name, sa.Column(col.name, col.type, nullable=True))
             added.append(f"{table.name}.{col.name}")
         indexes = {i["name"] for i in insp.get_indexes(table.name)}

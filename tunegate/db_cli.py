@@ -15,8 +15,10 @@ import typer
 if TYPE_CHECKING:
     from shared.db import Database
 
-app = typer.Typer(help="Database schema: current revision, upgrade, downgrade, new revisions.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Database schema: current revision, upgrade, downgrade, new revisions.",
+    no_args_is_help=True,
+)
 
 URL_HELP = "Database URL; default: TUNEGATE_DATABASE_URL, else SQLite in TUNEGATE_DATA_DIR"
 
@@ -66,8 +68,9 @@ def upgrade(
     finally:
         db.dispose()
     if before.unversioned:
-        typer.echo("adopted a database made before migrations; added: "
-                   + (", ".join(added) or "nothing"))
+        typer.echo(
+            "adopted a database made before migrations; added: " + (", ".join(added) or "nothing")
+        )
     typer.echo(f"{before.describe()} -> {after.describe()}")
 
 
@@ -93,7 +96,8 @@ def revision(
     message: str = typer.Option(..., "-m", "--message", help="What the revision changes"),
     autogenerate: bool = typer.Option(False, help="Fill it in from the models' differences"),
     url: str | None = typer.Option(
-        None, help="Compare against this database (at head); default: a scratch SQLite database"),
+        None, help="Compare against this database (at head); default: a scratch SQLite database"
+    ),
 ) -> None:
     """(Development) Write a new revision file into shared/migrations/versions. Review it:
     autogenerate misses renames and data moves; keep it expand/contract (docs/migrations.md)."""
@@ -103,12 +107,18 @@ def revision(
     from shared.migrate import alembic_config, target_metadata
 
     with tempfile.TemporaryDirectory() as tmp:
-        db = (_database(url) if url else
-              Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True))
+        db = (
+            _database(url)
+            if url
+            else Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True)
+        )
         try:
             with db.engine.begin() as conn:
-                script = command.revision(alembic_config(conn, target_metadata()),
-                                          message=message, autogenerate=autogenerate)
+                script = command.revision(
+                    alembic_config(conn, target_metadata()),
+                    message=message,
+                    autogenerate=autogenerate,
+                )
         finally:
             db.dispose()
     scripts = script if isinstance(script, list) else [script]
@@ -118,15 +128,21 @@ def revision(
 
 
 @app.command()
-def check(url: str | None = typer.Option(
-        None, help="Compare this database; default: a scratch SQLite database at head")) -> None:
+def check(
+    url: str | None = typer.Option(
+        None, help="Compare this database; default: a scratch SQLite database at head"
+    ),
+) -> None:
     """Exit 1 when the models differ from the head revision (a model change without one)."""
     from shared.db import Database
     from shared.migrate import differences
 
     with tempfile.TemporaryDirectory() as tmp:
-        db = (_database(url) if url else
-              Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True))
+        db = (
+            _database(url)
+            if url
+            else Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True)
+        )
         try:
             diffs = differences(db.engine)
         finally:
@@ -134,7 +150,9 @@ def check(url: str | None = typer.Option(
     for d in diffs:
         typer.echo(repr(d))
     if diffs:
-        typer.echo("the models differ from the revisions: run `tunegate db revision "
-                   "--autogenerate -m MESSAGE`")
+        typer.echo(
+            "the models differ from the revisions: run `tunegate db revision "
+            "--autogenerate -m MESSAGE`"
+        )
         raise typer.Exit(1)
     typer.echo("models and revisions agree")

@@ -40,21 +40,27 @@ INDEXES = [  # name, table, columns
 ]
 
 
-def _unique_name(table: str, columns: list[str]) -> str | None:
-    """The unique constraint's current name (None: unnamed, as SQLite reflects it)."""
+def _unique(table: str, columns: list[str]) -> tuple[bool, str | None]:
+    """Whether the table has a unique constraint on ``columns`` that reflection sees, and its
+    name (None: unnamed, as SQLite reflects ``UNIQUE (a, b)``)."""
     for uc in sa.inspect(op.get_bind()).get_unique_constraints(table):
         if list(uc["column_names"]) == columns:
-            return uc["name"]
-    raise RuntimeError(f"{table} has no unique constraint on {columns}")
+            return True, uc["name"]
+    # Not seen: SQLite does not reflect a column's inline UNIQUE (older create_all output), and
+    # batch mode's copy of the table drops it; the named one below takes its place.
+    return False, None
 
 
 def _rename_unique(table: str, columns: list[str], new: str) -> None:
-    old = _unique_name(table, columns)
+    found, old = _unique(table, columns)
     # SQLite cannot alter a constraint: batch mode copies the table; the naming convention names
     # the reflected unnamed constraint so that it can be dropped. Elsewhere these run directly.
-    with op.batch_alter_table(table, naming_convention=NAMING) as batch:
-        batch.drop_constraint(old or NAMING["uq"] % {
-            "table_name": table, "column_0_N_name": "_".join(columns)}, type_="unique")
+    with op.batch_alter_table(table, naming_convention=NAMING, recreate="auto") as batch:
+        if found:
+            batch.drop_constraint(
+                old or NAMING["uq"] % {"table_name": table, "column_0_N_name": "_".join(columns)},
+                type_="unique",
+            )
         batch.create_unique_constraint(new, columns)
 
 
