@@ -9,6 +9,7 @@ models' metadata for ``--autogenerate``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from alembic import context
@@ -16,7 +17,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Connection
 
 from shared import migrate
-from shared.db import UTCDateTime
+from shared.db import UTCDateTime, database_url
 
 config = context.config
 # The models' metadata, for autogenerate and comparison only: upgrades run the revisions alone.
@@ -51,7 +52,8 @@ def _run(connection: Connection) -> None:
 
 def run() -> None:
     # `alembic -x url=... upgrade head` names another database.
-    url = context.get_x_argument(as_dictionary=True).get("url") or migrate.settings_url()
+    x_url = context.get_x_argument(as_dictionary=True).get("url")
+    url = database_url(Path("."), x_url) if x_url else migrate.settings_url()
     if context.is_offline_mode():  # `alembic upgrade --sql`: print the DDL for a DBA
         _configure(url=url, literal_binds=True)
         with context.begin_transaction():

@@ -43,6 +43,8 @@ INDEXES = [  # name, table, columns
 def _unique(table: str, columns: list[str]) -> tuple[bool, str | None]:
     """Whether the table has a unique constraint on ``columns`` that reflection sees, and its
     name (None: unnamed, as SQLite reflects ``UNIQUE (a, b)``)."""
+    if op.get_context().as_sql:  # `--sql` prints DDL without a database: PostgreSQL's names
+        return True, f"{table}_{'_'.join(columns)}_key"
     for uc in sa.inspect(op.get_bind()).get_unique_constraints(table):
         if list(uc["column_names"]) == columns:
             return True, uc["name"]
@@ -68,7 +70,7 @@ def upgrade() -> None:
     for table, columns in UNIQUES.items():
         _rename_unique(table, columns, f"uq_{table}_{'_'.join(columns)}")
     with op.batch_alter_table("api_keys") as batch:
-        batch.create_check_constraint("ck_api_keys_sample_rate", SAMPLE_RATE_CHECK)
+        batch.create_check_constraint(op.f("ck_api_keys_sample_rate"), SAMPLE_RATE_CHECK)
     for name, table, columns in INDEXES:
         op.create_index(name, table, columns)
 
@@ -77,7 +79,7 @@ def downgrade() -> None:
     for name, table, _ in reversed(INDEXES):
         op.drop_index(name, table_name=table)
     with op.batch_alter_table("api_keys") as batch:
-        batch.drop_constraint("ck_api_keys_sample_rate", type_="check")
+        batch.drop_constraint(op.f("ck_api_keys_sample_rate"), type_="check")
     for table, columns in UNIQUES.items():
         # PostgreSQL's own name for an unnamed constraint, as revision 0001 left it.
         _rename_unique(table, columns, f"{table}_{'_'.join(columns)}_key")
