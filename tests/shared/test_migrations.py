@@ -429,6 +429,9 @@ def test_processes_on_postgresql_behind_refuse_until_migrated(tmp_path: Path) ->
         port = free_port()
         gw = _tunegate(["gateway", "serve", "--port", str(port)], env, timeout=60)
         assert gw.returncode != 0 and "tunegate db upgrade" in gw.stdout + gw.stderr
+        up = _tunegate(["up", "--port", str(free_port()), "--engine-port", str(free_port())], env)
+        assert up.returncode == 2 and "tunegate db upgrade" in up.stderr
+        assert not (tmp_path / "redis").exists()  # refused before starting anything
         current = _tunegate(["db", "current"], env)
         assert current.returncode == 1 and "before schema migrations" in current.stdout
 
