@@ -458,9 +458,10 @@ def test_db_commands_on_sqlite(tmp_path: Path) -> None:
     assert now.returncode == 0 and f"revision {head}" in now.stdout
 
 
-def test_concurrent_starts_migrate_sqlite_once(tmp_path: Path) -> None:
-    url = database_url(tmp_path)
-    code = f"from shared.db import Database; Database({url!r}).dispose()"
+def test_concurrent_starts_migrate_once(url: str) -> None:
+    """Four processes open one empty database at once (allowed to migrate): one migrates, the
+    others wait for its lock and find the work done."""
+    code = f"from shared.db import Database; Database({url!r}, auto_migrate=True).dispose()"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
@@ -469,9 +470,9 @@ def test_concurrent_starts_migrate_sqlite_once(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0] * 4, errors
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == [
-            migrate.head_revision()
-        ]
+        versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
+        assert versions.all() == [migrate.head_revision()]
+    assert migrate.differences(engine) == []
     engine.dispose()
 
 
