@@ -36,6 +36,8 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
 
 from shared.errors import TunegateError
@@ -227,7 +229,7 @@ def differences(engine: Engine) -> list[Any]:
 def _has_revision(scripts: ScriptDirectory, rev: str) -> bool:
     try:
         return scripts.get_revision(rev) is not None
-    except Exception:  # alembic raises several kinds for an unknown id
+    except (CommandError, RevisionError):  # an id no revision of this code has
         return False
 
 
