@@ -6,9 +6,11 @@ unless ``--url`` names another. See docs/migrations.md for rolling a deployment.
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec
 
 import typer
 
@@ -20,7 +22,25 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+P = ParamSpec("P")
 URL_HELP = "Database URL; default: TUNEGATE_DATABASE_URL, else SQLite in TUNEGATE_DATA_DIR"
+
+
+def _reporting(command: Callable[P, None]) -> Callable[P, None]:
+    """A wrong revision id, URL or unreachable server ends the command with one line, exit 2."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        from alembic.util import CommandError
+        from sqlalchemy.exc import ArgumentError, OperationalError
+
+        try:
+            command(*args, **kwargs)
+        except (CommandError, ArgumentError, OperationalError) as exc:
+            typer.echo(f"tunegate db: {str(exc).splitlines()[0]}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
 
 
 def _database(url: str | None) -> Database:
@@ -31,6 +51,7 @@ def _database(url: str | None) -> Database:
 
 
 @app.command()
+@_reporting
 def current(url: str | None = typer.Option(None, help=URL_HELP)) -> None:
     """Print the database's revision and this code's head; exit 1 when the schema is behind."""
     from shared.migrate import status
@@ -52,6 +73,7 @@ def current(url: str | None = typer.Option(None, help=URL_HELP)) -> None:
 
 
 @app.command()
+@_reporting
 def upgrade(
     revision: str = typer.Argument("head", help="Target revision"),
     url: str | None = typer.Option(None, help=URL_HELP),
@@ -75,6 +97,7 @@ def upgrade(
 
 
 @app.command()
+@_reporting
 def downgrade(
     revision: str = typer.Argument(..., help="Target revision (`base` drops every table)"),
     url: str | None = typer.Option(None, help=URL_HELP),
@@ -92,6 +115,7 @@ def downgrade(
 
 
 @app.command()
+@_reporting
 def revision(
     message: str = typer.Option(..., "-m", "--message", help="What the revision changes"),
     autogenerate: bool = typer.Option(False, help="Fill it in from the models' differences"),
@@ -128,6 +152,7 @@ def revision(
 
 
 @app.command()
+@_reporting
 def check(
     url: str | None = typer.Option(
         None, help="Compare this database; default: a scratch SQLite database at head"

@@ -450,6 +450,11 @@ def test_db_commands_on_sqlite(tmp_path: Path) -> None:
     up = _tunegate(["db", "upgrade", migrate.FIRST_REVISION], env)
     assert up.returncode == 0 and f"revision {migrate.FIRST_REVISION}" in up.stdout
     assert _tunegate(["db", "upgrade"], env).returncode == 0
+    # Garbage: one line and exit 2, no traceback, nothing changed.
+    for bad in (["db", "downgrade", "no-such-rev"], ["db", "current", "--url", "garbage://x"]):
+        done = _tunegate(bad, env)
+        assert done.returncode == 2 and done.stderr.startswith("tunegate db: "), done.stderr
+        assert "Traceback" not in done.stderr
     down = _tunegate(["db", "downgrade", migrate.FIRST_REVISION], env)
     assert down.returncode == 0 and f"revision {migrate.FIRST_REVISION}" in down.stdout
     # Any process opening the embedded database upgrades it.
