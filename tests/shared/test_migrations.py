@@ -428,7 +428,9 @@ def test_processes_on_postgresql_behind_refuse_until_migrated(tmp_path: Path) ->
         # The gateway refuses to start, saying what to run.
         port = free_port()
         gw = _tunegate(["gateway", "serve", "--port", str(port)], env, timeout=60)
-        assert gw.returncode != 0 and "tunegate db upgrade" in gw.stdout + gw.stderr
+        assert gw.returncode == 2 and "tunegate db upgrade" in gw.stderr
+        worker = _tunegate(["trainer", "worker"], {**env, "REDIS_URL": "redis://127.0.0.1:1/0"})
+        assert worker.returncode == 2 and "tunegate db upgrade" in worker.stderr
         up = _tunegate(["up", "--port", str(free_port()), "--engine-port", str(free_port())], env)
         assert up.returncode == 2 and "tunegate db upgrade" in up.stderr
         assert not (tmp_path / "redis").exists()  # refused before starting anything
