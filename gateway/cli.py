@@ -24,6 +24,7 @@ def serve(
 
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
+    from shared.db import Database
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -33,6 +34,9 @@ def serve(
     if engine:
         overrides["engines"] = engine
     settings = GatewaySettings(**overrides)  # type: ignore[arg-type]
+    # The schema before uvicorn starts (once, not per worker): SQLite is upgraded; a PostgreSQL
+    # schema behind ends the command with what to run (tunegate.cli.main prints it).
+    Database(settings.db_url).dispose()
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "loop": "uvloop",
               "http": "httptools", "access_log": False, "log_level": settings.log_level,
               "timeout_graceful_shutdown": 10}

@@ -3,11 +3,14 @@
 SQLAlchemy 2 models plus one small :class:`Database` (engine + session factory). SQLite under the
 data folder by default (``$TUNEGATE_DATA_DIR/tunegate.db``, WAL mode so several processes can read
 while one writes); PostgreSQL (or any SQLAlchemy URL) through ``TUNEGATE_DATABASE_URL``.
-Tables are created on first open (``create_all``); there are no migrations yet, but nullable
-columns a later release adds are added to existing tables then (``add_missing_columns``).
+The schema is made and changed by Alembic revisions (``shared/migrations``, see
+``shared.migrate``): opening a :class:`Database` checks it, upgrading an embedded SQLite database
+on the spot and refusing to run on a PostgreSQL database that is behind unless
+``TUNEGATE_DATABASE_AUTO_MIGRATE`` allows it.
 
-Other packages add their tables by subclassing :class:`Base` and importing their module before
-``Database.create_all()`` runs.
+Other packages add their tables by subclassing :class:`Base`; every table change ships as a
+revision (``tunegate db revision --autogenerate``), and a test fails when models and revisions
+disagree.
 """
 
 from __future__ import annotations
@@ -20,20 +23,19 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
+    MetaData,
     String,
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
-    text,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -62,7 +64,17 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
+# Constraint and index names on every backend, so that revisions can drop and change them
+# (SQLite names nothing by itself; PostgreSQL's own names differ).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
 
 
@@ -71,6 +83,8 @@ class ApiKey(Base):
     secret) is kept to let people tell keys apart in listings."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(
+        "sample_rate IS NULL OR (sample_rate >= 0 AND sample_rate <= 1)", name="sample_rate"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -143,7 +157,10 @@ class AliasEvent(Base):
 class Database:
     """An engine and a session factory for one URL. Cheap to make; make one per process."""
 
-    def __init__(self, url: str, *, create: bool = True, echo: bool = False) -> None:
+    def __init__(self, url: str, *, create: bool = True, auto_migrate: bool | None = None,
+                 echo: bool = False) -> None:
+        """``create``: bring the schema to the head revision (or refuse, see
+        :func:`shared.migrate.ensure_schema`); ``auto_migrate`` None follows the setting."""
         self.url = url
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if url.startswith("sqlite"):
@@ -157,15 +174,17 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if create:
-            self.create_all()
+            self.ensure_schema(auto_migrate)
 
     @classmethod
     def from_settings(cls, settings: StorageSettings | None = None) -> Database:
-        return cls((settings or StorageSettings()).db_url)
+        settings = settings or StorageSettings()
+        return cls(settings.db_url, auto_migrate=settings.database_auto_migrate)
 
-    def create_all(self) -> None:
-        Base.metadata.create_all(self.engine)
-        add_missing_columns(self.engine)
+    def ensure_schema(self, auto_migrate: bool | None = None) -> None:
+        from shared.migrate import ensure_schema
+
+        ensure_schema(self.engine, auto_migrate)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -175,33 +194,6 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Add nullable columns that the models have and existing tables lack (``ALTER TABLE ADD
-    COLUMN``): without migrations, this is how a database made by an older tunegate keeps working
-    when a release adds an optional column. Returns ``table.column`` of each column added."""
-    insp = inspect(engine)
-    existing = set(insp.get_table_names())
-    added = []
-    for table in Base.metadata.sorted_tables:
-        if table.name not in existing:
-            continue
-        have = {c["name"] for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            if col.name in have or not col.nullable or col.primary_key:
-                continue
-            kind = col.type.compile(dialect=engine.dialect)
-            try:
-                with engine.begin() as conn:
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{col.name}" {kind}'))
-            except DBAPIError:
-                # Another process opening the same database added it first.
-                if col.name not in {c["name"] for c in inspect(engine).get_columns(table.name)}:
-                    raise
-                continue
-            added.append(f"{table.name}.{col.name}")
-    return added
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

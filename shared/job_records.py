@@ -24,6 +24,8 @@ ACTIVE = frozenset({"validating_files", "queued", "running"})
 
 class FineTuningJob(Base):
     __tablename__ = "fine_tuning_jobs"
+    # GET /v1/fine_tuning/jobs lists newest first, paginated by (created_at, id).
+    __table_args__ = (Index("ix_fine_tuning_jobs_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "ftjob-..."
     status: Mapped[str] = mapped_column(String(24), index=True)

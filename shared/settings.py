@@ -39,6 +39,13 @@ class StorageSettings(BaseSettings):
         default=None, validation_alias=AliasChoices("database_url", "TUNEGATE_DATABASE_URL"),
         description="SQLAlchemy URL of the records (keys, adapters, jobs, traffic); "
                     "postgresql:// maps to psycopg 3. Unset: SQLite at <data_dir>/tunegate.db.")
+    database_auto_migrate: bool | None = Field(
+        default=None,
+        validation_alias=AliasChoices("database_auto_migrate", "TUNEGATE_DATABASE_AUTO_MIGRATE"),
+        description="Whether a starting process upgrades a database whose schema is behind. "
+        "Unset: SQLite yes (embedded), PostgreSQL no (the process refuses to start and says to "
+        "run `tunegate db upgrade`); true: any backend, one process at a time under a lock; "
+        "false: never.")
     artifact_store: str | None = Field(
         default=None, validation_alias=AliasChoices("artifact_store", "TUNEGATE_ARTIFACT_STORE"),
         description="Where adapter versions live: a local path or an fsspec URL "

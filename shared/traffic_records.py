@@ -54,6 +54,9 @@ class TrafficSample(Base):
         UniqueConstraint("request_id", "lane"),
         Index("ix_traffic_samples_version", "name", "version", "created_at"),
         Index("ix_traffic_samples_key", "key_id", "created_at"),
+        # The quality monitor's window over every adapter; one adapter's window (any version).
+        Index("ix_traffic_samples_created_at", "created_at"),
+        Index("ix_traffic_samples_name_time", "name", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from openai import OpenAI
 
+from shared import migrate
+from shared.db import database_url
 from tests.procs import free_port, stop
 
 
@@ -24,6 +27,10 @@ def test_up_serves_the_default_model_through_the_gateway(
     data = tmp_path / "data"
     (data / "models").mkdir(parents=True)
     shutil.copytree(default_model_dir, data / "models" / default_model_dir.name)
+    # A records database as releases before schema migrations left it: `up` adopts it.
+    old_db = sa.create_engine(database_url(data))
+    migrate.first_schema().create_all(old_db)
+    old_db.dispose()
     port, engine_port = free_port(), free_port()
     env = {**os.environ, "TUNEGATE_DATA_DIR": str(data), "HF_HUB_OFFLINE": "1"}
     env.pop("REDIS_URL", None)  # up starts its own Redis
@@ -60,6 +67,9 @@ def test_up_serves_the_default_model_through_the_gateway(
         assert "Paris" in generated["text"]
         for name in ("engine", "gateway", "worker", "redis"):
             assert (data / "logs" / f"{name}.log").exists()
+        records = sa.create_engine(database_url(data))
+        assert migrate.status(records).at_head
+        records.dispose()
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C stops everything
         assert proc.wait(40) == 0

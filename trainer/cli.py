@@ -17,12 +17,16 @@ def worker(burst: bool = typer.Option(False, help="Exit when the queue is empty.
     (quality monitor, shadow evaluation, promotion tick; see trainer.schedule) beside it."""
     import logging
 
+    from shared.db import Database
     from trainer.schedule import MonitorSettings, create_monitor_worker, run_with_monitor
     from trainer.settings import TrainerSettings
     from trainer.worker import create_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = TrainerSettings()
+    # The schema before the workers start: SQLite is upgraded; a PostgreSQL schema behind ends
+    # the command with what to run (tunegate.cli.main prints it).
+    Database.from_settings(settings).dispose()
     monitor = MonitorSettings()
     main = create_worker(settings, burst=burst)
     extra = create_monitor_worker(settings, monitor) if monitor.enabled and not burst else None

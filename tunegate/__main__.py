@@ -1,3 +1,3 @@
-from tunegate.cli import app
+from tunegate.cli import main
 
-app()
+main()

@@ -3,14 +3,16 @@ transformers) happen inside the commands, so `tunegate --help` stays fast."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
 
-from tunegate import models_cli
+from tunegate import db_cli, models_cli
 
 app = typer.Typer(help="tunegate: serve and improve fine-tuned LLMs.", no_args_is_help=True)
 app.add_typer(models_cli.app, name="models")
+app.add_typer(db_cli.app, name="db")
 
 
 def _mount() -> None:
@@ -36,6 +38,19 @@ def _mount() -> None:
 
 
 _mount()
+
+
+def main() -> None:
+    """The console script: `app`, with a schema that is behind reported in one line."""
+    try:
+        app()
+    except Exception as exc:
+        from shared.migrate import SchemaAdoptionError, SchemaOutOfDate
+
+        if isinstance(exc, SchemaOutOfDate | SchemaAdoptionError):
+            print(f"tunegate: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        raise
 
 
 @app.command()

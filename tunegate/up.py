@@ -144,6 +144,12 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
             print(f"tunegate up: port {p} is in use", file=sys.stderr)
             return 2
 
+    from shared.db import Database
+
+    # The schema first, once, before any child opens the database: an embedded SQLite database
+    # is upgraded here; a PostgreSQL one behind stops `up` with the command to run.
+    Database.from_settings(StorageSettings(data_dir=data_dir)).dispose()
+
     from engine.models import pull_default_model
 
     print("tunegate up: checking the default model ...", flush=True)

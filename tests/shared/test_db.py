@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def _pg_up() -> bool:
 
 
 @pytest.fixture
-def pg() -> Database:
+def pg() -> Iterator[Database]:
     if not _pg_up():
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     # A schema per test keeps runs independent; search_path points the tables at it.
@@ -35,7 +36,8 @@ def pg() -> Database:
     with db.engine.begin() as c:
         c.execute(text(f"CREATE SCHEMA {schema}"))
     db.dispose()
-    db = Database(database_url(Path("."), PG_URL) + f"?options=-csearch_path%3D{schema}")
+    db = Database(database_url(Path("."), PG_URL) + f"?options=-csearch_path%3D{schema}",
+                  auto_migrate=True)
     yield db
     db.dispose()
     admin = Database(database_url(Path("."), PG_URL), create=False)
@@ -77,7 +79,7 @@ def test_records_on_sqlite(tmp_path: Path) -> None:
     _exercise(db, tmp_path / "store")
 
 
-def test_columns_added_by_a_release_are_added_to_old_tables(tmp_path: Path) -> None:
+def test_an_old_api_keys_table_is_adopted(tmp_path: Path) -> None:
     old = Database(database_url(tmp_path), create=False)
     with old.engine.begin() as c:  # api_keys as an older release made it: no sample_rate
         c.execute(text("CREATE TABLE api_keys (id VARCHAR(40) PRIMARY KEY, name VARCHAR(200), "
