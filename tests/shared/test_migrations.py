@@ -25,12 +25,12 @@ from sqlalchemy.exc import IntegrityError
 from gateway.auth import KeyStore, hash_key
 from shared import migrate
 from shared.db import Database, database_url
-from shared.settings import StorageSettings
+from shared.job_records import JobStore
 from shared.migrate import SchemaOutOfDate
 from shared.registry import Registry
+from shared.settings import StorageSettings
 from tests.procs import free_port
 from tests.shared.test_db import PG_URL, _pg_up
-from shared.job_records import JobStore
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
