@@ -59,13 +59,20 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
         return {"status": "failed", "error": "worker_lost"}
 
     cancel = CancelFlag()
+    eval_engine = settings.eval_engine or None
+    if eval_engine == "registered":
+        from trainer.engine_eval import registered_engine
+
+        eval_engine = registered_engine(ctx["db"])
     work_dir = settings.jobs_dir / spec.job_id
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(
         None,
         lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
-                        cancel=cancel, progress_interval_s=settings.progress_interval_s),
+                        cancel=cancel, progress_interval_s=settings.progress_interval_s,
+                        price_per_device_hour=settings.price_per_device_hour,
+                        eval_engine=eval_engine),
     )
     try:
         outcome = await asyncio.shield(future)
