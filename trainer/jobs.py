@@ -143,7 +143,9 @@ def evaluate_golden(spec: TrainSpec, adapter_dir: Path | None, golden: list[Any]
         except EngineEvalError as exc:
             hooks.store.add_event(spec.job_id, f"Evaluating in the worker: {exc}", level="warn",
                                   data={"engine": eval_engine})
-    device = "cuda" if spec.backend in ("unsloth", "hf_qlora") else "cpu"
+    from trainer.backends import cuda_available
+
+    device = "cuda" if spec.backend != "cpu" and cuda_available() else "cpu"
     model, tok = load_model(spec.base_model, adapter_dir, device=device)
     report = evaluate(model, tok, golden, scorer=spec.scorer, batch_size=spec.eval_batch_size,
                       max_new_tokens=spec.eval_max_new_tokens)
