@@ -21,19 +21,14 @@ from trainer.backends.base import Hooks, TrainResult, adapter_manifest, save_ada
 from trainer.backends.loop import ForwardSum, pad_batch, run_loop
 from trainer.spec import TrainSpec
 
-# Micro-batch widths are rounded up to this many tokens: the seed's 300-500-token examples then
-# come in 4 shapes instead of ~200, and each new shape costs Unsloth's compiled and autotuned
-# kernels a compile (the first minute of a run was mostly that); the extra padding is masked.
-PAD_MULTIPLE = 64
 
-
-def padded_forward_sum(pad_id: int, multiple: int = PAD_MULTIPLE) -> ForwardSum:
+def padded_forward_sum(pad_id: int) -> ForwardSum:
     """``forward_sum`` for right-padded micro-batches: the summed loss over the answer tokens.
     The model's own loss (Unsloth's fused cross-entropy) is a mean over the supervised positions,
     so it is scaled back to a sum; the loop divides by the whole step's count."""
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
-        batch = pad_batch(items, pad_id, next(model.parameters()).device, multiple)
+        batch = pad_batch(items, pad_id, next(model.parameters()).device)
         # The model shifts labels by one: position t predicts token t+1.
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         out = model(**batch)

@@ -46,15 +46,11 @@ def length_grouped_batches(
     return out
 
 
-def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any,
-              multiple: int = 1) -> dict[str, Any]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` tensors, the width rounded up
-    to ``multiple`` tokens (few distinct shapes: kernels compiled or tuned per shape are made a
-    few times, not once per batch)."""
+def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` tensors."""
     import torch
 
     width = max(len(t.input_ids) for t in items)
-    width = -(-width // multiple) * multiple
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
