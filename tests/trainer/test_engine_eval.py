@@ -107,3 +107,18 @@ def test_unreachable_engine_falls_back_to_the_worker(
     assert report.n == N_GOLDEN and report.engine is None and report.seconds is not None
     warns = [e for e in store.events(spec.job_id) if e["level"] == "warn"]
     assert warns and "cannot be reached" in warns[0]["message"]
+
+
+def test_registered_engine_prefers_a_vllm_replica(tmp_path: Path) -> None:
+    from shared.replicas import ReplicaStore
+    from trainer.engine_eval import registered_engine
+
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create_all()
+    assert registered_engine(db) is None
+    replicas = ReplicaStore(db)
+    replicas.register("http://127.0.0.1:9001", kind="embedded")
+    assert registered_engine(db) == "http://127.0.0.1:9001"
+    replicas.register("http://127.0.0.1:9002", kind="vllm")
+    replicas.register("http://127.0.0.1:9003", kind="embedded")  # newer, but not vLLM
+    assert registered_engine(db) == "http://127.0.0.1:9002"
