@@ -43,7 +43,9 @@ class TrainerSettings(BaseSettings):
     # A running job whose heartbeat (every 15 s while its worker lives) is older than this
     # (seconds) is failed by any worker, at its start and every stale_after_s / 4: its worker died.
     stale_after_s: float = 120.0
-    backend: str = "auto"  # auto | cpu | unsloth | hf_qlora
+    # auto | cpu | unsloth | hf_qlora; auto or unsloth, where Unsloth is installed: the worker
+    # imports it at start (trainer.worker.preload_backend), not in its first job.
+    backend: str = "auto"
     # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
     # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of
     # magnitude; set what your device costs (0 reports seconds with no price).

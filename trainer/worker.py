@@ -87,8 +87,25 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
             "error": outcome.error}
 
 
+def preload_backend(backend: str) -> str | None:
+    """Import the GPU backend at worker start, not in the first job: Unsloth's import (about
+    15 s on the H200) was the larger half of a seed job's validation phase. Only where Unsloth
+    is installed (so a CPU worker imports nothing heavy) and the backend may be Unsloth; returns
+    the backend's name, or None when nothing was loaded."""
+    import importlib.util
+
+    if backend not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None:
+        return None
+    from trainer.backends import select_backend
+
+    return select_backend(backend).name
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: TrainerSettings = ctx["settings"]
+    preloaded = preload_backend(settings.backend)  # before anything imports transformers
+    if preloaded:
+        log.info("training backend %s loaded", preloaded)
     db = Database.from_settings(DatabaseSettings(data_dir=settings.data_dir))
     ctx["db"] = db
     ctx["store"] = store = JobStore(db)
