@@ -23,9 +23,12 @@ class EvalReport:
     n: int
     scorer: str
     samples: list[dict[str, Any]] = field(default_factory=list)  # the first few, for reports
+    engine: str | None = None  # the engine replica that answered; None: the worker itself
+    seconds: float | None = None  # wall-clock seconds of generation and scoring
 
     def to_dict(self) -> dict[str, Any]:
-        return {"score": self.score, "n": self.n, "scorer": self.scorer, "samples": self.samples}
+        return {"score": self.score, "n": self.n, "scorer": self.scorer, "samples": self.samples,
+                "engine": self.engine, "seconds": self.seconds}
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,20 @@ def evaluate(
     model: Any, tokenizer: Any, golden: list[Example], *, scorer: str | Scorer | None = None,
     batch_size: int = 16, max_new_tokens: int = 32, keep_samples: int = 5,
 ) -> EvalReport:
+    preds = generate(model, tokenizer, [e.messages for e in golden],
+                     batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return score_predictions(golden, preds, scorer=scorer, keep_samples=keep_samples)
+
+
+def score_predictions(
+    golden: list[Example], preds: list[str], *, scorer: str | Scorer | None = None,
+    keep_samples: int = 5,
+) -> EvalReport:
+    """Score answers (one per golden record, however they were generated) against the records'
+    last assistant messages."""
     fn = scorer if callable(scorer) else get_scorer(scorer)
     name = scorer if isinstance(scorer, str) else getattr(fn, "__name__", type(fn).__name__)
     refs = [e.messages[-1]["content"] for e in golden]
-    preds = generate(model, tokenizer, [e.messages for e in golden],
-                     batch_size=batch_size, max_new_tokens=max_new_tokens)
     report = score_all(preds, refs, fn)
     samples = [
         {"line": e.line, "prediction": p, "reference": r, "score": s}

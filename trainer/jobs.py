@@ -24,6 +24,7 @@ from shared.job_records import JobStore
 from shared.job_spec import TrainSpec
 from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled, StepInfo
+from trainer.cost import CostMeter, cost_message
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
@@ -121,9 +122,42 @@ def stable_score(registry: AdapterRegistry, spec: TrainSpec, golden_sha: str, go
     return report.score, info.ref
 
 
+def evaluate_golden(spec: TrainSpec, adapter_dir: Path | None, golden: list[Any],
+                    eval_engine: str | None, hooks: JobHooks) -> EvalReport:
+    """Score the base model (``adapter_dir=None``) or the candidate on the golden set: on the
+    engine at ``eval_engine`` when given (``trainer.engine_eval``: the candidate loaded there,
+    batched requests), else in this process; an engine that cannot do it falls back to this
+    process, with a warning event."""
+    t0 = time.monotonic()
+    if eval_engine:
+        from trainer.engine_eval import EngineEvalError, evaluate_on_engine
+
+        try:
+            report = evaluate_on_engine(
+                eval_engine, golden, adapter_dir=adapter_dir,
+                lora_name=f"{spec.name}-candidate-{spec.job_id.removeprefix('ftjob-')[:12]}",
+                base_model=spec.base_model, base_name=spec.effective_base_name,
+                scorer=spec.scorer, max_new_tokens=spec.eval_max_new_tokens)
+            report.engine, report.seconds = eval_engine, round(time.monotonic() - t0, 2)
+            return report
+        except EngineEvalError as exc:
+            hooks.store.add_event(spec.job_id, f"Evaluating in the worker: {exc}", level="warn",
+                                  data={"engine": eval_engine})
+    from trainer.backends import cuda_available
+
+    device = "cuda" if spec.backend != "cpu" and cuda_available() else "cpu"
+    model, tok = load_model(spec.base_model, adapter_dir, device=device)
+    report = evaluate(model, tok, golden, scorer=spec.scorer, batch_size=spec.eval_batch_size,
+                      max_new_tokens=spec.eval_max_new_tokens)
+    report.seconds = round(time.monotonic() - t0, 2)
+    return report
+
+
 def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | None, work_dir: Path,
-            cancel: threading.Event, progress_interval_s: float = 2.0) -> JobOutcome:
+            cancel: threading.Event, progress_interval_s: float = 2.0,
+            price_per_device_hour: float = 0.0, eval_engine: str | None = None) -> JobOutcome:
     job_id = spec.job_id
+    meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
     hooks = JobHooks(store, job_id, cancel, progress_interval_s)
     result: dict[str, Any] = {}
 
@@ -138,9 +172,14 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
 
     def finish(outcome: JobOutcome) -> JobOutcome:
         beating.set()
+        meter.stop()
+        trained_tokens = outcome.result.get("train", {}).get("tokens")
+        outcome.result["cost"] = cost = meter.report(trained_tokens)
+        # A message event, not "metrics": those carry one training step each (OpenAI's shape).
+        store.add_event(job_id, cost_message(cost), data={"cost": cost}, heartbeat=False)
         store.set_status(job_id, outcome.status, fine_tuned_model=outcome.fine_tuned_model,
                          result=outcome.result, error=outcome.error,
-                         trained_tokens=outcome.result.get("train", {}).get("tokens"))
+                         trained_tokens=trained_tokens)
         store.add_event(job_id, f"Job {outcome.status}" + (
             f": {outcome.error['message']}" if outcome.error else ""),
             level="error" if outcome.status == "failed" else "info", heartbeat=False)
@@ -152,6 +191,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
     try:
+        meter.enter("validate")
         # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
         backend = select_backend(spec.backend)
         count = _count_tokens_fn(spec.base_model)
@@ -172,10 +212,8 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
 
         golden = golden_report.examples[: spec.golden_limit] if golden_report else []
         if golden and spec.evaluate_base:
-            model, tok = load_model(spec.base_model)
-            base = evaluate(model, tok, golden, scorer=spec.scorer,
-                            batch_size=spec.eval_batch_size,
-                            max_new_tokens=spec.eval_max_new_tokens)
+            meter.enter("evaluate")
+            base = evaluate_golden(spec, None, golden, eval_engine, hooks)
             result["base_eval"] = base.to_dict()
             store.add_event(job_id, f"Base model golden score {base.score:.3f}",
                             data=base.to_dict())
@@ -184,6 +222,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         store.add_event(job_id, f"Training with the {backend.name} backend",
                         data={"backend": backend.name})
         adapter_dir = work_dir / "adapter"
+        meter.enter("train")
         trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir, hooks)
         result["train"] = trained.to_dict()
         store.add_event(job_id, f"Trained {trained.steps} steps in {trained.train_s:.1f} s",
@@ -193,11 +232,8 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         decision: GateDecision | None = None
         eval_report: EvalReport | None = None
         if golden:
-            model, tok = load_model(spec.base_model, adapter_dir)
-            eval_report = evaluate(model, tok, golden, scorer=spec.scorer,
-                                   batch_size=spec.eval_batch_size,
-                                   max_new_tokens=spec.eval_max_new_tokens)
-            del model
+            meter.enter("evaluate")
+            eval_report = evaluate_golden(spec, adapter_dir, golden, eval_engine, hooks)
             result["eval"] = eval_report.to_dict()
             hooks.check_cancelled()
             stable, stable_ref = (None, None)
@@ -223,6 +259,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
 
         if registry is None:
             return finish(JobOutcome("succeeded", result=result))
+        meter.enter("register")
         ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
         store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")
         return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))

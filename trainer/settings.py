@@ -36,7 +36,18 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
     # A running job whose heartbeat (every 15 s while its worker lives) is older than this
     # (seconds) is failed by any worker, at its start and every stale_after_s / 4: its worker died.
     stale_after_s: float = 120.0
-    backend: str = "auto"  # auto | cpu | unsloth | hf_qlora
+    # auto | cpu | unsloth | hf_qlora; auto or unsloth, where Unsloth is installed: the worker
+    # imports it at start (trainer.worker.preload_backend), not in its first job.
+    backend: str = "auto"
+    # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
+    # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of
+    # magnitude; set what your device costs (0 reports seconds with no price).
+    price_per_device_hour: float = Field(default=4.0, ge=0)
+    # Where the gate evaluates (trainer.engine_eval): "" in the worker itself (transformers);
+    # "registered": on an engine replica registered with the gateway (a vLLM one first), the
+    # candidate loaded there under a name of its own; or an engine's URL. The engine must serve
+    # the job's base model and read the worker's data folder; otherwise the worker evaluates.
+    eval_engine: str = ""
     # Sampled traffic: the gateway's Redis stream, moved into SQL every ingest_interval_s seconds
     # (trainer.traffic_ingest); ingest_traffic=False leaves it to other workers.
     traffic_stream: str = Field(default=STREAM, validation_alias=AliasChoices(

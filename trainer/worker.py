@@ -51,13 +51,20 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
         return {"status": "failed", "error": "worker_lost"}
 
     cancel = CancelFlag()
+    eval_engine = settings.eval_engine or None
+    if eval_engine == "registered":
+        from trainer.engine_eval import registered_engine
+
+        eval_engine = registered_engine(ctx["db"])
     work_dir = settings.jobs_dir / spec.job_id
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     future = loop.run_in_executor(
         None,
         lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
-                        cancel=cancel, progress_interval_s=settings.progress_interval_s),
+                        cancel=cancel, progress_interval_s=settings.progress_interval_s,
+                        price_per_device_hour=settings.price_per_device_hour,
+                        eval_engine=eval_engine),
     )
     try:
         outcome = await asyncio.shield(future)
@@ -72,8 +79,25 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
             "error": outcome.error}
 
 
+def preload_backend(backend: str) -> str | None:
+    """Import the GPU backend at worker start, not in the first job: Unsloth's import (about
+    15 s on the H200) was the larger half of a seed job's validation phase. Only where Unsloth
+    is installed (so a CPU worker imports nothing heavy) and the backend may be Unsloth; returns
+    the backend's name, or None when nothing was loaded."""
+    import importlib.util
+
+    if backend not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None:
+        return None
+    from trainer.backends import select_backend
+
+    return select_backend(backend).name
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: TrainerSettings = ctx["settings"]
+    preloaded = preload_backend(settings.backend)  # before anything imports transformers
+    if preloaded:
+        log.info("training backend %s loaded", preloaded)
     db = Database.from_settings(settings)
     ctx["db"] = db
     ctx["store"] = store = JobStore(db)

@@ -122,8 +122,17 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "metadata": spec.get("metadata") or None, "suffix": spec.get("name"),
         "estimated_finish": None, "integrations": [],
         "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id"),
+                     "cost": (row["result"] or {}).get("cost"),
                      "traffic": spec.get("traffic")},
     }
+
+
+def _cost_metrics(cost: dict[str, Any] | None) -> dict[str, Any]:
+    """A checkpoint's cost figures (trainer.cost): device seconds and the estimate."""
+    if not cost:
+        return {}
+    return {"device_seconds": cost["device_seconds"]["total"],
+            "estimated_cost": cost["estimated_cost"], "currency": cost["currency"]}
 
 
 def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
@@ -279,6 +288,7 @@ async def list_checkpoints(job_id: str, state: State) -> dict[str, Any]:
             "fine_tuned_model_checkpoint": row["fine_tuned_model"],
             "step_number": (result.get("train") or {}).get("steps", 0),
             "metrics": {"train_loss": (result.get("train") or {}).get("final_loss"),
-                        "golden_score": (result.get("eval") or {}).get("score")},
+                        "golden_score": (result.get("eval") or {}).get("score"),
+                        **_cost_metrics(result.get("cost"))},
         })
     return {"object": "list", "data": data, "has_more": False, "first_id": None, "last_id": None}

@@ -22,6 +22,7 @@ from tests.procs import stop
 from trainer.data_sources import build_splits
 
 MODEL = "SmolLM2-135M-Instruct"
+PRICE = 2.5  # the worker's price per device-hour (TUNEGATE_TRAINER_PRICE_PER_DEVICE_HOUR)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def system(data_dir: Path, redis_url: str, default_model_dir: Path,
     queue = f"tunegate:test:{secrets.token_hex(4)}"
     env = {"TUNEGATE_DATA_DIR": str(data_dir), "TUNEGATE_DATABASE_URL": "",
            "TUNEGATE_ARTIFACT_STORE": "", "REDIS_URL": redis_url, "HF_HUB_OFFLINE": "1",
-           "TUNEGATE_TRAINER_QUEUE_NAME": queue, "TUNEGATE_TRAINER_PROGRESS_INTERVAL_S": "0"}
+           "TUNEGATE_TRAINER_QUEUE_NAME": queue, "TUNEGATE_TRAINER_PROGRESS_INTERVAL_S": "0",
+           "TUNEGATE_TRAINER_PRICE_PER_DEVICE_HOUR": str(PRICE)}
     log = (data_dir / "worker.log").open("wb")
     worker = subprocess.Popen([sys.executable, "-m", "tunegate", "trainer", "worker"],
                               env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
@@ -103,6 +105,19 @@ def test_job_lifecycle_through_the_sdk(system: dict[str, Any]) -> None:
     assert job.id in [j.id for j in listed]
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert ckpts[0].fine_tuned_model_checkpoint == "rt-api@v1"
+    # What the job cost (trainer.cost): in the job object, its events, its checkpoint's metrics.
+    cost = (done.model_extra or {})["tunegate"]["cost"]
+    secs = cost["device_seconds"]
+    assert cost["trained_tokens"] == done.trained_tokens
+    assert secs["train"] > 0 and secs["evaluate"] > 0 and secs["validate"] > 0
+    assert secs["total"] == pytest.approx(
+        sum(secs[p] for p in ("validate", "train", "evaluate", "register")), abs=0.3)
+    assert cost["price_per_device_hour"] == PRICE
+    assert cost["estimated_cost"] == pytest.approx(secs["total"] / 3600 * PRICE, rel=0.01)
+    assert [e.data["cost"] for e in events if e.message.startswith("Cost: ")] == [cost]
+    extra = ckpts[0].metrics.model_extra or {}
+    assert extra["estimated_cost"] == cost["estimated_cost"]
+    assert extra["device_seconds"] == secs["total"]
 
     long = client.fine_tuning.jobs.create(
         model=MODEL, training_file=f_train.id, suffix="rt-api-cancel",

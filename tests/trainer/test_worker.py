@@ -144,3 +144,15 @@ async def test_redelivered_job_fails_instead_of_running_again(system: dict[str, 
     record = store.get(spec.job_id)
     assert record["status"] == "failed" and record["error"]["code"] == "worker_lost"
     assert not (system["settings"].jobs_dir / spec.job_id).exists()
+
+
+def test_cpu_worker_preloads_nothing() -> None:
+    """Without Unsloth installed (the CPU lane) the worker's start imports no backend, and a
+    backend other than auto/unsloth is never preloaded."""
+    import importlib.util
+
+    from trainer.worker import preload_backend
+
+    assert importlib.util.find_spec("unsloth") is None
+    assert preload_backend("auto") is None
+    assert preload_backend("cpu") is None
