@@ -19,7 +19,12 @@ State = Annotated[GatewayState, Depends(get_state)]
 
 
 async def current_key(request: Request) -> KeyInfo:
-    """The caller's key: 401 when missing, malformed, unknown or revoked."""
+    """The caller's key: 401 when missing, malformed, unknown or revoked. ``gateway.limits``
+    has usually looked it up already, from the headers, before the body was read."""
+    found = request.scope.get("state", {}).get("key")
+    if found is not None:
+        request.scope["state"]["key_id"] = found.id
+        return found  # type: ignore[no-any-return]
     digest = hash_key(bearer_secret(request.headers.get("authorization")))
     info = await request.app.state.tg.keys.authenticate(digest)
     if info is None:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -59,6 +59,32 @@ class GatewaySettings(BaseSettings):
     # Quotas.
     redis_timeout_s: float = 0.25  # per Redis call on the request path, seconds
     redis_retry_after_s: float = 1.0  # after a Redis failure, skip Redis this long (fail open)
+    # Only a lost Redis connection (connection error, timeout) may skip quota checks; with this
+    # off the gateway answers 503 instead (fail closed). Script or value errors never fail open.
+    quota_fail_open: bool = Field(default=True, description=(
+        "When Redis is unreachable, serve without quota checks (True) or refuse with 503 (False)."))
+
+    # Cost caps (gateway.limits). Bodies are counted as they arrive; beyond the cap: 413.
+    max_body_bytes: int = Field(default=2 * 2**20, ge=1024, description=(
+        "Largest request body on every route but uploads, bytes."))
+    max_upload_bytes: int = Field(default=512 * 2**20, ge=1024, description=(
+        "Largest POST /v1/files body (admin keys only), bytes."))
+    max_json_depth: int = Field(default=64, ge=4, description=(
+        "Deepest nesting of arrays/objects accepted in a JSON body; deeper is a 400."))
+    max_model_name_chars: int = Field(default=256, ge=16, description=(
+        "Longest `model` name accepted, characters; longer is a 400 and never cached."))
+    max_prompt_chars: int = Field(default=1_000_000, ge=1000, description=(
+        "Largest prompt (all message contents, or all prompt strings/token ids), characters."))
+    max_model_len: int = Field(default=8192, ge=16, description=(
+        "Context length, tokens, when the engines do not report `max_model_len` in /v1/models."))
+
+    # Operator choices for the unauthenticated surfaces. API docs (/docs, /redoc,
+    # /openapi.json) are off by default; /metrics is "open" (Prometheus scrapes it; restrict at
+    # the network), "admin" (an admin key as bearer token), or "off".
+    api_docs: bool = Field(default=False, description=(
+        "Serve /docs, /redoc and /openapi.json (without a key)."))
+    metrics_access: Literal["open", "admin", "off"] = Field(default="open", description=(
+        "Who may read /metrics: anyone, admin keys only, or nobody (404)."))
 
     # Traffic sampling (gateway.sampling). Rates are shares of requests, 0..1. A key's own
     # ``sample_rate`` (admin API, ``tunegate keys``) wins over the per-model one, which wins over

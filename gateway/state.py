@@ -73,7 +73,8 @@ class GatewayState:
         else:
             log.warning("no REDIS_URL: quotas are not enforced")
         quotas = Quotas(redis, metrics, timeout_s=settings.redis_timeout_s,
-                        retry_after_s=settings.redis_retry_after_s)
+                        retry_after_s=settings.redis_retry_after_s,
+                        fail_open=settings.quota_fail_open)
         state = cls(settings=settings, metrics=metrics, db=db,
                     keys=KeyStore(db, settings.cache_ttl_s), registry=registry,
                     resolver=Resolver(registry, settings.cache_ttl_s), upstream=upstream,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
@@ -194,8 +195,8 @@ def _with_traffic(state: Any, base_path: str,
     if base and not base.endswith(b"\n"):
         base += b"\n"
     merged = base + ("\n".join(data.lines()) + "\n").encode()
-    row = store_upload(merged, f"traffic-{src.model}.jsonl", "fine-tune", files_dir(state),
-                       FileStore(state.db))
+    row = store_upload(io.BytesIO(merged), f"traffic-{src.model}.jsonl", "fine-tune",
+                       files_dir(state), FileStore(state.db))
     return str(row["path"]), {"model": src.model, "since": src.since.isoformat(),
                               "until": src.until.isoformat() if src.until else None,
                               "merged_file_id": row["id"], **data.summary()}

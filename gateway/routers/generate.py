@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.deps import Key, State
-from gateway.serving import complete_json, json_response, open_stream, prepare
+from gateway.serving import complete_json, json_response, open_stream, prepare, prompt_size
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
 
@@ -50,8 +50,9 @@ async def generate(request: Request, key: Key, state: State) -> Response:
     body: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens,
                             "temperature": req.temperature, "stream": req.stream,
                             "messages": [{"role": "user", "content": req.prompt}]}
+    _, prompts = prompt_size(body["messages"], "messages")
     call = await prepare(state, request, key, "/v1/chat/completions", body, req.model,
-                         req.stream, req.max_tokens, len(req.prompt))
+                         req.stream, req.max_tokens, prompts)
     try:
         if req.stream:
             events, finish = await open_stream(call, pass_usage=True)

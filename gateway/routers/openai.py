@@ -18,7 +18,7 @@ from gateway.serving import (
     open_stream,
     parse_body,
     prepare,
-    prompt_chars,
+    prompt_size,
 )
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
@@ -28,15 +28,19 @@ router = APIRouter(tags=["openai"])
 
 
 async def _proxy(request: Request, key: Any, state: Any, route: str, field: str) -> Response:
-    body = parse_body(await request.body())
-    model, stream, max_tokens = check_fields(body, field)
+    settings = state.settings
+    body = parse_body(await request.body(), settings.max_json_depth)
+    model, stream, asked = check_fields(body, field, settings.max_model_name_chars)
     value = body[field]
     if field == "messages" and (not isinstance(value, list) or not value):
         raise InvalidRequest("`messages` must be a non-empty list", param="messages")
-    if field == "prompt" and not isinstance(value, str | list):
-        raise InvalidRequest("`prompt` must be a string or a list", param="prompt")
-    call = await prepare(state, request, key, route, body, model, stream, max_tokens,
-                         prompt_chars(value))
+    if field == "prompt" and (not isinstance(value, str | list) or not value):
+        raise InvalidRequest("`prompt` must be a non-empty string or list", param="prompt")
+    chars, prompts = prompt_size(value, field)
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(f"the prompt is longer than {settings.max_prompt_chars} characters",
+                             param=field, code="prompt_too_long")
+    call = await prepare(state, request, key, route, body, model, stream, asked, prompts)
     try:
         if stream:
             events, finish = await open_stream(call)
