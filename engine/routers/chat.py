@@ -18,7 +18,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  serving: ServingDep) -> Response:
-    p = serving.prepare_chat(body, request.headers.get("x-request-id"))
+    p = await serving.prepare(body, request.headers.get("x-request-id"))
     if body.stream:
         base = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
                 "model": p.model}
