@@ -36,7 +36,8 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-@router.post("/v1/generate")
+@router.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
 async def generate(request: Request, key: Key, state: State) -> Response:
     # Parsed here rather than as a FastAPI body parameter: any content type is accepted as JSON
     # (curl -d sends form encoding), and the body is parsed exactly once.

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.auth import admin_only
@@ -26,7 +26,7 @@ async def ready(state: State) -> Response:
                         status_code=200 if healthy else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: State, request: Request) -> Response:
     access = state.settings.metrics_access
     if access == "off":

@@ -26,6 +26,31 @@ from shared.registry import BASE
 
 router = APIRouter(tags=["openai"])
 
+# For the OpenAPI schema only (docs and the fuzz lane): the handlers read the body themselves and
+# pass everything but these few fields on to the engine, which validates the rest.
+_COMMON: dict[str, Any] = {
+    "model": {"type": "string", "maxLength": 256}, "stream": {"type": "boolean"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number"}, "n": {"type": "integer", "minimum": 1},
+}
+_MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                   "content": {"type": "string"}}}}
+_PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
+                     {"type": "array", "minItems": 1, "items": {"type": "integer"}}]}
+
+
+def _doc(field: str, value: dict[str, Any]) -> dict[str, Any]:
+    body = {"type": "object", "required": [field], "properties": {**_COMMON, field: value}}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": body}}},
+            "responses": {"200": {"description": "The answer, or its SSE stream with `stream`",
+                                  "content": {"application/json": {"schema": {"type": "object"}},
+                                              "text/event-stream": {"schema": {
+                                                  "type": "string"}}}}}}
+
 
 async def _proxy(request: Request, key: Any, state: Any, route: str, field: str) -> Response:
     settings = state.settings
@@ -54,13 +79,13 @@ async def _proxy(request: Request, key: Any, state: Any, route: str, field: str)
 # The two hot routes authenticate inside the handler instead of through ``Depends``: FastAPI's
 # dependency solving is a measurable share of the gateway's per-request CPU (see the report in
 # bench/gateway_overhead.py); the checks are the same functions as everywhere else.
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=_doc("messages", _MESSAGES))
 async def chat_completions(request: Request) -> Response:
     key = await current_key(request)
     return await _proxy(request, key, request.app.state.tg, "/v1/chat/completions", "messages")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_doc("prompt", _PROMPT))
 async def completions(request: Request) -> Response:
     key = await current_key(request)
     return await _proxy(request, key, request.app.state.tg, "/v1/completions", "prompt")
