@@ -31,6 +31,11 @@ JSON_HEADERS = {"content-type": "application/json"}
 MAX_TOKENS_FIELD = 2**31 - 1  # the most a max_tokens field may say (engines use int32)
 TEMPLATE_TOKENS = 16  # tokens a chat template may add per message (role, markers), upper bound
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI/vLLM default for /v1/completions
+# OpenAPI ``responses`` of the inference routes (documentation and the fuzz lane).
+ANSWER_OR_STREAM = {"200": {
+    "description": "The answer, or its SSE stream with `stream` (JSON events, then [DONE])",
+    "content": {"application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"schema": {}}}}}
 
 
 def parse_body(raw: bytes, max_depth: int = 64) -> dict[str, Any]:

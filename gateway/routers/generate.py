@@ -19,7 +19,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.deps import Key, State
-from gateway.serving import complete_json, json_response, open_stream, prepare, prompt_size
+from gateway.serving import (
+    ANSWER_OR_STREAM,
+    complete_json,
+    json_response,
+    open_stream,
+    prepare,
+    prompt_size,
+)
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
 
@@ -36,8 +43,10 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-@router.post("/v1/generate", openapi_extra={"requestBody": {"required": True, "content": {
-    "application/json": {"schema": GenerateRequest.model_json_schema()}}}})
+@router.post("/v1/generate", openapi_extra={
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()}}},
+    "responses": ANSWER_OR_STREAM})
 async def generate(request: Request, key: Key, state: State) -> Response:
     # Parsed here rather than as a FastAPI body parameter: any content type is accepted as JSON
     # (curl -d sends form encoding), and the body is parsed exactly once.

@@ -12,6 +12,7 @@ from fastapi.responses import Response
 
 from gateway.deps import Key, State, current_key
 from gateway.serving import (
+    ANSWER_OR_STREAM,
     check_fields,
     complete_json,
     json_response,
@@ -46,10 +47,7 @@ def _doc(field: str, value: dict[str, Any]) -> dict[str, Any]:
     body = {"type": "object", "required": [field], "properties": {**_COMMON, field: value}}
     return {"requestBody": {"required": True,
                             "content": {"application/json": {"schema": body}}},
-            "responses": {"200": {"description": "The answer, or its SSE stream with `stream`",
-                                  "content": {"application/json": {"schema": {"type": "object"}},
-                                              "text/event-stream": {"schema": {
-                                                  "type": "string"}}}}}}
+            "responses": ANSWER_OR_STREAM}
 
 
 async def _proxy(request: Request, key: Any, state: Any, route: str, field: str) -> Response:

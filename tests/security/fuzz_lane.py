@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -53,6 +54,8 @@ def fuzz(base_url: str, keys: dict[str, str], *, max_examples: int,
     report = FuzzReport()
     session = requests.Session()
     for result in api.get_all_operations():
+        if not isinstance(result, Ok):
+            raise AssertionError(f"the gateway's OpenAPI schema does not load: {result}")
         operation = result.ok()
         report.operations += 1
         for role, key in keys.items():

@@ -1,5 +1,6 @@
 """The fuzz lane (see ``fuzz_lane``): every gateway operation, with a user key and an admin key,
-valid and invalid inputs, against a real gateway process; no 5xx, no response outside the schema.
+valid inputs (invalid ones in bench/abuse.py), against a real gateway process; no 5xx, no
+response outside the schema.
 
 The engine behind it is the fake replica (``bench/fake_upstream.py``): the gateway is what is
 fuzzed, and the fake answers in microseconds, so a couple of thousand cases fit in a minute or
@@ -12,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from schemathesis import GenerationMode
 
 from tests.gateway.conftest import Records, gateway
 from tests.security.fuzz_lane import fuzz
 
-EXAMPLES = 12  # per operation, key and mode: about 2,000 cases in all
+EXAMPLES = 30  # per operation and key (valid inputs): about 1,700 cases in all
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,9 @@ def gw(engine: str, data_dir: Path, redis_url: str) -> Iterator[str]:
 @pytest.mark.timeout(600)
 def test_fuzz_every_operation(gw: str, records: Records) -> None:
     keys = {"user": records.key("user"), "admin": records.key("admin")}
-    report = fuzz(gw, keys, max_examples=EXAMPLES)
-    print(report.operations, report.cases, report.server_errors, report.schema_violations)
-    print("\n".join(report.failures))
+    # Invalid inputs are left to bench/abuse.py: schemathesis spends ~1 s of CPU per invalid
+    # case (most drawn ones are rejected), too slow for the test run.
+    report = fuzz(gw, keys, max_examples=EXAMPLES, modes=(GenerationMode.POSITIVE,))
     assert report.operations >= 30
     assert report.cases >= 1500
     assert report.server_errors == 0, "\n".join(report.failures)
