@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import json
@@ -275,14 +276,16 @@ def run_engine() -> dict[str, Any]:
         done = threading.Event()
 
         def poll() -> None:
-            with httpx.Client(timeout=60) as c:
+            with httpx.Client(timeout=120) as c:
                 while not done.is_set():
                     t0 = time.perf_counter()
-                    c.get(eng + "/health")
+                    with contextlib.suppress(httpx.HTTPError):  # counted as its wait
+                        c.get(eng + "/health")
                     gaps.append((time.perf_counter() - t0) * 1000)
                     time.sleep(0.02)
 
-        big = "lorem ipsum dolor " * (12 * MIB // 18)
+        words = base64.b64encode(os.urandom(8 * MIB)).decode()
+        big = " ".join(words[i:i + 7] for i in range(0, len(words), 7))  # ~12 MB
         abuse = [
             ("/v1/completions", json.dumps({"prompt": big, "max_tokens": 4}).encode()),
             ("/v1/chat/completions", json.dumps(

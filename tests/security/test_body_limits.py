@@ -28,7 +28,9 @@ def gw(engine: str, data_dir: Path) -> Iterator[str]:
                                   "/v1/feedback", "/v1/generate", "/no/such/route"])
 def test_anonymous_bodies_are_refused_before_they_are_read(gw: str, path: str) -> None:
     # 60 MB announced, nothing sent: the answer must come from the headers alone.
-    status, body = head_only(gw, "POST", path, {"Content-Type": "application/json",
+    ctype = ("multipart/form-data; boundary=b0undary" if path == "/v1/files"
+             else "application/json")
+    status, body = head_only(gw, "POST", path, {"Content-Type": ctype,
                                                 "Content-Length": str(60 * 2**20)})
     assert status == 401
     err = json.loads(body)["error"]
