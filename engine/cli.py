@@ -78,7 +78,8 @@ def serve(
             from engine.register import spawn
 
             spawn(registrar)
-        serve_vllm(model=settings.model, host=settings.host, port=settings.port,
+        serve_vllm(api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+                   model=settings.model, host=settings.host, port=settings.port,
                    served_model_name=settings.model_name, max_loras=settings.max_loras,
                    max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
                    max_num_seqs=seqs,
