@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
+from shared.queue import arq_options, redis_settings
 from trainer.records import TERMINAL, FileStore, JobStore
 from trainer.settings import TrainerSettings
 from trainer.spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
@@ -85,12 +86,11 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
     app.state.fine_tuning = {"settings": trainer, "pool": None}
     if state.settings.redis_url:
         from arq import create_pool
-        from arq.connections import RedisSettings
         from redis.exceptions import RedisError
 
         try:
             app.state.fine_tuning["pool"] = await create_pool(
-                RedisSettings.from_dsn(state.settings.redis_url))
+                redis_settings(state.settings.redis_url), **arq_options())
         except (OSError, RedisError) as exc:  # Redis down: the gateway must still serve inference
             import logging
 
