@@ -88,7 +88,20 @@ class GatewaySettings(BaseSettings):
     quality_refresh_s: float = Field(default=15.0, gt=0)
     quality_max_age_s: float = Field(default=3600.0, gt=0)
 
+    allowed_scorers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Importable golden-set scorers (`pkg.module:attr`, comma-separated) that "
+        "fine-tuning jobs may name; the worker imports them. Built-in scorers (exact, "
+        "label_set:..., json_fields:...) are always allowed.")
+
     log_level: str = "info"
+
+    @field_validator("allowed_scorers", mode="before")
+    @classmethod
+    def _split_scorers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @field_validator("engines", mode="before")
     @classmethod
