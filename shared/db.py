@@ -118,6 +118,9 @@ class Adapter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The last version number handed out (shared.registry allocates the next one by one atomic
+    # UPDATE, so concurrent processes never get the same number; numbers are never reused).
+    next_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AdapterVersion(Base):
