@@ -157,7 +157,8 @@ class Registry:
         info = self.get_version(resolved.name, resolved.version or 0)
         if self.store.is_local:
             return Path(self.store.path(info.artifact))
-        return self.store.download(info.artifact, Path(cache_dir) / info.artifact)
+        return self.store.download(info.artifact, Path(cache_dir) / info.artifact,
+                                   content_hash=info.content_hash)
 
     # ---- versions ----------------------------------------------------------------------------
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> VersionInfo:
