@@ -46,7 +46,8 @@ def serve(
         help="The URL the gateway reaches this engine at (default: http://HOST:PORT; "
              "127.0.0.1 when HOST is 0.0.0.0 or ::)")] = None,
     admin_key: Annotated[str | None, typer.Option(
-        help="Gateway admin key for --register (default: $TUNEGATE_ENGINE_REGISTER_KEY, else "
+        help="Gateway key for --register: an engine-scope key is enough (`tunegate keys create "
+             "--scope engine`; default: $TUNEGATE_ENGINE_REGISTER_KEY, else "
              "$TUNEGATE_DATA_DIR/local-admin.key; the variable keeps it out of `ps`)")] = None,
     log_level: str = "info",
 ) -> None:
