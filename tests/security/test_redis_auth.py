@@ -88,7 +88,7 @@ def test_compose_redis_requires_its_password_and_hides_it(tmp_path: Path) -> Non
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=port).ping()
         assert redis.Redis(port=port, password=PASSWORD).ping()
-        pids = _pids_of(f"--port {port}".replace(" ", "\0"))
+        pids = _pids_of(f":{port}")  # redis-server retitles itself "redis-server HOST:PORT"
         assert pids, "the redis-server process was not found"
         for pid in pids:
             assert PASSWORD.encode() not in (Path("/proc") / str(pid) / "cmdline").read_bytes()
