@@ -114,8 +114,9 @@ def test_a_job_failed_by_the_sweep_never_registers(tmp_path: Path) -> None:
     # The worker of "alive" claims its job (about to register) just before the sweep writes.
     assert store.claim("ftjob-alive")
     assert store.fail_stale(60.0) == ["ftjob-lost"]
-    assert store.get("ftjob-lost")["status"] == "failed"
-    assert store.get("ftjob-alive")["status"] == "running"
+    lost, alive = store.get("ftjob-lost"), store.get("ftjob-alive")
+    assert lost is not None and lost["status"] == "failed"
+    assert alive is not None and alive["status"] == "running"
     # The worker of "lost" was only slow: its claim fails, so it does not register.
     assert not store.claim("ftjob-lost")
     db.dispose()
