@@ -193,9 +193,11 @@ def serve_vllm(
     max_model_len: int | None,
     max_num_seqs: int | None,
     extra_args: Sequence[str] = (),
+    api_key: str | None = None,
 ) -> NoReturn:
     """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
-    which is what a supervisor expects)."""
+    which is what a supervisor expects). ``api_key``: the engine's shared secret, handed over as
+    ``VLLM_API_KEY`` (what vLLM's ``--api-key`` defaults to) so that it never shows in ``ps``."""
     settings = VllmSettings()
     cmd = build_vllm_command(
         model=model, host=host, port=port, served_model_name=served_model_name,
@@ -205,6 +207,8 @@ def serve_vllm(
     )
     check_vllm_python(cmd[0])
     env = vllm_environment(settings.device, settings=settings)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)

@@ -25,7 +25,7 @@ def _store():  # type: ignore[no-untyped-def]
 @app.command()
 def create(
     name: str = typer.Option(..., help="Who or what the key is for"),
-    scope: str = typer.Option("user", help="user | admin"),
+    scope: str = typer.Option("user", help="user | admin | engine (only registers replicas)"),
     models: str | None = typer.Option(None, help="Comma-separated names allowed "
                                       "(base, adapter names); default: every model"),
     rpm: int | None = typer.Option(None, help="Requests per minute; default: no limit"),
@@ -34,6 +34,9 @@ def create(
     sample_rate: float | None = typer.Option(
         None, help="Share of this key's requests sampled, 0..1 (0 opts out); default: the "
         "gateway's rate"),
+    may_label: bool | None = typer.Option(
+        None, "--may-label/--no-label", help="Whether its feedback becomes training data; "
+        "default: admin keys only"),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON"),
 ) -> None:
     """Create a key and print it (once: it cannot be shown again)."""
@@ -42,7 +45,8 @@ def create(
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
         secret, info = _store().create(name=name, scope=scope, models=allowed, rpm=rpm,
-                                       tpm=tpm, secret=key, sample_rate=sample_rate)
+                                       tpm=tpm, secret=key, sample_rate=sample_rate,
+                                       may_label=may_label)
     except TunegateError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.db import database_url
@@ -36,6 +36,12 @@ class GatewaySettings(BaseSettings):
         default=None, validation_alias=AliasChoices("artifact_store", "TUNEGATE_ARTIFACT_STORE"))
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices(
         "redis_url", "TUNEGATE_GATEWAY_REDIS_URL", "REDIS_URL"))
+
+    engine_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices(
+            "engine_api_key", "TUNEGATE_GATEWAY_ENGINE_API_KEY", "TUNEGATE_ENGINE_API_KEY"),
+        description="The engines' shared secret (their --api-key), sent as a bearer token on "
+        "every engine call: inference, health and model listing, adapter load and unload.")
 
     # Routing and upstreams.
     health_interval_s: float = 2.0  # active GET /health on every replica, seconds
@@ -108,7 +114,20 @@ class GatewaySettings(BaseSettings):
     quality_refresh_s: float = Field(default=15.0, gt=0)
     quality_max_age_s: float = Field(default=3600.0, gt=0)
 
+    allowed_scorers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Importable golden-set scorers (`pkg.module:attr`, comma-separated) that "
+        "fine-tuning jobs may name; the worker imports them. Built-in scorers (exact, "
+        "label_set:..., json_fields:...) are always allowed.")
+
     log_level: str = "info"
+
+    @field_validator("allowed_scorers", mode="before")
+    @classmethod
+    def _split_scorers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @field_validator("engines", mode="before")
     @classmethod

@@ -52,7 +52,9 @@ class GatewayState:
                             storage_options=StoreSettings().artifact_store_options)
         upstream = Upstream(connect_timeout_s=settings.connect_timeout_s,
                             request_timeout_s=settings.request_timeout_s,
-                            max_connections=settings.max_connections)
+                            max_connections=settings.max_connections,
+                            api_key=settings.engine_api_key.get_secret_value()
+                            if settings.engine_api_key else None)
         router = Router(settings.engines, upstream, metrics,
                         health_interval_s=settings.health_interval_s,
                         load_timeout_s=settings.load_timeout_s,

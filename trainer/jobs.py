@@ -23,7 +23,7 @@ from shared.errors import ModelNotFound, NotFound
 from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled, StepInfo
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
-from trainer.records import JobStore
+from trainer.records import JobStore, worker_lost_error
 from trainer.spec import TrainSpec
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
@@ -223,6 +223,9 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
 
         if registry is None:
             return finish(JobOutcome("succeeded", result=result))
+        if not store.claim(job_id):
+            # Failed by the stale-job sweep (or cancelled) meanwhile: such a job never registers.
+            return finish(JobOutcome("failed", result=result, error=worker_lost_error()))
         ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
         store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")
         return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))

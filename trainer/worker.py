@@ -22,11 +22,11 @@ import time
 from typing import Any
 
 from arq import ArqRedis
-from arq.connections import RedisSettings
 from arq.constants import abort_jobs_ss
 from arq.jobs import Job
 
 from shared.db import Database, DatabaseSettings
+from shared.queue import arq_options, redis_settings
 from trainer.records import ACTIVE, JobStore, worker_lost_error
 from trainer.settings import TrainerSettings
 from trainer.spec import TrainSpec
@@ -133,7 +133,8 @@ def worker_settings(settings: TrainerSettings) -> dict[str, Any]:
 
     return {
         "functions": [func(train_adapter, name=JOB_FUNCTION, timeout=settings.job_timeout_s)],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url),
+        **arq_options(),  # JSON, never pickle: Redis access must not mean code execution
         "queue_name": settings.queue_name,
         "on_startup": startup,
         "on_shutdown": shutdown,
@@ -155,7 +156,7 @@ def create_worker(settings: TrainerSettings, **overrides: Any) -> Any:
 
 async def enqueue_training(pool: ArqRedis, spec: TrainSpec, *, queue_name: str) -> Job | None:
     """Queue a job (its record must exist); the arq job id is the job's id."""
-    return await pool.enqueue_job(JOB_FUNCTION, spec.model_dump(), _job_id=spec.job_id,
+    return await pool.enqueue_job(JOB_FUNCTION, spec.model_dump(mode="json"), _job_id=spec.job_id,
                                   _queue_name=queue_name)
 
 

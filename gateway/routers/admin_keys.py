@@ -16,11 +16,12 @@ router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[Depends(a
 
 class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    scope: Literal["user", "admin"] = "user"
+    scope: Literal["user", "admin", "engine"] = "user"
     models: list[str] | None = None  # None: every model
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     sample_rate: float | None = Field(default=None, ge=0, le=1)  # None: the gateway's default
+    may_label: bool | None = None  # feedback becomes training data; None: admin keys only
 
 
 class KeyUpdate(BaseModel):
@@ -36,7 +37,7 @@ def list_keys(state: State) -> dict[str, Any]:
 def create_key(body: KeyCreate, state: State) -> dict[str, Any]:
     secret, info = state.keys.create(name=body.name, scope=body.scope, models=body.models,
                                      rpm=body.rpm, tpm=body.tpm,
-                                     sample_rate=body.sample_rate)
+                                     sample_rate=body.sample_rate, may_label=body.may_label)
     return {**info.public(), "key": secret}
 
 

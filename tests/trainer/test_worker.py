@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 from arq import create_pool
-from arq.connections import RedisSettings
 from sqlalchemy import update
 
 from shared.data import write_jsonl
 from shared.db import Database, DatabaseSettings
+from shared.queue import arq_options, redis_settings
 from shared.registry import Registry
 from trainer.data_sources import build_splits
 from trainer.records import FineTuningJob, JobStore
@@ -43,7 +43,7 @@ async def system(
     )
     db = Database(DatabaseSettings(data_dir=tmp_path).url)
     train, golden = build_splits(n_train=120, n_golden=8, seed=0)
-    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    pool = await create_pool(redis_settings(redis_url), **arq_options())
     worker = create_worker(settings, handle_signals=False)
     yield {
         "settings": settings, "store": JobStore(db), "db": db, "pool": pool, "worker": worker,
