@@ -112,9 +112,11 @@ def prompt_size(value: Any, field: str) -> tuple[int, list[int]]:
     for v in value:
         if isinstance(v, str):
             c, t = _text_tokens(v)
-            chars, out = chars + c, [*out, t + 2]
+            chars += c
+            out.append(t + 2)
         elif isinstance(v, list):
-            chars, out = chars + len(v), [*out, len(v)]
+            chars += len(v)
+            out.append(len(v))
         else:
             raise InvalidRequest("`prompt` must be a string, token ids, or a list of either",
                                  param="prompt")
