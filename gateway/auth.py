@@ -107,8 +107,10 @@ class KeyStore:
         if not name or len(name) > 200:
             raise InvalidRequest("name must be 1..200 characters", param="name")
         for field, v in (("rpm", rpm), ("tpm", tpm)):
-            if v is not None and v < 1:
-                raise InvalidRequest(f"{field} must be >= 1", param=field)
+            if v is not None and not 1 <= v <= 10**12:  # counted as Lua doubles in Redis
+                raise InvalidRequest(f"{field} must be between 1 and 10**12", param=field)
+        if "\x00" in name or any("\x00" in m for m in models or ()):
+            raise InvalidRequest("names may not contain NUL characters", param="name")
         _check_rate(sample_rate)
         secret = secret or new_secret()
         if len(secret) < 20:

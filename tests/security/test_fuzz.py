@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from schemathesis import GenerationMode
 
@@ -37,3 +38,15 @@ def test_fuzz_every_operation(gw: str, records: Records) -> None:
     assert report.cases >= 1500
     assert report.server_errors == 0, "\n".join(report.failures)
     assert report.schema_violations == 0, "\n".join(report.failures)
+
+
+def test_fuzz_findings_stay_fixed(gw: str, records: Records) -> None:
+    """What the lane found: a limit too large for the database and the quota script, and NUL
+    characters in names, were 500s."""
+    admin = {"Authorization": f"Bearer {records.key('admin')}"}
+    for body in ({"name": "k", "tpm": 31392070705515516603138048},
+                 {"name": "k", "rpm": 10**13},
+                 {"name": "k\x00", "models": ["base"]},
+                 {"name": "k", "models": ["a\x00b"]}):
+        r = httpx.post(gw + "/admin/keys", headers=admin, json=body, timeout=30)
+        assert r.status_code == 400, (body, r.text)
