@@ -69,7 +69,8 @@ def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
         state = "revoked" if k.revoked_at else "active"
         models = ",".join(k.models) if k.models is not None else "*"
         typer.echo(f"{k.id}  {k.prefix}...  {k.scope:5}  {state:7}  rpm={k.rpm}  tpm={k.tpm}  "
-                   f"models={models}  sample_rate={k.sample_rate}  {k.name}")
+                   f"models={models}  sample_rate={k.sample_rate}  may_label={k.can_label}  "
+                   f"{k.name}")
 
 
 @app.command("sample-rate")

@@ -37,7 +37,7 @@ import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Boolean, Float, Index, Integer, String, Text, UniqueConstraint, update
+from sqlalchemy import Boolean, Float, Index, Integer, String, Text, UniqueConstraint, false, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.db import Base, UTCDateTime, utcnow
@@ -98,7 +98,8 @@ class TrafficSample(Base):
     corrected_output: Mapped[str | None] = mapped_column(Text, nullable=True)
     feedback_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     feedback_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
-    feedback_trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    feedback_trusted: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())
 
     @property
     def ref(self) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -76,7 +75,5 @@ def test_an_unencodable_record_costs_only_itself(redis_url: str) -> None:
 
 
 def test_scrubbing_depth_is_bounded() -> None:
-    start = time.perf_counter()
     out = scrub_value(nested(50_000), scrub_text)  # far beyond Python's recursion limit
-    assert time.perf_counter() - start < 1.0
-    assert json.dumps(out).count(DEPTH_MARK) == 1
+    assert json.dumps(out).count(DEPTH_MARK) == 1  # walked MAX_DEPTH levels, not 50,000
