@@ -4,7 +4,8 @@ Raw asyncio + httptools, HTTP/1.1 keep-alive, so it answers in microseconds and 
 overhead can be measured against it. Used by ``bench/gateway_overhead.py`` and by the gateway's
 routing/failover tests (it is a fake for the logic *around* an engine, never for model output).
 
-- ``GET /health``; ``GET /v1/models`` (base ``fake-base`` plus loaded adapters with ``parent``)
+- ``GET /health``; ``GET /v1/models`` (base ``fake-base`` with ``max_model_len``, plus loaded
+  adapters with ``parent``)
 - ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter`` (400 when already loaded /
   404 when missing, like vLLM); ``--load-delay`` seconds per load
 - ``POST /v1/chat/completions`` and ``/v1/completions``: 404 for a model that is neither the base
@@ -12,6 +13,10 @@ routing/failover tests (it is a fake for the logic *around* an engine, never for
   Streaming sends a fixed SSE stream (role, 3 content chunks, finish, usage when asked, [DONE]).
   A prompt containing ``FAIL_MIDSTREAM`` makes the stream break after two chunks; ``SLOW`` makes
   it send 100 chunks 0.1 s apart (to observe client-disconnect aborts).
+- ``--full-usage``: usage as an engine that always runs to its limit would report it (the
+  quota tests): prompt tokens = UTF-8 bytes of the prompt (+4 per message; token ids count as
+  they are), completion tokens = ``max_completion_tokens`` or ``max_tokens`` (vLLM's precedence;
+  16 on /v1/completions; the room left in ``--max-model-len`` when neither is set), times ``n``.
 - ``GET /fake/stats``: loads per adapter, peak concurrent loads per adapter, requests, aborted
   streams, last request id.
 
@@ -31,8 +36,11 @@ BASE = "fake-base"
 
 
 class Fake:
-    def __init__(self, name: str, load_delay_s: float) -> None:
+    def __init__(self, name: str, load_delay_s: float, max_model_len: int = 2048,
+                 full_usage: bool = False) -> None:
         self.name = name
+        self.max_model_len = max_model_len
+        self.full_usage = full_usage
         self.load_delay_s = load_delay_s
         self.adapters: dict[str, str] = {}
         self.loads: dict[str, int] = {}
@@ -104,7 +112,8 @@ class Conn(asyncio.Protocol):
             if path == b"/health":
                 self.transport.write(_response(200, b"{}"))
             elif path == b"/v1/models":
-                data = [{"id": BASE, "object": "model", "parent": None, "root": BASE}]
+                data = [{"id": BASE, "object": "model", "parent": None, "root": BASE,
+                         "max_model_len": f.max_model_len}]
                 data += [{"id": k, "object": "model", "parent": BASE, "root": v}
                          for k, v in f.adapters.items()]
                 self.transport.write(_response(200, json.dumps(
@@ -166,7 +175,8 @@ class Conn(asyncio.Protocol):
             return
         text = f"{f.name}|{model}|{rid}"
         chat = path == b"/v1/chat/completions"
-        usage = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        usage = (_full_usage(body, chat, f.max_model_len) if f.full_usage else
+                 {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8})
         if not body.get("stream"):
             choice: dict[str, Any] = ({"index": 0, "message": {"role": "assistant",
                                                               "content": text},
@@ -218,11 +228,36 @@ class Conn(asyncio.Protocol):
         w(b"0\r\n\r\n")
 
 
+def _full_usage(body: dict[str, Any], chat: bool, max_model_len: int) -> dict[str, int]:
+    def size(v: Any) -> int:
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, list):
+            return sum(1 if isinstance(x, int) else size(x) for x in v)
+        if isinstance(v, dict):
+            return size(v.get("content")) + size(v.get("text"))
+        return 0
+
+    if chat:
+        messages = body.get("messages") or []
+        prompt = size(messages) + 4 * len(messages)
+        asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    else:
+        prompt = size(body.get("prompt"))
+        asked = body.get("max_tokens", 16)
+    room = max(0, max_model_len - prompt)
+    completion = (room if asked is None else min(int(asked), room)) * int(body.get("n") or 1)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--name", default="fake")
     ap.add_argument("--load-delay", type=float, default=0.0)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--full-usage", action="store_true")
     args = ap.parse_args()
     try:
         import uvloop
@@ -230,7 +265,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    fake = Fake(args.name, args.load_delay)
+    fake = Fake(args.name, args.load_delay, args.max_model_len, args.full_usage)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

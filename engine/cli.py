@@ -46,7 +46,8 @@ def serve(
         help="The URL the gateway reaches this engine at (default: http://HOST:PORT; "
              "127.0.0.1 when HOST is 0.0.0.0 or ::)")] = None,
     admin_key: Annotated[str | None, typer.Option(
-        help="Gateway admin key for --register (default: $TUNEGATE_ENGINE_REGISTER_KEY, else "
+        help="Gateway key for --register: an engine-scope key is enough (`tunegate keys create "
+             "--scope engine`; default: $TUNEGATE_ENGINE_REGISTER_KEY, else "
              "$TUNEGATE_DATA_DIR/local-admin.key; the variable keeps it out of `ps`)")] = None,
     log_level: str = "info",
 ) -> None:
@@ -78,7 +79,8 @@ def serve(
             from engine.register import spawn
 
             spawn(registrar)
-        serve_vllm(model=settings.model, host=settings.host, port=settings.port,
+        serve_vllm(api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+                   model=settings.model, host=settings.host, port=settings.port,
                    served_model_name=settings.model_name, max_loras=settings.max_loras,
                    max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
                    max_num_seqs=seqs,

@@ -1,10 +1,10 @@
 """Engine replicas register themselves with a gateway (``tunegate engine serve --register``).
 
 A :class:`Registrar` waits until the engine's own ``/health`` answers 200, registers its
-advertised URL (``POST /admin/replicas``, admin key), repeats that every ``interval_s`` (the call
-is idempotent: a gateway whose database forgot the engine learns it again) and deregisters
-(``DELETE /admin/replicas?url=...``) when told to stop. A gateway that cannot be reached or
-refuses is logged and retried; it never stops the engine.
+advertised URL (``POST /admin/replicas``, an ``engine``-scope key is enough), repeats that
+every ``interval_s`` (the call is idempotent: a gateway whose database forgot the engine
+learns it again) and deregisters (``DELETE /admin/replicas?url=...``) when told to stop. A
+gateway that cannot be reached or refuses is logged and retried; it never stops the engine.
 
 - Embedded kind: :func:`attach` runs the registrar as a task inside the engine's own lifespan.
 - vLLM kind: ``serve_vllm`` replaces the process by vLLM (``exec``), so :func:`spawn` first starts

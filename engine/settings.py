@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import StorageSettings
@@ -34,6 +34,10 @@ class EngineSettings(BaseSettings):
     # fast: our own decode/prefill loop over the model's weights (Llama architecture; others,
     # and adapters it cannot apply, use hf); hf: transformers + peft, the reference.
     impl: Literal["fast", "hf"] = "fast"
+    api_key: SecretStr | None = Field(
+        None, description="Shared secret: every /v1 request needs `Authorization: Bearer <key>` "
+        "(vLLM's --api-key; the vllm kind gets it as VLLM_API_KEY, never on its command line). "
+        "Unset: the engine answers anyone who reaches its port.")
 
     @property
     def model_name(self) -> str:

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.limits import Guard
 from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
 from gateway.settings import GatewaySettings
@@ -63,12 +64,28 @@ def create_app(settings: GatewaySettings | None = None,
         finally:
             await state.close()
 
-    app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan)
+    docs = settings.api_docs
+    app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.settings = settings
     for m in modules:
         app.include_router(m.router)
     install_error_handlers(app)
+    app.add_middleware(Guard, public=public_paths(settings), body_bytes=settings.max_body_bytes,
+                       upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app
+
+
+def public_paths(settings: GatewaySettings) -> frozenset[str]:
+    """Paths served without a key: health, readiness, and what the operator opened."""
+    paths = {"/health", "/ready"}
+    if settings.metrics_access == "open":
+        paths.add("/metrics")
+    if settings.api_docs:
+        paths |= {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    return frozenset(paths)
 
 
 def _render(err: TunegateError) -> JSONResponse:
@@ -93,7 +110,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code,
+        code = "request_too_large" if exc.status_code == 413 else None
+        return JSONResponse(error_body(str(exc.detail), type_, code=code),
+                            status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

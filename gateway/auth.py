@@ -24,7 +24,9 @@ from gateway.cache import AsyncTTLCache
 from shared.db import ApiKey, Database, utcnow
 from shared.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 
-SCOPES = ("user", "admin")
+# user: inference, files, fine-tuning, feedback on its own requests; admin: everything;
+# engine: only registering and deregistering replicas (what an engine's self-registration needs).
+SCOPES = ("user", "admin", "engine")
 KEY_PREFIX = "tg-"
 _CACHE_MAX = 10_000  # keys remembered (unknown ones too), bounded so junk keys cannot grow it
 
@@ -50,10 +52,16 @@ class KeyInfo:
     revoked_at: str | None
     key_hash: str = ""
     sample_rate: float | None = None  # None: the gateway's default; 0: never sampled
+    may_label: bool | None = None  # None: admin keys only
 
     @property
     def is_admin(self) -> bool:
         return self.scope == "admin"
+
+    @property
+    def can_label(self) -> bool:
+        """Whether this key's feedback becomes training data."""
+        return self.is_admin if self.may_label is None else self.may_label
 
     def may_use(self, name: str) -> bool:
         """``name`` is ``base`` or an adapter name (aliases and versions share their name's
@@ -64,7 +72,8 @@ class KeyInfo:
         return {"id": self.id, "name": self.name, "scope": self.scope, "prefix": self.prefix,
                 "models": list(self.models) if self.models is not None else None,
                 "rpm": self.rpm, "tpm": self.tpm, "sample_rate": self.sample_rate,
-                "created_at": self.created_at, "revoked_at": self.revoked_at}
+                "may_label": self.can_label, "created_at": self.created_at,
+                "revoked_at": self.revoked_at}
 
 
 def _info(row: ApiKey) -> KeyInfo:
@@ -72,7 +81,8 @@ def _info(row: ApiKey) -> KeyInfo:
                    models=tuple(row.models) if row.models is not None else None,
                    rpm=row.rpm, tpm=row.tpm, created_at=row.created_at.isoformat(),
                    revoked_at=row.revoked_at.isoformat() if row.revoked_at else None,
-                   key_hash=row.key_hash, sample_rate=row.sample_rate)
+                   key_hash=row.key_hash, sample_rate=row.sample_rate,
+                   may_label=row.may_label)
 
 
 class KeyStore:
@@ -88,7 +98,8 @@ class KeyStore:
     def create(self, *, name: str, scope: str = "user", models: list[str] | None = None,
                rpm: int | None = None, tpm: int | None = None,
                secret: str | None = None,
-               sample_rate: float | None = None) -> tuple[str, KeyInfo]:
+               sample_rate: float | None = None,
+               may_label: bool | None = None) -> tuple[str, KeyInfo]:
         """Make a key; returns ``(secret, info)``. ``secret`` may be given (``tunegate up`` keeps
         its local admin key in a file) but must be at least 20 characters."""
         if scope not in SCOPES:
@@ -96,8 +107,10 @@ class KeyStore:
         if not name or len(name) > 200:
             raise InvalidRequest("name must be 1..200 characters", param="name")
         for field, v in (("rpm", rpm), ("tpm", tpm)):
-            if v is not None and v < 1:
-                raise InvalidRequest(f"{field} must be >= 1", param=field)
+            if v is not None and not 1 <= v <= 10**12:  # counted as Lua doubles in Redis
+                raise InvalidRequest(f"{field} must be between 1 and 10**12", param=field)
+        if "\x00" in name or any("\x00" in m for m in models or ()):
+            raise InvalidRequest("names may not contain NUL characters", param="name")
         _check_rate(sample_rate)
         secret = secret or new_secret()
         if len(secret) < 20:
@@ -105,7 +118,7 @@ class KeyStore:
         row = ApiKey(id="key_" + secrets.token_hex(8), name=name, scope=scope,
                      key_hash=hash_key(secret), prefix=secret[:8], rpm=rpm, tpm=tpm,
                      models=sorted(set(models)) if models is not None else None,
-                     sample_rate=sample_rate, created_at=utcnow())
+                     sample_rate=sample_rate, may_label=may_label, created_at=utcnow())
         with self.db.session() as s:
             s.add(row)
         self.cache.invalidate(row.key_hash)
@@ -188,4 +201,18 @@ def unknown_key() -> AuthenticationFailed:
 def admin_only(key: KeyInfo) -> KeyInfo:
     if not key.is_admin:
         raise PermissionDenied("This endpoint needs an admin key.", code="insufficient_scope")
+    return key
+
+
+def not_for_engine(key: KeyInfo) -> KeyInfo:
+    if key.scope == "engine":
+        raise PermissionDenied("An engine key may only register and deregister replicas.",
+                               code="insufficient_scope")
+    return key
+
+
+def replica_only(key: KeyInfo) -> KeyInfo:
+    if key.scope not in ("admin", "engine"):
+        raise PermissionDenied("This endpoint needs an admin or engine key.",
+                               code="insufficient_scope")
     return key

@@ -6,7 +6,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from gateway.auth import KeyInfo, admin_only, bearer_secret, hash_key, unknown_key
+from gateway.auth import (
+    KeyInfo,
+    admin_only,
+    bearer_secret,
+    hash_key,
+    not_for_engine,
+    replica_only,
+    unknown_key,
+)
 from gateway.state import GatewayState
 
 
@@ -18,8 +26,14 @@ async def get_state(request: Request) -> GatewayState:
 State = Annotated[GatewayState, Depends(get_state)]
 
 
-async def current_key(request: Request) -> KeyInfo:
-    """The caller's key: 401 when missing, malformed, unknown or revoked."""
+async def any_key(request: Request) -> KeyInfo:
+    """The caller's key of any scope: 401 when missing, malformed, unknown or revoked.
+    ``gateway.limits`` has usually looked it up already, from the headers, before the body was
+    read."""
+    found = request.scope.get("state", {}).get("key")
+    if found is not None:
+        request.scope["state"]["key_id"] = found.id
+        return found  # type: ignore[no-any-return]
     digest = hash_key(bearer_secret(request.headers.get("authorization")))
     info = await request.app.state.tg.keys.authenticate(digest)
     if info is None:
@@ -28,9 +42,19 @@ async def current_key(request: Request) -> KeyInfo:
     return info  # type: ignore[no-any-return]
 
 
-async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:
+async def current_key(request: Request) -> KeyInfo:
+    """A user or admin key (an ``engine`` key only registers replicas: 403 elsewhere)."""
+    return not_for_engine(await any_key(request))
+
+
+async def admin_key(key: Annotated[KeyInfo, Depends(any_key)]) -> KeyInfo:
     """403 unless the key has the admin scope."""
     return admin_only(key)
+
+
+async def replica_key(key: Annotated[KeyInfo, Depends(any_key)]) -> KeyInfo:
+    """An admin or ``engine`` key (registering and deregistering replicas)."""
+    return replica_only(key)
 
 
 Key = Annotated[KeyInfo, Depends(current_key)]

@@ -26,7 +26,7 @@ def _store():  # type: ignore[no-untyped-def]
 @app.command()
 def create(
     name: str = typer.Option(..., help="Who or what the key is for"),
-    scope: str = typer.Option("user", help="user | admin"),
+    scope: str = typer.Option("user", help="user | admin | engine (only registers replicas)"),
     models: str | None = typer.Option(None, help="Comma-separated names allowed "
                                       "(base, adapter names); default: every model"),
     rpm: int | None = typer.Option(None, help="Requests per minute; default: no limit"),
@@ -35,6 +35,9 @@ def create(
     sample_rate: float | None = typer.Option(
         None, help="Share of this key's requests sampled, 0..1 (0 opts out); default: the "
         "gateway's rate"),
+    may_label: bool | None = typer.Option(
+        None, "--may-label/--no-label", help="Whether its feedback becomes training data; "
+        "default: admin keys only"),
     as_json: bool = typer.Option(False, "--json", help="Print the record as JSON"),
 ) -> None:
     """Create a key and print it (once: it cannot be shown again)."""
@@ -43,7 +46,8 @@ def create(
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
         secret, info = _store().create(name=name, scope=scope, models=allowed, rpm=rpm,
-                                       tpm=tpm, secret=key, sample_rate=sample_rate)
+                                       tpm=tpm, secret=key, sample_rate=sample_rate,
+                                       may_label=may_label)
     except TunegateError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(2) from None
@@ -66,7 +70,8 @@ def list_keys(as_json: bool = typer.Option(False, "--json")) -> None:
         state = "revoked" if k.revoked_at else "active"
         models = ",".join(k.models) if k.models is not None else "*"
         typer.echo(f"{k.id}  {k.prefix}...  {k.scope:5}  {state:7}  rpm={k.rpm}  tpm={k.tpm}  "
-                   f"models={models}  sample_rate={k.sample_rate}  {k.name}")
+                   f"models={models}  sample_rate={k.sample_rate}  may_label={k.can_label}  "
+                   f"{k.name}")
 
 
 @app.command("sample-rate")

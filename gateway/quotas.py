@@ -7,18 +7,26 @@ Semantics (documented for the README):
   twice its rate across a window boundary; in exchange a check is one round trip and O(1).
 - **Atomicity**: one Lua script checks both limits and increments both counters, so concurrent
   requests on several gateway processes can never overspend.
-- **Tokens: reserve, then settle.** Before the request we reserve ``prompt estimate +
-  max_tokens`` (prompt estimate = characters / 4; ``max_tokens`` defaults to 256 when the client
-  sets none). After the answer we settle: the reservation is replaced by the real
-  ``usage.total_tokens`` (usually a refund; corrections are batched and written every 0.05 s).
-  So a burst of concurrent requests cannot overshoot ``tpm`` by more than the difference between
-  estimate and truth, and the budget ends up charged with what was used. A single request whose
+- **Tokens: reserve, then settle.** Before the request we reserve an upper bound of what it can
+  cost (``gateway.serving.budget``): the prompt's UTF-8 bytes (no token is shorter than a byte;
+  token-id prompts count as they are) plus the most the engine is allowed to produce, which the
+  gateway writes into the body it sends (the larger of ``max_tokens`` and
+  ``max_completion_tokens``; with neither, the model's whole context). After the answer we
+  settle: the reservation is replaced by the real ``usage.total_tokens`` (a refund; corrections
+  are batched and written every 0.05 s). Since no answer can cost more than its reservation,
+  concurrent requests over any number of gateway processes never serve more than ``tpm`` in a
+  window. Should usage ever exceed the reservation, the excess is charged to the window current
+  when it is settled (when the tokens were produced), not to the past one. A single request whose
   reservation alone exceeds ``tpm`` is refused (429, code ``tokens_exceed_limit``).
 - **Refusal**: 429 ``rate_limit_error`` with ``Retry-After`` = seconds to the next window.
-- **Redis down: fail open.** Inference keeps working without quotas. Each skipped check counts in
+- **Redis unreachable: fail open (or closed).** Only a lost connection (connection refused or
+  reset, a timeout) skips the check, and only with ``quota_fail_open`` (the default): inference
+  keeps working without quotas. Each skipped check counts in
   ``tunegate_gateway_quota_fail_open_total`` and is logged (at most every 10 s); after a failure
   Redis is not asked again for ``redis_retry_after_s`` so an outage adds no per-request latency.
-  Redis calls on the request path time out after ``redis_timeout_s``.
+  With ``quota_fail_open=false`` those requests get a 503 instead. Any other Redis error (a script
+  or value error) refuses only the request that met it (429, code ``quota_check_failed``) and
+  never switches quotas off. Redis calls on the request path time out after ``redis_timeout_s``.
 - **Leases**: one Redis call takes up to 1% of a key's per-minute limits (at least what the
   request needs) for this process; later requests spend that locally until it runs out or the
   window ends. Busy keys with large limits thus cost one Redis call per ~1% of their budget, not
@@ -39,12 +47,11 @@ from typing import Any
 
 from gateway.auth import KeyInfo
 from gateway.metrics import Metrics
-from shared.errors import RateLimited
+from shared.errors import Overloaded, RateLimited
 
 log = logging.getLogger("tunegate.gateway.quotas")
 
 WINDOW_S = 60
-DEFAULT_MAX_TOKENS = 256  # reserved when a request sets no max_tokens
 FLUSH_S = 0.05  # how often settled token corrections are written, seconds
 LEASE_FRACTION = 0.01  # share of a key's per-minute limits one process takes per Redis call
 
@@ -78,10 +85,18 @@ redis.call('EXPIRE', k, 120)
 return {0, window, got_r, got_t}
 """
 
-# KEYS[1]: the window's key; ARGV[1]: token delta (real - reserved). No-op once the window expired.
+# KEYS[1]: the reservation's window key, KEYS[2]: the key prefix; ARGV[1]: token delta (real -
+# reserved). A refund goes to the reservation's window (no-op once it expired); an excess is
+# charged to the current window, when the tokens were produced.
 _SETTLE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 't', tonumber(ARGV[1]))
+local delta = tonumber(ARGV[1])
+if delta > 0 then
+  local window = math.floor(tonumber(redis.call('TIME')[1]) / 60)
+  local k = KEYS[2] .. ':' .. window
+  redis.call('HINCRBY', k, 't', delta)
+  redis.call('EXPIRE', k, 120)
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 't', delta)
 end
 return 0
 """
@@ -103,14 +118,19 @@ class Lease:
     tokens: int
 
 
-def estimate_tokens(prompt_chars: int, max_tokens: int | None) -> int:
-    return prompt_chars // 4 + 1 + (max_tokens or DEFAULT_MAX_TOKENS)
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means Redis could not be reached (the only case that may fail open)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    return isinstance(exc, RedisConnectionError | RedisTimeout | OSError | asyncio.TimeoutError)
 
 
 class Quotas:
     def __init__(self, redis: Any | None, metrics: Metrics, *, timeout_s: float = 0.25,
-                 retry_after_s: float = 1.0) -> None:
+                 retry_after_s: float = 1.0, fail_open: bool = True) -> None:
         self.redis = redis
+        self.fail_open = fail_open
         self.metrics = metrics
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
@@ -118,7 +138,8 @@ class Quotas:
         self._last_log = 0.0
         self._reserve = redis.register_script(_RESERVE) if redis is not None else None
         self._settle = redis.register_script(_SETTLE) if redis is not None else None
-        self._pending: dict[str, int] = {}  # window key -> token correction not yet written
+        # (window key, refund or excess) -> token correction not yet written
+        self._pending: dict[tuple[str, bool], int] = {}
         self._leases: dict[str, Lease] = {}  # key id -> budget taken ahead (see module doc)
         self._locks: dict[str, asyncio.Lock] = {}  # key id -> lease call in progress
         self._flusher: asyncio.Task[None] | None = None
@@ -128,7 +149,7 @@ class Quotas:
         if not key.rpm and not key.tpm:
             return None
         if self._reserve is None:
-            self._fail_open("no Redis configured")
+            self._unavailable("no Redis configured")
             return None
         taken = self._from_lease(key, tokens)
         if taken is not None:
@@ -141,7 +162,7 @@ class Quotas:
             if taken is not None:
                 return taken
             if time.monotonic() < self._skip_until:
-                self._fail_open(None)
+                self._unavailable(None)
                 return None
             return await self._lease(key, tokens)
 
@@ -165,9 +186,14 @@ class Quotas:
                 self._reserve(keys=[prefix], args=[key.rpm or 0, key.tpm or 0, tokens,
                                                    want_r, want_t]),
                 self.timeout_s)
-        except Exception as exc:  # redis errors, OSError, timeouts: all mean "no quota now"
+        except Exception as exc:
+            if not connection_lost(exc):
+                # A script or value error belongs to this request: it alone is refused.
+                log.warning("quota check failed for key %s: %r", key.id, exc)
+                raise RateLimited("The quota check failed for this request.", retry_after_s=1,
+                                  code="quota_check_failed") from None
             self._skip_until = time.monotonic() + self.retry_after_s
-            self._fail_open(exc)
+            self._unavailable(exc)
             return None
         status, value = int(reply[0]), int(reply[1])
         if status == 0:
@@ -195,7 +221,8 @@ class Quotas:
             return
         delta = used_tokens - res.tokens
         if delta:
-            self._pending[res.redis_key] = self._pending.get(res.redis_key, 0) + delta
+            slot = (res.redis_key, delta > 0)
+            self._pending[slot] = self._pending.get(slot, 0) + delta
 
     async def start(self) -> None:
         if self.redis is not None:
@@ -221,14 +248,22 @@ class Quotas:
             return  # Redis is down: the corrections are dropped (the reservations stand)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key, delta in pending.items():
-                    await self._settle(keys=[key], args=[delta], client=pipe)
+                for (key, _), delta in pending.items():
+                    await self._settle(keys=[key, key.rpartition(":")[0]], args=[delta],
+                                       client=pipe)
                 await asyncio.wait_for(pipe.execute(), self.timeout_s * 4)
         except Exception as exc:
+            if not connection_lost(exc):
+                log.warning("quota settlement failed: %r", exc)
+                return
             self._skip_until = time.monotonic() + self.retry_after_s
-            self._fail_open(exc)
+            self.metrics.quota_fail_open.inc()
 
-    def _fail_open(self, exc: object) -> None:
+    def _unavailable(self, exc: object) -> None:
+        """Redis cannot be reached: serve without the check, or refuse (``fail_open``)."""
+        if not self.fail_open:
+            raise Overloaded("Quotas cannot be checked now (Redis is unreachable); retry.",
+                             code="quota_unavailable", headers={"Retry-After": "1"})
         self.metrics.quota_fail_open.inc()
         now = time.monotonic()
         if exc is not None and now - self._last_log > 10.0:

@@ -50,6 +50,7 @@ class Replica:
     healthy: bool = False
     in_flight: int = 0
     base_model: str | None = None
+    max_model_len: int | None = None  # tokens, as the replica's /v1/models reports it
     adapters: dict[str, float] = field(default_factory=dict)  # lora_name -> last use (monotonic)
     adapter_in_flight: dict[str, int] = field(default_factory=dict)
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
@@ -171,6 +172,9 @@ class Router:
                 held.add(m["id"])
             elif r.base_model is None or m["id"] == r.base_model:
                 r.base_model = m["id"]
+                ctx = m.get("max_model_len")
+                if isinstance(ctx, int) and not isinstance(ctx, bool) and ctx > 0:
+                    r.max_model_len = ctx
         now = time.monotonic()
         for name in held - r.adapters.keys():
             r.adapters[name] = now
@@ -181,6 +185,11 @@ class Router:
     def mark_down(self, r: Replica, reason: str) -> None:
         r.healthy, r.last_error = False, reason
         self.metrics.replica_healthy.labels(r.url).set(0)
+
+    def max_model_len(self) -> int | None:
+        """The smallest context length the replicas report, tokens (None: none reports one)."""
+        known = [r.max_model_len for r in self.replicas if r.max_model_len]
+        return min(known) if known else None
 
     # ---- choice ------------------------------------------------------------------------------
     def order(self, ref: str | None) -> list[Replica]:

@@ -59,14 +59,22 @@ def scrub_text(text: str) -> str:
     return text
 
 
-def scrub_value(value: Any, hook: Scrubber) -> Any:
-    """Every string inside a JSON value passed through ``hook`` (keys are left alone)."""
+MAX_DEPTH = 32  # nesting levels scrubbed; anything deeper is replaced by DEPTH_MARK
+DEPTH_MARK = "[too deep]"
+
+
+def scrub_value(value: Any, hook: Scrubber, depth: int = 0) -> Any:
+    """Every string inside a JSON value passed through ``hook`` (keys are left alone). Containers
+    nested deeper than ``MAX_DEPTH`` are replaced by ``DEPTH_MARK``: the recursion is bounded and
+    nothing unscrubbed is kept (no chat or completion body needs that depth)."""
     if isinstance(value, str):
         return hook(value)
+    if isinstance(value, (list, dict)) and depth >= MAX_DEPTH:
+        return DEPTH_MARK
     if isinstance(value, list):
-        return [scrub_value(v, hook) for v in value]
+        return [scrub_value(v, hook, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {k: scrub_value(v, hook) for k, v in value.items()}
+        return {k: scrub_value(v, hook, depth + 1) for k, v in value.items()}
     return value
 
 

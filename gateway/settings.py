@@ -6,9 +6,9 @@ storage (``TUNEGATE_DATA_DIR``, ``TUNEGATE_DATABASE_URL``, ``TUNEGATE_ARTIFACT_S
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.job_queue import JobQueueSettings
@@ -27,6 +27,12 @@ class GatewaySettings(StorageSettings, JobQueueSettings):
         "http://127.0.0.1:8001"])
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices(
         "redis_url", "TUNEGATE_GATEWAY_REDIS_URL", "REDIS_URL"))
+
+    engine_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices(
+            "engine_api_key", "TUNEGATE_GATEWAY_ENGINE_API_KEY", "TUNEGATE_ENGINE_API_KEY"),
+        description="The engines' shared secret (their --api-key), sent as a bearer token on "
+        "every engine call: inference, health and model listing, adapter load and unload.")
 
     # Routing and upstreams.
     health_interval_s: float = 2.0  # active GET /health on every replica, seconds
@@ -50,6 +56,32 @@ class GatewaySettings(StorageSettings, JobQueueSettings):
     # Quotas.
     redis_timeout_s: float = 0.25  # per Redis call on the request path, seconds
     redis_retry_after_s: float = 1.0  # after a Redis failure, skip Redis this long (fail open)
+    # Only a lost Redis connection (connection error, timeout) may skip quota checks; with this
+    # off the gateway answers 503 instead (fail closed). Script or value errors never fail open.
+    quota_fail_open: bool = Field(default=True, description=(
+        "When Redis is unreachable, serve without quota checks (True) or refuse with 503 (False)."))
+
+    # Cost caps (gateway.limits). Bodies are counted as they arrive; beyond the cap: 413.
+    max_body_bytes: int = Field(default=2 * 2**20, ge=1024, description=(
+        "Largest request body on every route but uploads, bytes."))
+    max_upload_bytes: int = Field(default=512 * 2**20, ge=1024, description=(
+        "Largest POST /v1/files body (admin keys only), bytes."))
+    max_json_depth: int = Field(default=64, ge=4, description=(
+        "Deepest nesting of arrays/objects accepted in a JSON body; deeper is a 400."))
+    max_model_name_chars: int = Field(default=256, ge=16, description=(
+        "Longest `model` name accepted, characters; longer is a 400 and never cached."))
+    max_prompt_chars: int = Field(default=1_000_000, ge=1000, description=(
+        "Largest prompt (all message contents, or all prompt strings/token ids), characters."))
+    max_model_len: int = Field(default=8192, ge=16, description=(
+        "Context length, tokens, when the engines do not report `max_model_len` in /v1/models."))
+
+    # Operator choices for the unauthenticated surfaces. API docs (/docs, /redoc,
+    # /openapi.json) are off by default; /metrics is "open" (Prometheus scrapes it; restrict at
+    # the network), "admin" (an admin key as bearer token), or "off".
+    api_docs: bool = Field(default=False, description=(
+        "Serve /docs, /redoc and /openapi.json (without a key)."))
+    metrics_access: Literal["open", "admin", "off"] = Field(default="open", description=(
+        "Who may read /metrics: anyone, admin keys only, or nobody (404)."))
 
     # Traffic sampling (gateway.traffic_sampler). Rates are shares of requests, 0..1. A key's own
     # ``sample_rate`` (admin API, ``tunegate keys``) wins over the per-model one, which wins over
@@ -73,7 +105,20 @@ class GatewaySettings(StorageSettings, JobQueueSettings):
     quality_refresh_s: float = Field(default=15.0, gt=0)
     quality_max_age_s: float = Field(default=3600.0, gt=0)
 
+    allowed_scorers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Importable golden-set scorers (`pkg.module:attr`, comma-separated) that "
+        "fine-tuning jobs may name; the worker imports them. Built-in scorers (exact, "
+        "label_set:..., json_fields:...) are always allowed.")
+
     log_level: str = "info"
+
+    @field_validator("allowed_scorers", mode="before")
+    @classmethod
+    def _split_scorers(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
 
     @field_validator("engines", mode="before")
     @classmethod

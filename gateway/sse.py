@@ -56,14 +56,19 @@ class SSEResponse(Response):
         try:
             await asyncio.wait({pump_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (pump_task, watch_task):
-                if not t.done():
-                    t.cancel()
-            for t in (pump_task, watch_task):
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await t
-            aclose = getattr(self.events, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-            await self.finish()
+            try:
+                for t in (pump_task, watch_task):
+                    if not t.done():
+                        t.cancel()
+                for t in (pump_task, watch_task):
+                    # Anything else the stream raised (a bug, a decoding error) is re-raised
+                    # below, after finish(): the upstream and the in-flight count are released
+                    # whatever went wrong.
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await t
+            finally:
+                aclose = getattr(self.events, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+                await self.finish()

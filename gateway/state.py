@@ -50,7 +50,9 @@ class GatewayState:
         registry = Registry.from_settings(db, settings)
         upstream = Upstream(connect_timeout_s=settings.connect_timeout_s,
                             request_timeout_s=settings.request_timeout_s,
-                            max_connections=settings.max_connections)
+                            max_connections=settings.max_connections,
+                            api_key=settings.engine_api_key.get_secret_value()
+                            if settings.engine_api_key else None)
         router = Router(settings.engines, upstream, metrics,
                         health_interval_s=settings.health_interval_s,
                         load_timeout_s=settings.load_timeout_s,
@@ -71,7 +73,8 @@ class GatewayState:
         else:
             log.warning("no REDIS_URL: quotas are not enforced")
         quotas = Quotas(redis, metrics, timeout_s=settings.redis_timeout_s,
-                        retry_after_s=settings.redis_retry_after_s)
+                        retry_after_s=settings.redis_retry_after_s,
+                        fail_open=settings.quota_fail_open)
         state = cls(settings=settings, metrics=metrics, db=db,
                     keys=KeyStore(db, settings.cache_ttl_s), registry=registry,
                     resolver=Resolver(registry, settings.cache_ttl_s), upstream=upstream,

@@ -4,7 +4,8 @@ Which requests: each inference request is drawn with probability ``rate`` after 
 resolved: the key's own ``sample_rate`` when set (0 opts the key out), else the adapter name's
 entry in ``sample_rate_by_model``, else ``sample_rate`` (1% by default). Without Redis nothing is
 sampled. A sampled request's response carries ``x-tunegate-sampled: 1`` (added by
-``gateway.middleware``), so a client knows feedback on its ``x-request-id`` will be accepted.
+``gateway.middleware``), so a client knows feedback on its ``x-tunegate-request-id`` (the id the
+gateway made; a client's own ``X-Request-ID`` is only kept alongside) will be accepted.
 
 What is recorded (``shared.traffic_records.SampleRecord``): the client's body as sent, the answer
 text (streams reassembled from the SSE deltas that passed through), the model asked for, the
@@ -15,10 +16,13 @@ OpenTelemetry span's when there is one, else the W3C ``traceparent`` header's, e
 Off the request path: the request only copies its body (a shallow dict copy) and appends a dict
 to an in-memory buffer (bounded: ``sample_buffer`` records, more are dropped and counted). One
 background task per process wakes when records arrive, waits ``sample_flush_s`` to batch them,
-then reassembles stream text, scrubs (``gateway.scrub``), encodes and writes the batch with one
-pipelined round trip: ``XADD <sample_stream> MAXLEN ~ <sample_stream_maxlen>`` per record. Redis
-errors drop the batch, count ``tunegate_gateway_samples_total{outcome="failed"}``, log once per
-outage and back off ``redis_retry_after_s``; a client never sees them.
+then reassembles stream text, scrubs (``gateway.scrub``, depth bounded), encodes and writes the
+batch with one pipelined round trip: ``XADD <sample_stream> MAXLEN ~ <sample_stream_maxlen>``
+per record. Redis errors drop the batch, count
+``tunegate_gateway_samples_total{outcome="failed"}``, log once per outage and back off
+``redis_retry_after_s``; a client never sees them. A record that cannot be
+scrubbed or encoded (whatever the reason) is dropped and counted alone: the rest of its batch is
+written.
 
 Recorder API, for other parts of the gateway (the shadow lane records its answers with it)::
 
@@ -123,7 +127,9 @@ class Sampler:
         now = time.perf_counter()
         elapsed = now - call.start
         rec: dict[str, Any] = {
-            "request_id": call.request_id, "trace_id": self.trace_id(call.request),
+            "request_id": call.request_id,
+            "client_request_id": call.request.scope["state"].get("client_request_id"),
+            "trace_id": self.trace_id(call.request),
             "key_id": call.key.id, "route": call.route, "model": call.resolved.requested,
             "name": call.resolved.name, "version": call.resolved.version, "lane": call.lane,
             "request": call.sample, "output": output or "", "status": status,
@@ -207,13 +213,14 @@ class Sampler:
         for rec in batch:
             try:
                 payload = self.encode(rec)
-            except (TypeError, ValueError) as exc:
+            except Exception as exc:  # user-shaped data or an operator's scrubber: drop it alone
                 self.metrics.samples.labels("failed").inc()
-                log.warning("a sampled record could not be encoded: %r", exc)
+                log.warning("a sampled record could not be scrubbed or encoded: %s",
+                            type(exc).__name__)
                 continue
             pipe.xadd(self.stream, {ENTRY_FIELD: payload}, maxlen=self.maxlen, approximate=True)
             if rec.get("key_id") and rec.get("lane") != "shadow":
-                pipe.set(owner_key(self.stream, str(rec["request_id"])), str(rec["key_id"]),
+                pipe.set(owner_key(self.stream, str(rec["key_id"]), str(rec["request_id"])), b"1",
                          ex=OWNER_TTL_S)
             n += 1
         if not n:

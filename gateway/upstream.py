@@ -106,14 +106,16 @@ class UpstreamResponse:
 
 class Upstream:
     def __init__(self, *, connect_timeout_s: float, request_timeout_s: float,
-                 max_connections: int) -> None:
+                 max_connections: int, api_key: str | None = None) -> None:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s,
                                               sock_connect=connect_timeout_s)
         self._connect_timeout_s = connect_timeout_s
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30.0),
             timeout=self._timeout, auto_decompress=False, trust_env=False,
-            skip_auto_headers=("User-Agent",))
+            skip_auto_headers=("User-Agent",),
+            # The engines' shared secret, on every call (inference, health, adapter loading).
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
 
     async def aclose(self) -> None:
         await self.session.close()

@@ -12,7 +12,14 @@ registry (``shared.registry``) decides where a version lives and records it in S
   folder, the manifest (``MANIFEST_FILE``, written last) excluded.
 - ``download`` copies a folder into a local one once (a temporary folder, then one rename), so
   engines, which load adapters from local folders, can use a remote version; a folder whose
-  manifest is there is complete and never downloaded again.
+  manifest is there is complete and never downloaded again. Given the version's
+  ``content_hash``, the copy is hashed before the rename and refused when it differs.
+
+Containment: nothing the store reads or writes leaves its root. On a local disk, a folder given
+by a client must resolve (symlinks followed) inside the root, and a symlink anywhere in a folder
+that is hashed, moved or uploaded is refused (it could point at any file on the machine). On an
+object store, every key found under a folder must lie strictly under it (no ``..``, ``.`` or
+empty segments), so a downloaded or moved file never lands outside its target folder.
 """
 
 from __future__ import annotations
@@ -28,10 +35,29 @@ from typing import Any
 
 import fsspec
 
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, TunegateError
 
 MANIFEST_FILE = "tunegate-manifest.json"
 ADAPTERS_DIR = "adapters"
+
+
+class ArtifactCorrupt(TunegateError):
+    """A downloaded version does not match its recorded content hash."""
+
+    status = 502
+    type = "upstream_error"
+
+
+def _tree_hash(fs: Any, base: str, names: list[str]) -> str:
+    """sha256 over the sorted ``(relative path, sha256 of file)`` pairs, the manifest excluded."""
+    outer = hashlib.sha256()
+    for name in sorted(n for n in names if n.rsplit("/", 1)[-1] != MANIFEST_FILE):
+        inner = hashlib.sha256()
+        with fs.open(posixpath.join(base, name), "rb") as f:
+            while block := f.read(1 << 20):  # 1 MiB blocks
+                inner.update(block)
+        outer.update(name.encode() + b"\0" + inner.digest())
+    return outer.hexdigest()
 
 
 class ArtifactStore:
@@ -69,6 +95,33 @@ class ArtifactStore:
         with self.fs.open(self.path(rel), "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
 
+    def _no_symlinks(self, rel: str) -> None:
+        """Local stores: refuse ``rel`` when it, or anything in it, is a symlink or resolves
+        outside the root (400)."""
+        if not self.is_local:
+            return
+        root = os.path.realpath(self.root)
+        top = self.path(rel)
+        real = os.path.realpath(top)
+        if os.path.islink(top) or (real != root and not real.startswith(root + os.sep)):
+            raise InvalidRequest("path must stay inside the artifact store (no symlinks)",
+                                 param="path")
+        for cur, dirs, files in os.walk(top, followlinks=False):
+            for entry in (*dirs, *files):
+                if os.path.islink(os.path.join(cur, entry)):
+                    raise InvalidRequest(f"{rel!r} contains a symlink ({entry!r}): refused",
+                                         param="path")
+
+    def _under(self, base: str, path: str) -> str:
+        """``path``'s part below the folder ``base``, checked to stay strictly inside it."""
+        if not path.startswith(base.rstrip("/") + "/"):
+            raise InvalidRequest(f"object {path!r} is not inside {base!r}", param="path")
+        rel = path[len(base.rstrip("/")) + 1:]
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts) or "\x00" in rel:
+            raise InvalidRequest(f"object key {path!r} would leave its folder", param="path")
+        return rel
+
     def inside(self, rel: str) -> str:
         """Normalise a client-given folder path and check it stays inside the store and outside
         ``adapters/`` (the registry's own); returns it relative. Absolute paths, ``..``
@@ -83,52 +136,59 @@ class ArtifactStore:
             raise InvalidRequest("path must name a folder outside adapters/", param="path")
         if not self.fs.isdir(self.path(norm)):
             raise InvalidRequest(f"no folder {norm!r} in the artifact store", param="path")
+        self._no_symlinks(norm)
         return norm
 
     def move_tree(self, src: str, dst: str) -> None:
         """Move the folder ``src`` to ``dst`` (see the module docstring)."""
         if self.is_local:
+            self._no_symlinks(src)
             self.fs.mv(self.path(src), self.path(dst), recursive=True)
             return
         base = self.path(src)
         files = self.fs.find(base)
         for path in files:
-            self.fs.copy(path, posixpath.join(self.path(dst), posixpath.relpath(path, base)))
+            self.fs.copy(path, posixpath.join(self.path(dst), self._under(base, path)))
         self.fs.rm(files)
         self.fs.invalidate_cache()
 
     def content_hash(self, rel: str) -> str:
+        self._no_symlinks(rel)
         base = self.path(rel)
-        files = sorted(p for p in self.fs.find(base) if not p.endswith("/" + MANIFEST_FILE))
-        outer = hashlib.sha256()
-        for p in files:
-            inner = hashlib.sha256()
-            with self.fs.open(p, "rb") as f:
-                while block := f.read(1 << 20):  # 1 MiB blocks
-                    inner.update(block)
-            outer.update(posixpath.relpath(p, base).encode() + b"\0" + inner.digest())
-        return outer.hexdigest()
+        return _tree_hash(self.fs, base, [self._under(base, p) for p in self.fs.find(base)])
 
     def upload(self, local_dir: Path, rel: str) -> None:
-        """Replace the folder ``rel`` with the files of ``local_dir`` (not recursive)."""
+        """Replace the folder ``rel`` with the files of ``local_dir`` (not recursive; a symlink
+        in it is refused: it could point at any file on the machine)."""
+        entries = sorted(local_dir.iterdir())
+        links = [p.name for p in entries if p.is_symlink()]
+        if links:
+            raise InvalidRequest(f"{local_dir} contains symlinks {links}: refused", param="path")
         if self.exists(rel):
             self.fs.rm(self.path(rel), recursive=True)
         self.makedirs(rel)
-        for p in sorted(local_dir.iterdir()):
+        for p in entries:
             self.fs.put_file(str(p), posixpath.join(self.path(rel), p.name))
 
-    def download(self, rel: str, dst: Path) -> Path:
-        """``dst``, a local copy of the folder ``rel``, made once (see the module docstring)."""
+    def download(self, rel: str, dst: Path, content_hash: str | None = None) -> Path:
+        """``dst``, a local copy of the folder ``rel``, made once (see the module docstring);
+        with ``content_hash`` the copy must hash to it (else ``ArtifactCorrupt``, nothing kept)."""
         if (dst / MANIFEST_FILE).is_file():
             return dst
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
         try:
             src = self.path(rel)
-            for path in self.fs.find(src):
-                local = tmp / posixpath.relpath(path, src)
+            names = [self._under(src, path) for path in self.fs.find(src)]
+            for name in names:
+                local = tmp / name
                 local.parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(path, str(local))
+                self.fs.get_file(posixpath.join(src, name), str(local))
+            if content_hash is not None:
+                got = _tree_hash(fsspec.filesystem("file"), str(tmp), names)
+                if got != content_hash:
+                    raise ArtifactCorrupt(f"{rel}: downloaded content hashes to {got[:12]}..., "
+                                          f"the registry recorded {content_hash[:12]}...")
             if dst.exists():  # another process finished first
                 shutil.rmtree(tmp)
             else:

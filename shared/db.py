@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -88,7 +89,7 @@ class ApiKey(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    scope: Mapped[str] = mapped_column(String(16))  # "user" | "admin"
+    scope: Mapped[str] = mapped_column(String(16))  # "user" | "admin" | "engine"
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex
     prefix: Mapped[str] = mapped_column(String(16))
     models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every model
@@ -96,6 +97,8 @@ class ApiKey(Base):
     tpm: Mapped[int | None] = mapped_column(Integer, nullable=True)  # tokens per minute
     # Share of this key's requests sampled (0..1); None: the gateway's default, 0: opted out.
     sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Whether this key's feedback labels become training data; None: only admin keys' do.
+    may_label: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -107,6 +110,9 @@ class Adapter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The last version number handed out (shared.registry allocates the next one by one atomic
+    # UPDATE, so concurrent processes never get the same number; numbers are never reused).
+    next_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AdapterVersion(Base):

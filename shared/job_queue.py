@@ -47,7 +47,7 @@ def new_job_id() -> str:
 
 async def enqueue_training(pool: ArqRedis, spec: TrainSpec, *, queue_name: str) -> Job | None:
     """Queue a job (its record must exist); the arq job id is the job's id."""
-    job: Job | None = await pool.enqueue_job(JOB_FUNCTION, spec.model_dump(),
+    job: Job | None = await pool.enqueue_job(JOB_FUNCTION, spec.model_dump(mode="json"),
                                              _job_id=spec.job_id, _queue_name=queue_name)
     return job
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, select, update
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, Database, utcnow
@@ -145,6 +145,17 @@ class JobStore:
             )
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
+    def claim(self, job_id: str) -> bool:
+        """Refresh the heartbeat of a job that is still ``running``; False when it is not (the
+        stale-job sweep failed it, or it was cancelled). Called just before registering: a fresh
+        heartbeat keeps the sweep (which fails only jobs whose heartbeat is still old when it
+        writes) off the job while it registers."""
+        with self.db.session() as s:
+            res = s.execute(update(FineTuningJob)
+                            .where(FineTuningJob.id == job_id, FineTuningJob.status == "running")
+                            .values(heartbeat_at=utcnow()))
+            return bool(res.rowcount)  # type: ignore[attr-defined]
+
     def heartbeat(self, job_id: str) -> None:
         with self.db.session() as s:
             s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
@@ -177,12 +188,23 @@ class JobStore:
         with self.db.session() as s:
             rows = s.scalars(select(FineTuningJob).where(FineTuningJob.status == "running")).all()
             stale = [j.id for j in rows if _aware(j.heartbeat_at or j.created_at) < cutoff]
+        failed = []
         for job_id in stale:
-            if self.set_status(job_id, "failed", only_from=frozenset({"running"}),
-                               error=worker_lost_error()):
+            # Conditional on the heartbeat still being old: a worker that beat (or claimed the
+            # job to register it) since the read above keeps its job.
+            with self.db.session() as s:
+                res = s.execute(
+                    update(FineTuningJob)
+                    .where(FineTuningJob.id == job_id, FineTuningJob.status == "running",
+                           or_(FineTuningJob.heartbeat_at.is_(None),
+                               FineTuningJob.heartbeat_at < cutoff))
+                    .values(status="failed", error=worker_lost_error(), finished_at=utcnow()))
+                changed = bool(res.rowcount)  # type: ignore[attr-defined]
+            if changed:
+                failed.append(job_id)
                 self.add_event(job_id, "worker lost mid-job; the job failed and was not retried",
                                level="error", heartbeat=False)
-        return stale
+        return failed
 
 
 def worker_lost_error() -> dict[str, Any]:

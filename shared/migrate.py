@@ -131,11 +131,9 @@ def head_revision() -> str:
 
 def target_metadata() -> sa.MetaData:
     """The models' metadata, every table module imported."""
-    for name in MODEL_MODULES:
-        importlib.import_module(name)
-    from shared.db import Base
-
-    return Base.metadata
+    db, *_ = (importlib.import_module(name) for name in MODEL_MODULES)
+    # shared.db (first) opens databases through this module, so it is named, not imported here.
+    return db.Base.metadata  # type: ignore[no-any-return]
 
 
 def first_schema() -> sa.MetaData:

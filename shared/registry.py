@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from shared.artifact_store import ADAPTERS_DIR, MANIFEST_FILE, ArtifactStore
@@ -145,50 +145,78 @@ class Registry:
         info = self.get_version(resolved.name, resolved.version or 0)
         if self.store.is_local:
             return Path(self.store.path(info.artifact))
-        return self.store.download(info.artifact, Path(cache_dir) / info.artifact)
+        return self.store.download(info.artifact, Path(cache_dir) / info.artifact,
+                                   content_hash=info.content_hash)
 
     # ---- versions ----------------------------------------------------------------------------
     def register_version(self, name: str, src: str, manifest: dict[str, Any]) -> VersionInfo:
         """Move the folder ``src`` (relative to the store) into place as the next version of
-        ``name`` and record it with ``manifest``; moves ``latest``. Idempotent on content."""
+        ``name`` and record it with ``manifest``; moves ``latest``. Idempotent on content.
+
+        Safe across processes (PostgreSQL and SQLite): the version number comes from one atomic
+        counter update (:meth:`_allocate`), so no two registrations ever share a number or a
+        destination folder; the row is committed only after the files are in place, and a
+        folder is never renamed once a row may point at it."""
         validate_name(name)
         src = self.store.inside(src)
         digest = self.store.content_hash(src)
+        with self.db.session() as s:
+            same = s.scalars(select(AdapterVersion).where(
+                AdapterVersion.name == name, AdapterVersion.content_hash == digest)).first()
+            if same is not None:
+                return self._info(same)
         for _attempt in range(5):
-            moved: str | None = None
+            n = self._allocate(name)
+            dst = f"{ADAPTERS_DIR}/{name}/v{n}"
+            if self.store.exists(dst):
+                # Left by a crash between move and commit in an older release: the number is
+                # skipped, the folder left alone for an operator to look at.
+                continue
+            self.store.makedirs(f"{ADAPTERS_DIR}/{name}")
+            self.store.move_tree(src, dst)
+            full = {**manifest, "name": name, "version": n, "content_hash": digest}
+            self.store.write_json(f"{dst}/{MANIFEST_FILE}", full)
             try:
                 with self.db.session() as s:
-                    if s.get(Adapter, name) is None:
-                        s.add(Adapter(name=name))
-                        s.flush()
-                    same = s.scalars(select(AdapterVersion).where(
-                        AdapterVersion.name == name, AdapterVersion.content_hash == digest)).first()
-                    if same is not None:
-                        return self._info(same)
-                    n = (s.scalar(select(func.max(AdapterVersion.version))
-                                  .where(AdapterVersion.name == name)) or 0) + 1
-                    dst = f"{ADAPTERS_DIR}/{name}/v{n}"
-                    if self.store.exists(dst):
-                        # Left by a crash between move and commit: never reuse, never overwrite.
-                        self.store.move_tree(dst, f"{dst}.orphan-{digest[:8]}")
-                        continue
-                    self.store.makedirs(f"{ADAPTERS_DIR}/{name}")
-                    self.store.move_tree(src, dst)
-                    moved = dst
-                    full = {**manifest, "name": name, "version": n, "content_hash": digest}
-                    self.store.write_json(f"{dst}/{MANIFEST_FILE}", full)
-                    row = AdapterVersion(name=name, version=n, content_hash=digest, artifact=dst,
-                                         manifest=full)
+                    row = AdapterVersion(name=name, version=n, content_hash=digest,
+                                         artifact=dst, manifest=full)
                     s.add(row)
                     s.flush()
                     self._move_alias(s, name, "latest", n, "set", "registered")
                     info = self._info(row)
                 return info
             except IntegrityError:
-                # Another process took version n first: put the folder back and retry.
-                if moved is not None:
-                    self.store.remove(f"{moved}/{MANIFEST_FILE}")
-                    self.store.move_tree(moved, src)
+                # A row with this number from before the counter existed: put the folder (ours
+                # alone: the number was allocated to this call) back and take the next number.
+                self.store.remove(f"{dst}/{MANIFEST_FILE}")
+                self.store.move_tree(dst, src)
+        raise Conflict(f"could not allocate a version for {name!r}; retry")
+
+    def _allocate(self, name: str) -> int:
+        """The next version number of ``name``, unique across processes: one committed
+        ``UPDATE adapters SET next_version = next_version + 1`` (the row lock on PostgreSQL, the
+        write lock on SQLite serialize concurrent callers). The write comes first in its
+        transaction, so SQLite never has to upgrade a read snapshot. Numbers of registrations
+        that fail later are not reused."""
+        for _attempt in range(3):
+            with self.db.session() as s:
+                bumped = s.execute(update(Adapter).where(Adapter.name == name)
+                                   .values(next_version=Adapter.next_version + 1))
+                if not bumped.rowcount:  # type: ignore[attr-defined]
+                    try:
+                        with s.begin_nested():
+                            s.add(Adapter(name=name, next_version=1))
+                    except IntegrityError:  # created by another process meanwhile: bump it
+                        continue
+                n = int(s.scalar(select(Adapter.next_version).where(Adapter.name == name)) or 1)
+                # Databases from before the counter: never hand out a number already used.
+                top = s.scalar(select(func.max(AdapterVersion.version))
+                               .where(AdapterVersion.name == name)) or 0
+                if n <= top:
+                    n = top + 1
+                    s.execute(update(Adapter).where(Adapter.name == name)
+                              .values(next_version=n))
+                return n
         raise Conflict(f"could not allocate a version for {name!r}; retry")
 
     def get_version(self, name: str, version: int) -> VersionInfo:

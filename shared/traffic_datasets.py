@@ -4,8 +4,10 @@ A sample becomes one record in the shapes ``shared.data`` accepts for uploaded f
 request (``/v1/chat/completions``, also ``/v1/generate``) becomes ``{"messages": [...the client's
 messages..., {"role": "assistant", "content": TARGET}]}``; a completion request becomes
 ``{"instruction": PROMPT, "output": TARGET}``. The target is the feedback's
-``corrected_output``, else its ``label``; unlabelled samples are only exported on request, with
-the answer that was served as the target (for replays, never for training).
+``corrected_output``, else its ``label``, and only feedback given by a key that may label
+(``feedback_trusted``: admin keys, or keys created with ``may_label``) counts; unlabelled
+samples are only exported on request, with the answer that was served as the target (for
+replays, never for training).
 
 Which samples: those of one adapter name (``NAME``, every version and lane) or one version
 (``NAME@vN``), or ``base``, created in ``[since, until)``, answered with status 200; shadow rows
@@ -106,8 +108,9 @@ def query_samples(db: Database, model: str, since: dt.datetime,
         q = q.where(TrafficSample.version == version)
     if until is not None:
         q = q.where(TrafficSample.created_at < _utc(until))
-    if labelled:
-        q = q.where(or_(TrafficSample.label.is_not(None),
+    if labelled:  # only labels from keys that may label (see shared.traffic_records)
+        q = q.where(TrafficSample.feedback_trusted.is_(True),
+                    or_(TrafficSample.label.is_not(None),
                         TrafficSample.corrected_output.is_not(None)))
     with db.session() as s:
         return list(s.scalars(q.order_by(TrafficSample.created_at, TrafficSample.id)))

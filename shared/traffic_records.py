@@ -10,11 +10,22 @@ adapter version.
 a candidate and never returned to the client; it shares ``request_id`` with the live row),
 ``pinned`` (the client named an alias or ``NAME@vN`` itself) or ``base``.
 
+Request ids: ``request_id`` is the id the gateway made for the request (32 hex characters, sent
+back as ``x-tunegate-request-id``); a client's own ``X-Request-ID`` is kept as
+``client_request_id`` and echoed, never used to find a row, so one key cannot aim at another's
+samples by reusing its ids. Every request id is at most :data:`REQUEST_ID_MAX_LEN` printable ASCII
+characters, in the gateway's header check, on the stream, in SQL and in feedback bodies alike.
+
 The stream between gateway and worker: one entry per record, its field ``r`` the record as JSON
 (:class:`SampleRecord`; ``created_at`` in unix seconds). Next to the stream the gateway keeps, for
-each sampled live request, ``<stream>:owner:<request_id>`` = the key id (an hour), so feedback on a
+each sampled live request, ``<stream>:owner:<key_id>:<request_id>`` (an hour), so feedback on a
 request still waiting in the stream can be told apart from an unknown id; such feedback waits in
-``<stream>:feedback:<request_id>`` (a day) until the worker ingests the sample and applies it.
+``<stream>:feedback:<key_id>:<request_id>`` (a day) until the worker ingests the sample and
+applies it. Both are keyed by the key too: a key can neither see nor label another's entries.
+
+Each label records the key that gave it (``feedback_key_id``) and whether that key may label
+(``feedback_trusted``: a key setting, admin keys by default). Only trusted labels become training
+or golden data; anyone's label is kept for the record.
 
 Feedback labels the rows the client saw (every lane but ``shadow``); a shadow row is judged by
 joining on ``request_id`` with its live row.
@@ -26,7 +37,7 @@ import datetime as dt
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Float, Index, Integer, String, Text, UniqueConstraint, update
+from sqlalchemy import Boolean, Float, Index, Integer, String, Text, UniqueConstraint, false, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from shared.db import Base, UTCDateTime, utcnow
@@ -38,14 +49,21 @@ ENTRY_FIELD = "r"
 OWNER_TTL_S = 3600  # how long feedback may arrive before the sample is ingested, seconds
 PENDING_FEEDBACK_TTL_S = 24 * 3600  # how long early feedback waits for the worker, seconds
 FEEDBACK_FIELDS = ("label", "score", "corrected_output")
+REQUEST_ID_MAX_LEN = 128  # characters, printable ASCII: the one rule for every request id
+TRUSTED_FIELD = "_trusted"  # in a pending feedback hash: "1" when the key may label
 
 
-def owner_key(stream: str, request_id: str) -> str:
-    return f"{stream}:owner:{request_id}"
+def valid_request_id(raw: bytes) -> bool:
+    """The one request-id rule: 1..REQUEST_ID_MAX_LEN printable ASCII bytes, no spaces."""
+    return 0 < len(raw) <= REQUEST_ID_MAX_LEN and all(33 <= b < 127 for b in raw)
 
 
-def pending_feedback_key(stream: str, request_id: str) -> str:
-    return f"{stream}:feedback:{request_id}"
+def owner_key(stream: str, key_id: str, request_id: str) -> str:
+    return f"{stream}:owner:{key_id}:{request_id}"
+
+
+def pending_feedback_key(stream: str, key_id: str, request_id: str) -> str:
+    return f"{stream}:feedback:{key_id}:{request_id}"
 
 
 class TrafficSample(Base):
@@ -60,7 +78,9 @@ class TrafficSample(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(REQUEST_ID_MAX_LEN))  # the gateway's id
+    client_request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_MAX_LEN),
+                                                          nullable=True)  # the client's header
     trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     route: Mapped[str] = mapped_column(String(40))  # engine path, e.g. "/v1/chat/completions"
@@ -74,11 +94,15 @@ class TrafficSample(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # streams only
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # Feedback, set by POST /v1/feedback (only by the key that made the request).
+    # Feedback, set by POST /v1/feedback (only by the key that made the request), with who gave
+    # it and whether that key may label (only trusted labels become training data).
     label: Mapped[str | None] = mapped_column(String(200), nullable=True)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     corrected_output: Mapped[str | None] = mapped_column(Text, nullable=True)
     feedback_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    feedback_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    feedback_trusted: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                   server_default=false())
 
     @property
     def ref(self) -> str:
@@ -90,7 +114,8 @@ class SampleRecord(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    request_id: str = Field(min_length=1, max_length=64)
+    request_id: str = Field(min_length=1, max_length=REQUEST_ID_MAX_LEN)
+    client_request_id: str | None = Field(default=None, max_length=REQUEST_ID_MAX_LEN)
     trace_id: str | None = Field(default=None, max_length=32)
     key_id: str | None = Field(default=None, max_length=40)
     route: str = Field(max_length=40)
@@ -113,9 +138,10 @@ class SampleRecord(BaseModel):
 
 
 def apply_feedback(session: Session, request_id: str, key_id: str,
-                   feedback: dict[str, Any]) -> int:
+                   feedback: dict[str, Any], *, trusted: bool = False) -> int:
     """Set the given feedback fields on the rows of ``request_id`` that ``key_id`` made (shadow
-    rows excepted); returns how many rows changed. Fields not given keep their values."""
+    rows excepted), recording ``key_id`` as who gave it and ``trusted`` (the key may label);
+    returns how many rows changed. Fields not given keep their values."""
     values = {k: v for k, v in feedback.items() if k in FEEDBACK_FIELDS and v is not None}
     if not values:
         return 0
@@ -123,9 +149,11 @@ def apply_feedback(session: Session, request_id: str, key_id: str,
         update(TrafficSample)
         .where(TrafficSample.request_id == request_id, TrafficSample.key_id == key_id,
                TrafficSample.lane != "shadow")
-        .values(**values, feedback_at=utcnow()))
+        .values(**values, feedback_at=utcnow(), feedback_key_id=key_id,
+                feedback_trusted=trusted))
     return int(res.rowcount)  # type: ignore[attr-defined]
 
 
-__all__ = ["ENTRY_FIELD", "LANES", "STREAM", "SampleRecord", "TrafficSample", "apply_feedback",
-           "owner_key", "pending_feedback_key"]
+__all__ = ["ENTRY_FIELD", "LANES", "REQUEST_ID_MAX_LEN", "STREAM", "TRUSTED_FIELD", "SampleRecord",
+           "TrafficSample", "apply_feedback", "owner_key", "pending_feedback_key",
+           "valid_request_id"]

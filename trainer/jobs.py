@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from shared.artifact_store import ArtifactStore
 from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
-from shared.job_records import JobStore
+from shared.job_records import JobStore, worker_lost_error
 from shared.job_spec import TrainSpec
 from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled, StepInfo
@@ -259,6 +259,9 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
 
         if registry is None:
             return finish(JobOutcome("succeeded", result=result))
+        if not store.claim(job_id):
+            # Failed by the stale-job sweep (or cancelled) meanwhile: such a job never registers.
+            return finish(JobOutcome("failed", result=result, error=worker_lost_error()))
         meter.enter("register")
         ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
         store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")

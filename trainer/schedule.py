@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.queue import arq_options, redis_settings
 from shared.settings import LOCAL_KEY_FILE
 from trainer.settings import TrainerSettings
 
@@ -141,7 +142,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 def monitor_worker_settings(settings: TrainerSettings,
                             monitor: MonitorSettings | None = None) -> dict[str, Any]:
     """Keyword arguments for the monitor's ``arq.Worker``."""
-    from arq.connections import RedisSettings
     from arq.cron import cron
     from arq.worker import func
 
@@ -159,7 +159,8 @@ def monitor_worker_settings(settings: TrainerSettings,
     return {
         "functions": [func(fn, name=name, timeout=ms.job_timeout_s) for name, fn in fns.items()],
         "cron_jobs": crons,
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url),
+        **arq_options(),  # JSON, never pickle
         "queue_name": ms.queue_name,
         "on_startup": startup,
         "on_shutdown": shutdown,

@@ -12,7 +12,7 @@ job: those wait for the job slot, which a training run holds for hours). Each ro
 4. only then ``XACK`` and ``XDEL`` the entries. A crash between 3 and 4 re-delivers them and the
    insert is a no-op: nothing is lost, nothing is stored twice;
 5. apply feedback that arrived while the samples waited in the stream (``POST /v1/feedback``
-   keeps it under ``<stream>:feedback:<request_id>``), then delete it.
+   keeps it under ``<stream>:feedback:<key_id>:<request_id>``), then delete it.
 
 The stream is bounded (``MAXLEN ~``, set by the gateway): when the worker is down long enough for
 the stream to fill, the oldest samples are trimmed unread. That is the price of never slowing the
@@ -36,6 +36,7 @@ from shared.db import Database
 from shared.traffic_records import (
     ENTRY_FIELD,
     FEEDBACK_FIELDS,
+    TRUSTED_FIELD,
     SampleRecord,
     TrafficSample,
     apply_feedback,
@@ -119,18 +120,20 @@ class Ingester:
             return 0
         pipe = self.redis.pipeline(transaction=False)
         for r in live:
-            pipe.hgetall(pending_feedback_key(self.stream, r.request_id))
+            pipe.hgetall(pending_feedback_key(self.stream, str(r.key_id), r.request_id))
         found = await pipe.execute()
         waiting = []
         for r, raw in zip(live, found, strict=True):
             if raw:
                 fields = {k.decode(): json.loads(v) for k, v in raw.items()
                           if k.decode() in FEEDBACK_FIELDS}
-                waiting.append((r.request_id, str(r.key_id), fields))
+                trusted = raw.get(TRUSTED_FIELD.encode()) == b"1"
+                waiting.append((r.request_id, str(r.key_id), fields, trusted))
         if not waiting:
             return 0
         n = await asyncio.to_thread(_apply_all, self.db, waiting)
-        await self.redis.delete(*{pending_feedback_key(self.stream, rid) for rid, _, _ in waiting})
+        await self.redis.delete(*{pending_feedback_key(self.stream, key_id, rid)
+                                  for rid, key_id, _, _ in waiting})
         return n
 
 
@@ -173,9 +176,10 @@ def store_samples(db: Database, records: list[SampleRecord]) -> int:
         return len(new)
 
 
-def _apply_all(db: Database, waiting: list[tuple[str, str, dict[str, Any]]]) -> int:
+def _apply_all(db: Database, waiting: list[tuple[str, str, dict[str, Any], bool]]) -> int:
     with db.session() as s:
-        return sum(apply_feedback(s, rid, key_id, fields) for rid, key_id, fields in waiting)
+        return sum(apply_feedback(s, rid, key_id, fields, trusted=trusted)
+                   for rid, key_id, fields, trusted in waiting)
 
 
 async def ingest_forever(ingester: Ingester, interval_s: float = 1.0) -> None:

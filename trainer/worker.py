@@ -20,12 +20,11 @@ import logging
 import time
 from typing import Any
 
-from arq.connections import RedisSettings
-
 from shared.db import Database
 from shared.job_queue import JOB_FUNCTION
 from shared.job_records import ACTIVE, JobStore, worker_lost_error
 from shared.job_spec import TrainSpec
+from shared.queue import arq_options, redis_settings
 from trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,8 @@ def worker_settings(settings: TrainerSettings) -> dict[str, Any]:
 
     return {
         "functions": [func(train_adapter, name=JOB_FUNCTION, timeout=settings.job_timeout_s)],
-        "redis_settings": RedisSettings.from_dsn(settings.redis_url),
+        "redis_settings": redis_settings(settings.redis_url),
+        **arq_options(),  # JSON, never pickle: Redis access must not mean code execution
         "queue_name": settings.queue_name,
         "on_startup": startup,
         "on_shutdown": shutdown,

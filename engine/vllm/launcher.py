@@ -182,13 +182,16 @@ def vllm_environment(
     return env
 
 
-def serve_vllm(**args: Unpack[VllmArgs]) -> NoReturn:
+def serve_vllm(api_key: str | None = None, **args: Unpack[VllmArgs]) -> NoReturn:
     """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
-    which is what a supervisor expects)."""
+    which is what a supervisor expects). ``api_key``: the engine's shared secret, handed over as
+    ``VLLM_API_KEY`` (what vLLM's ``--api-key`` defaults to) so that it never shows in ``ps``."""
     settings = VllmSettings()
     cmd = build_vllm_command(python=settings.resolve_python(), device=settings.device, **args)
     check_vllm_python(cmd[0])
     env = vllm_environment(settings.device, settings=settings)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)

@@ -4,7 +4,7 @@ goes back to the gateway's default) and ``DELETE`` (revoke). Admin scope only.""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
@@ -14,13 +14,20 @@ from gateway.deps import State, admin_key
 router = APIRouter(prefix="/admin/keys", tags=["admin"], dependencies=[Depends(admin_key)])
 
 
+# Limits are counted in Redis (Lua numbers are doubles: exact to 2**53) and stored in a 64-bit
+# column; 10**12 per minute is more than any key needs.
+MAX_LIMIT = 10**12
+ModelName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    scope: Literal["user", "admin"] = "user"
-    models: list[str] | None = None  # None: every model
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
+    scope: Literal["user", "admin", "engine"] = "user"
+    models: list[ModelName] | None = Field(default=None, max_length=1000)  # None: every model
+    rpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
+    tpm: int | None = Field(default=None, ge=1, le=MAX_LIMIT)
     sample_rate: float | None = Field(default=None, ge=0, le=1)  # None: the gateway's default
+    may_label: bool | None = None  # feedback becomes training data; None: admin keys only
 
 
 class KeyUpdate(BaseModel):
@@ -36,7 +43,7 @@ def list_keys(state: State) -> dict[str, Any]:
 def create_key(body: KeyCreate, state: State) -> dict[str, Any]:
     secret, info = state.keys.create(name=body.name, scope=body.scope, models=body.models,
                                      rpm=body.rpm, tpm=body.tpm,
-                                     sample_rate=body.sample_rate)
+                                     sample_rate=body.sample_rate, may_label=body.may_label)
     return {**info.public(), "key": secret}
 
 

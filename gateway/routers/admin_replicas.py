@@ -1,4 +1,5 @@
-"""Admin API, replicas (admin scope):
+"""Admin API, replicas (admin scope; registering and deregistering also take an ``engine`` key,
+which can do nothing else):
 
 - ``GET /admin/replicas``: every replica (static ones from ``TUNEGATE_GATEWAY_ENGINES`` and
   registered ones) with health, load and adapters held; registered ones add ``kind``,
@@ -20,11 +21,13 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, Field
 
-from gateway.deps import State, admin_key
+from gateway.deps import State, admin_key, replica_key
 from shared.errors import Conflict, NotFound
 from shared.replicas import replica_url
 
-router = APIRouter(prefix="/admin/replicas", tags=["admin"], dependencies=[Depends(admin_key)])
+router = APIRouter(prefix="/admin/replicas", tags=["admin"])
+_admin = [Depends(admin_key)]
+_replica = [Depends(replica_key)]
 
 
 class ReplicaRegister(BaseModel):
@@ -46,12 +49,12 @@ async def _listing(state: State) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.get("")
+@router.get("", dependencies=_admin)
 async def list_replicas(state: State) -> dict[str, Any]:
     return await _listing(state)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, dependencies=_replica)
 async def register_replica(body: ReplicaRegister, state: State,
                            response: Response) -> dict[str, Any]:
     url = replica_url(body.url)
@@ -69,7 +72,7 @@ async def register_replica(body: ReplicaRegister, state: State,
     return {**status, **record.public()}
 
 
-@router.delete("")
+@router.delete("", dependencies=_replica)
 async def deregister_replica(url: Annotated[str, Query(min_length=1, max_length=500)],
                              state: State) -> dict[str, Any]:
     url = replica_url(url)
@@ -82,7 +85,7 @@ async def deregister_replica(url: Annotated[str, Query(min_length=1, max_length=
     return {"url": url, "object": "replica", "deleted": True}
 
 
-@router.post("/check")
+@router.post("/check", dependencies=_admin)
 async def check_replicas(state: State) -> dict[str, Any]:
     await state.router.check_all()
     return await _listing(state)

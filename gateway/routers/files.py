@@ -3,7 +3,8 @@
 - ``POST /v1/files`` (multipart ``file`` and ``purpose``; only ``fine-tune``): the file is
   validated line by line (``shared.data``) and refused with the line-level report (400) when
   more than 2% of its lines are invalid; accepted files are kept under
-  ``$TUNEGATE_DATA_DIR/files/<id>.jsonl``.
+  ``$TUNEGATE_DATA_DIR/files/<id>.jsonl`` (copied there in pieces, never held in memory whole;
+  the body is capped at ``max_upload_bytes``).
 - ``GET /v1/files/{file_id}``.
 
 Token lengths are checked by the trainer (it has the tokenizer); the gateway never loads torch.
@@ -12,11 +13,10 @@ Token lengths are checked by the trainer (it has the tokenizer); the gateway nev
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -28,7 +28,7 @@ from shared.job_records import FileStore
 
 router = APIRouter(prefix="/v1/files", tags=["files"], dependencies=[Depends(admin_key)])
 
-MAX_FILE_BYTES = 512 * 2**20  # one upload, bytes
+CHUNK_BYTES = 2**20  # copied at a time from the upload to its file, bytes
 
 
 def file_object(row: dict[str, Any]) -> dict[str, Any]:
@@ -41,25 +41,36 @@ def files_dir(state: Any) -> Path:
     return Path(state.settings.data_dir) / "files"
 
 
-def store_upload(data: bytes, filename: str, purpose: str, folder: Path,
-                  store: FileStore) -> dict[str, Any]:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"file is not UTF-8 text: {exc}", param="file") from exc
-    report = validate_lines(io.StringIO(text))
-    if not report.accepted:
-        raise DatasetRejected(report)
+def store_upload(src: BinaryIO, filename: str, purpose: str, folder: Path,
+                 store: FileStore) -> dict[str, Any]:
+    """Copy the upload to its place in ``CHUNK_BYTES`` pieces (hashing as it goes), then
+    validate it from there, line by line: the file is never held in memory whole."""
     file_id = "file-" + secrets.token_hex(12)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{file_id}.jsonl"
     tmp = folder / f".{file_id}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with tmp.open("wb") as out:
+            while chunk := src.read(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+        try:
+            with tmp.open(encoding="utf-8", newline="") as text:
+                report = validate_lines(text)
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"file is not UTF-8 text: {exc}", param="file") from exc
+        if not report.accepted:
+            raise DatasetRejected(report)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     summary = report.to_dict()
     summary["issues"] = summary["issues"][:100]
-    return store.add(id=file_id, filename=filename[:500], purpose=purpose, bytes=len(data),
-                     sha256=hashlib.sha256(data).hexdigest(), path=str(path), report=summary)
+    return store.add(id=file_id, filename=filename[:500], purpose=purpose, bytes=size,
+                     sha256=digest.hexdigest(), path=str(path), report=summary)
 
 
 @router.post("")
@@ -68,14 +79,12 @@ async def create_file(
     file: Annotated[UploadFile, File()],
     purpose: Annotated[str, Form()],
 ) -> dict[str, Any]:
+    # The body is capped before it is read (gateway.limits: ``max_upload_bytes``, admin keys).
     if purpose != "fine-tune":
         raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
                              param="purpose")
-    data = await file.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise InvalidRequest(f"file is larger than {MAX_FILE_BYTES} bytes", param="file")
-    row = await to_thread.run_sync(store_upload, data, file.filename or "upload.jsonl", purpose,
-                                   files_dir(state), FileStore(state.db))
+    row = await to_thread.run_sync(store_upload, file.file, file.filename or "upload.jsonl",
+                                   purpose, files_dir(state), FileStore(state.db))
     return file_object(row)
 
 

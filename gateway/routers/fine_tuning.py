@@ -22,30 +22,39 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import io
+import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
 from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import TERMINAL, FileStore, JobStore
 from shared.job_spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
+from shared.queue import arq_options, redis_settings
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                    dependencies=[Depends(admin_key)])
 
 BASE_LR = 2e-4  # learning_rate_multiplier scales this
+# A base model is named by its folder in <data_dir>/models: a plain name, never a path.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class Hyperparameters(BaseModel):
-    n_epochs: int | Literal["auto"] = "auto"
-    batch_size: int | Literal["auto"] = "auto"
-    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    # Bounds match shared.job_spec.TrainSpec's, so that a bad value is this request's 400.
+    n_epochs: Annotated[int, Field(ge=1, le=50)] | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
+    # x BASE_LR; the learning rate itself must stay in (0, 1].
+    learning_rate_multiplier: Annotated[
+        float, Field(gt=0, le=1.0 / BASE_LR, allow_inf_nan=False)] | Literal["auto"] = "auto"
 
 
 class TrafficSource(BaseModel):
@@ -66,7 +75,8 @@ class JobCreate(BaseModel):
     lora_r: int = Field(default=16, ge=1, le=256)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
-    lora_target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS))
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(ALL_PROJECTIONS),
+                                           min_length=1, max_length=len(ALL_PROJECTIONS))
     golden_file: str | None = None
     gate_threshold: float = Field(default=0.95, ge=0, le=1)
     gate_tolerance: float = Field(default=0.01, ge=0, le=1)
@@ -77,18 +87,25 @@ class JobCreate(BaseModel):
     evaluate_base: bool = False
     traffic: TrafficSource | None = None
 
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _known_modules(cls, v: list[str]) -> list[str]:
+        unknown = sorted(set(v) - set(ALL_PROJECTIONS))
+        if unknown:
+            raise ValueError(f"unknown target modules {unknown}: choose from {ALL_PROJECTIONS}")
+        return v
+
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
     app.state.fine_tuning = {"pool": None}
     if state.settings.redis_url:
         from arq import create_pool
-        from arq.connections import RedisSettings
         from redis.exceptions import RedisError
 
         try:
             app.state.fine_tuning["pool"] = await create_pool(
-                RedisSettings.from_dsn(state.settings.redis_url))
+                redis_settings(state.settings.redis_url), **arq_options())
         except (OSError, RedisError) as exc:  # Redis down: the gateway must still serve inference
             import logging
 
@@ -145,35 +162,66 @@ def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
     return str(row["path"])
 
 
+def registered_base(models_dir: Path, name: str) -> Path:
+    """The folder of base model ``name``: an entry of the models folder (``tunegate models pull``
+    or the operator put it there) holding a ``config.json``. A path (``../x``, ``a/b``) or any
+    other name is this request's 400."""
+    unknown = InvalidRequest(f"base model {name!r} is not in the models folder", param="model",
+                             code="model_not_found")
+    if not _MODEL_NAME.match(name) or ".." in name:
+        raise unknown
+    try:
+        entries = set(os.listdir(models_dir))
+    except OSError:
+        raise unknown from None
+    if name not in entries or not (models_dir / name / "config.json").is_file():
+        raise unknown
+    return models_dir / name
+
+
+def check_scorer(spec: str | None, allowed: list[str]) -> None:
+    """Built-in scorers are always allowed; an importable one (``pkg.mod:attr``) only when the
+    operator listed it (``TUNEGATE_GATEWAY_ALLOWED_SCORERS``): it is code the worker imports."""
+    if not spec or spec == "exact" or spec.split(":", 1)[0] in ("label_set", "json_fields"):
+        return
+    if spec not in allowed:
+        raise InvalidRequest(f"scorer {spec!r} is not allowed: use exact, label_set:..., "
+                             "json_fields:..., or one the operator allows", param="scorer",
+                             code="scorer_not_allowed")
+
+
 def _create(state: Any, body: JobCreate) -> tuple[TrainSpec, dict[str, Any]]:
-    base = state.settings.models_dir / body.model
-    if not (base / "config.json").is_file():
-        raise InvalidRequest(f"base model {body.model!r} is not in the models folder",
-                             param="model", code="model_not_found")
+    base = registered_base(state.settings.models_dir, body.model)
+    check_scorer(body.scorer, state.settings.allowed_scorers)
     job_id = new_job_id()
     training = _file_path(state, body.training_file, "training_file") or ""
     traffic = None
     if body.traffic is not None:
         training, traffic = _with_traffic(state, training, body.traffic)
     hp = body.hyperparameters
-    spec = TrainSpec(
-        job_id=job_id, name=body.suffix or f"ft-{job_id.removeprefix('ftjob-')[:8]}",
-        base_model=str(base), base_model_name=body.model,
-        training_file=training,
-        validation_file=_file_path(state, body.validation_file, "validation_file"),
-        golden_file=_file_path(state, body.golden_file, "golden_file"),
-        seed=body.seed if body.seed is not None else 0,
-        n_epochs=1 if hp.n_epochs == "auto" else hp.n_epochs,
-        batch_size=8 if hp.batch_size == "auto" else hp.batch_size,
-        learning_rate=BASE_LR * (1.0 if hp.learning_rate_multiplier == "auto"
-                                 else hp.learning_rate_multiplier),
-        lora=LoraSpec(r=body.lora_r, alpha=body.lora_alpha, dropout=body.lora_dropout,
-                      target_modules=body.lora_target_modules),
-        threshold=body.gate_threshold, tolerance=body.gate_tolerance, scorer=body.scorer,
-        max_steps=body.max_steps, max_seq_length=body.max_seq_length,
-        golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
-        metadata=body.metadata or {},
-    )
+    try:
+        spec = TrainSpec(
+            job_id=job_id, name=body.suffix or f"ft-{job_id.removeprefix('ftjob-')[:8]}",
+            base_model=str(base), base_model_name=body.model,
+            training_file=training,
+            validation_file=_file_path(state, body.validation_file, "validation_file"),
+            golden_file=_file_path(state, body.golden_file, "golden_file"),
+            seed=body.seed if body.seed is not None else 0,
+            n_epochs=1 if hp.n_epochs == "auto" else hp.n_epochs,
+            batch_size=8 if hp.batch_size == "auto" else hp.batch_size,
+            learning_rate=BASE_LR * (1.0 if hp.learning_rate_multiplier == "auto"
+                                     else hp.learning_rate_multiplier),
+            lora=LoraSpec(r=body.lora_r, alpha=body.lora_alpha, dropout=body.lora_dropout,
+                          target_modules=body.lora_target_modules),
+            threshold=body.gate_threshold, tolerance=body.gate_tolerance, scorer=body.scorer,
+            max_steps=body.max_steps, max_seq_length=body.max_seq_length,
+            golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
+            metadata=body.metadata or {},
+        )
+    except ValidationError as exc:  # whatever TrainSpec refuses is this request's 400
+        err = exc.errors()[0]
+        raise InvalidRequest(f"invalid job: {err.get('msg')}",
+                             param=".".join(str(x) for x in err.get("loc", ())) or None) from None
     record = {**spec.model_dump(), "training_file_id": body.training_file,
               "validation_file_id": body.validation_file, "golden_file_id": body.golden_file,
               "traffic": traffic}
@@ -199,8 +247,8 @@ def _with_traffic(state: Any, base_path: str,
     if base and not base.endswith(b"\n"):
         base += b"\n"
     merged = base + ("\n".join(data.lines()) + "\n").encode()
-    row = store_upload(merged, f"traffic-{src.model}.jsonl", "fine-tune", files_dir(state),
-                       FileStore(state.db))
+    row = store_upload(io.BytesIO(merged), f"traffic-{src.model}.jsonl", "fine-tune",
+                       files_dir(state), FileStore(state.db))
     return str(row["path"]), {"model": src.model, "since": src.since.isoformat(),
                               "until": src.until.isoformat() if src.until else None,
                               "merged_file_id": row["id"], **data.summary()}

@@ -19,7 +19,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.deps import Key, State
-from gateway.serving import complete_json, json_response, open_stream, prepare
+from gateway.serving import (
+    ANSWER_OR_STREAM,
+    complete_json,
+    json_response,
+    open_stream,
+    prepare,
+    prompt_size,
+)
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
 
@@ -36,7 +43,10 @@ class GenerateRequest(BaseModel):
     stream: bool = False
 
 
-@router.post("/v1/generate")
+@router.post("/v1/generate", openapi_extra={
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": GenerateRequest.model_json_schema()}}},
+    "responses": ANSWER_OR_STREAM})
 async def generate(request: Request, key: Key, state: State) -> Response:
     # Parsed here rather than as a FastAPI body parameter: any content type is accepted as JSON
     # (curl -d sends form encoding), and the body is parsed exactly once.
@@ -50,8 +60,9 @@ async def generate(request: Request, key: Key, state: State) -> Response:
     body: dict[str, Any] = {"model": req.model, "max_tokens": req.max_tokens,
                             "temperature": req.temperature, "stream": req.stream,
                             "messages": [{"role": "user", "content": req.prompt}]}
+    _, prompts = prompt_size(body["messages"], "messages")
     call = await prepare(state, request, key, "/v1/chat/completions", body, req.model,
-                         req.stream, req.max_tokens, len(req.prompt))
+                         req.stream, req.max_tokens, prompts)
     try:
         if req.stream:
             events, finish = await open_stream(call, pass_usage=True)

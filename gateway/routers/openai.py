@@ -12,13 +12,14 @@ from fastapi.responses import Response
 
 from gateway.deps import Key, State, current_key
 from gateway.serving import (
+    ANSWER_OR_STREAM,
     check_fields,
     complete_json,
     json_response,
     open_stream,
     parse_body,
     prepare,
-    prompt_chars,
+    prompt_size,
 )
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
@@ -26,17 +27,43 @@ from shared.registry import BASE
 
 router = APIRouter(tags=["openai"])
 
+# For the OpenAPI schema only (docs and the fuzz lane): the handlers read the body themselves and
+# pass everything but these few fields on to the engine, which validates the rest.
+_COMMON: dict[str, Any] = {
+    "model": {"type": "string", "maxLength": 256}, "stream": {"type": "boolean"},
+    "max_tokens": {"type": "integer", "minimum": 1},
+    "max_completion_tokens": {"type": "integer", "minimum": 1},
+    "temperature": {"type": "number"}, "n": {"type": "integer", "minimum": 1},
+}
+_MESSAGES = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["role", "content"],
+    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                   "content": {"type": "string"}}}}
+_PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
+                     {"type": "array", "minItems": 1, "items": {"type": "integer"}}]}
+
+
+def _doc(field: str, value: dict[str, Any]) -> dict[str, Any]:
+    body = {"type": "object", "required": [field], "properties": {**_COMMON, field: value}}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": body}}},
+            "responses": ANSWER_OR_STREAM}
+
 
 async def _proxy(request: Request, key: Any, state: Any, route: str, field: str) -> Response:
-    body = parse_body(await request.body())
-    model, stream, max_tokens = check_fields(body, field)
+    settings = state.settings
+    body = parse_body(await request.body(), settings.max_json_depth)
+    model, stream, asked = check_fields(body, field, settings.max_model_name_chars)
     value = body[field]
     if field == "messages" and (not isinstance(value, list) or not value):
         raise InvalidRequest("`messages` must be a non-empty list", param="messages")
-    if field == "prompt" and not isinstance(value, str | list):
-        raise InvalidRequest("`prompt` must be a string or a list", param="prompt")
-    call = await prepare(state, request, key, route, body, model, stream, max_tokens,
-                         prompt_chars(value))
+    if field == "prompt" and (not isinstance(value, str | list) or not value):
+        raise InvalidRequest("`prompt` must be a non-empty string or list", param="prompt")
+    chars, prompts = prompt_size(value, field)
+    if chars > settings.max_prompt_chars:
+        raise InvalidRequest(f"the prompt is longer than {settings.max_prompt_chars} characters",
+                             param=field, code="prompt_too_long")
+    call = await prepare(state, request, key, route, body, model, stream, asked, prompts)
     try:
         if stream:
             events, finish = await open_stream(call)
@@ -50,13 +77,13 @@ async def _proxy(request: Request, key: Any, state: Any, route: str, field: str)
 # The two hot routes authenticate inside the handler instead of through ``Depends``: FastAPI's
 # dependency solving is a measurable share of the gateway's per-request CPU (bench/README.md,
 # gateway overhead); the checks are the same functions as everywhere else.
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=_doc("messages", _MESSAGES))
 async def chat_completions(request: Request) -> Response:
     key = await current_key(request)
     return await _proxy(request, key, request.app.state.tg, "/v1/chat/completions", "messages")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=_doc("prompt", _PROMPT))
 async def completions(request: Request) -> Response:
     key = await current_key(request)
     return await _proxy(request, key, request.app.state.tg, "/v1/completions", "prompt")

@@ -44,7 +44,7 @@ def ask(system: dict[str, Any], key: str) -> str:
                       headers={**auth(key), "x-request-id": r_id},
                       json={"model": "base", "messages": [{"role": "user", "content": r_id}]})
     assert resp.status_code == 200
-    return r_id
+    return resp.headers["x-tunegate-request-id"]  # the id feedback names (not the client's)
 
 
 def feedback(system: dict[str, Any], key: str, body: Any) -> httpx.Response:

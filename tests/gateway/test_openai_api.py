@@ -36,8 +36,11 @@ def test_chat_completion_and_request_id(gw: str, user_key: str) -> None:
         extra_headers={"X-Request-ID": "req-abc-123"})
     resp = raw.parse()
     assert raw.headers["x-request-id"] == "req-abc-123"
-    # The fake answers "<replica>|<model sent upstream>|<request id it received>".
-    assert resp.choices[0].message.content == "r1|fake-base|req-abc-123"
+    # The fake answers "<replica>|<model sent upstream>|<request id it received>": the engine
+    # gets the gateway's own id (x-tunegate-request-id), never one a client chose.
+    own = raw.headers["x-tunegate-request-id"]
+    assert own != "req-abc-123" and len(own) == 32
+    assert resp.choices[0].message.content == f"r1|fake-base|{own}"
     assert resp.model == "base"
     assert resp.usage.total_tokens == 8
 
@@ -61,7 +64,8 @@ def test_streaming_chunks_and_done(gw: str, user_key: str) -> None:
         extra_headers={"X-Request-ID": "stream-1"})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == "r1|fake-base|stream-1"
+    assert stream.response.headers["x-request-id"] == "stream-1"
+    assert text == f"r1|fake-base|{stream.response.headers['x-tunegate-request-id']}"
     assert all(c.model == "base" for c in chunks)
     assert len(chunks) > 3
     assert all(c.usage is None for c in chunks)  # usage not asked for: not passed on

@@ -33,6 +33,8 @@ def system(data_dir: Path, redis_url: str, records: Records) -> Iterator[dict[st
                 request_id=f"q{i}", key_id="key_x", route="/v1/chat/completions", model="sent",
                 name="sent", version=1, lane="stable", output="fresh", status=200,
                 latency_ms=1.0, label=label, created_at=NOW - dt.timedelta(minutes=5),
+                # labelled by a key that may label: only such labels become training data
+                feedback_key_id="key_admin" if label else None, feedback_trusted=bool(label),
                 request={"messages": [{"role": "user", "content": text}]}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNEGATE_TRAINER_QUEUE_NAME", f"tunegate:test:{secrets.token_hex(4)}")

@@ -53,15 +53,16 @@ def record_of(system: dict[str, Any], request_id: str, timeout_s: float = 10.0) 
     while True:
         for _, fields in system["redis"].xrange(system["stream"]):
             rec = json.loads(fields[b"r"])
-            if rec["request_id"] == request_id:
+            if request_id in (rec["request_id"], rec.get("client_request_id")):
                 return rec  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, f"no sample of {request_id}"
         time.sleep(0.05)
 
 
 def recorded(system: dict[str, Any], request_id: str) -> bool:
-    return any(json.loads(f[b"r"])["request_id"] == request_id
-               for _, f in system["redis"].xrange(system["stream"]))
+    return any(request_id in (rec["request_id"], rec.get("client_request_id"))
+               for rec in (json.loads(f[b"r"]) for _, f in system["redis"].xrange(
+                   system["stream"])))
 
 
 def post(system: dict[str, Any], path: str, key: str, body: dict[str, Any],
@@ -79,7 +80,10 @@ def test_non_streaming_record(system: dict[str, Any]) -> None:
     assert resp.status_code == 200 and resp.headers["x-tunegate-sampled"] == "1"
     rec = record_of(system, r_id)
     answer = resp.json()["choices"][0]["message"]["content"]
-    assert rec["output"] == answer == f"r1|fake-base|{r_id}"
+    # The gateway's own id is the record's (and the engine's); the client's is kept and echoed.
+    assert rec["request_id"] == resp.headers["x-tunegate-request-id"] != r_id
+    assert rec["client_request_id"] == r_id == resp.headers["x-request-id"]
+    assert rec["output"] == answer == f"r1|fake-base|{rec['request_id']}"
     # The client's body as sent (not the upstream id the gateway rewrote), scrubbed.
     assert rec["request"] == {**body, "messages": [
         {"role": "user", "content": "mail me at [email]"}]}
@@ -88,8 +92,7 @@ def test_non_streaming_record(system: dict[str, Any]) -> None:
     assert rec["trace_id"] == TRACE and rec["ttft_ms"] is None
     assert rec["key_id"].startswith("key_") and 0 < rec["latency_ms"] < 10_000
     assert abs(rec["created_at"] - time.time()) < 60
-    owner = system["redis"].get(f"{system['stream']}:owner:{r_id}")
-    assert owner is not None and owner.decode() == rec["key_id"]
+    assert system["redis"].get(f"{system['stream']}:owner:{rec['key_id']}:{rec['request_id']}")
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
@@ -104,7 +107,7 @@ def test_stream_is_reassembled(system: dict[str, Any], path: str) -> None:
         text = "".join(resp.iter_text())
     assert "[DONE]" in text
     rec = record_of(system, r_id)
-    assert rec["output"] == f"r1|fake-base|{r_id}" and rec["status"] == 200
+    assert rec["output"] == f"r1|fake-base|{rec['request_id']}" and rec["status"] == 200
     assert rec["ttft_ms"] is not None and 0 < rec["ttft_ms"] <= rec["latency_ms"]
     assert rec["request"]["stream"] is True and "stream_options" not in rec["request"]
 
@@ -126,7 +129,7 @@ def test_mid_stream_failure_is_recorded_with_its_status(system: dict[str, Any]) 
                       headers={**auth(system["key"]), "x-request-id": r_id}) as resp:
         "".join(resp.iter_text())
     rec = record_of(system, r_id)
-    assert rec["status"] == 502 and rec["output"] == f"r1|fake-base|{r_id}"[:16]
+    assert rec["status"] == 502 and rec["output"] == f"r1|fake-base|{rec['request_id']}"[:16]
 
 
 def test_rates_per_key_and_model(system: dict[str, Any]) -> None:

@@ -145,10 +145,12 @@ class Traffic:
     def one(self) -> None:
         review = self.reviews[self.i % len(self.reviews)]
         self.i += 1
-        rid = f"loop-{secrets.token_hex(8)}"
-        resp = self.system["client"].chat.completions.create(
-            model="rt", temperature=0, max_tokens=3, extra_headers={"x-request-id": rid},
+        raw = self.system["client"].chat.completions.with_raw_response.create(
+            model="rt", temperature=0, max_tokens=3,
+            extra_headers={"x-request-id": f"loop-{secrets.token_hex(8)}"},
             messages=[{"role": "user", "content": f"{INSTRUCTION}\n\n{review['input']}"}])
+        resp = raw.parse()
+        rid = raw.headers["x-tunegate-request-id"]  # feedback names the gateway's id
         self.served[resp.model] = self.served.get(resp.model, 0) + 1
         r = httpx.post(self.system["url"] + "/v1/feedback", headers=auth(self.system["user"]),
                        json={"request_id": rid, "label": review["output"]}, timeout=30)

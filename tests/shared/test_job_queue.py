@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from arq import create_pool
-from arq.connections import RedisSettings
 from arq.constants import abort_jobs_ss, job_key_prefix
 
 from shared.db import Database, database_url
@@ -21,6 +20,7 @@ from shared.job_queue import (
 )
 from shared.job_records import JobStore
 from shared.job_spec import TrainSpec
+from shared.queue import arq_options, redis_settings
 from trainer.settings import TrainerSettings
 from trainer.worker import worker_settings
 
@@ -41,7 +41,7 @@ def test_the_queue_name_is_one_variable_for_both_sides(monkeypatch: pytest.Monke
 
 
 async def test_enqueue_and_cancel(tmp_path: Path, redis_url: str) -> None:
-    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    pool = await create_pool(redis_settings(redis_url), **arq_options())
     store = JobStore(Database(database_url(tmp_path)))
     queue = f"tunegate:test:{secrets.token_hex(4)}"
     try:

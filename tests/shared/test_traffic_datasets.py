@@ -30,6 +30,8 @@ def chat_row(content: str, *, minutes: int = 0, **kw: Any) -> TrafficSample:
         "latency_ms": 1.0, "key_id": "key_a", "created_at": T0 + dt.timedelta(minutes=minutes),
         "request": {"model": "sent", "messages": [
             {"role": "system", "content": "Classify."}, {"role": "user", "content": content}]}}
+    if "label" in kw or "corrected_output" in kw:  # given by a key that may label
+        fields.update(feedback_key_id="key_admin", feedback_trusted=True)
     return TrafficSample(**{**fields, **kw})
 
 

@@ -104,16 +104,17 @@ async def test_feedback_waiting_in_redis_is_applied(tmp_path: Path,
                                                     stream: tuple[Any, str]) -> None:
     r, name = stream
     db = Database(database_url(tmp_path))
-    await r.hset(pending_feedback_key(name, "f"), mapping={
-        "label": json.dumps("rotten"), "score": json.dumps(0.0)})
+    await r.hset(pending_feedback_key(name, "key_a", "f"), mapping={
+        "label": json.dumps("rotten"), "score": json.dumps(0.0), "_trusted": "1"})
     await add(r, name, sample("f"), sample("f", lane="shadow"), sample("g", key_id="key_b"))
     result = await Ingester(r, db, stream=name).run_once()
     assert result.feedback == 1
     by = {(x.request_id, x.lane): x for x in rows(db)}
     live = by[("f", "stable")]
     assert (live.label, live.score, live.feedback_at is not None) == ("rotten", 0.0, True)
+    assert (live.feedback_key_id, live.feedback_trusted) == ("key_a", True)
     assert by[("f", "shadow")].label is None and by[("g", "stable")].label is None
-    assert not await r.exists(pending_feedback_key(name, "f"))
+    assert not await r.exists(pending_feedback_key(name, "key_a", "f"))
     db.dispose()
 
 

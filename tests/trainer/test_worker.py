@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from arq import create_pool
-from arq.connections import RedisSettings
 from sqlalchemy import update
 
 from shared.data import write_jsonl
@@ -21,6 +20,7 @@ from shared.db import Database
 from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import FineTuningJob, JobStore
 from shared.job_spec import TrainSpec
+from shared.queue import arq_options, redis_settings
 from shared.registry import Registry
 from shared.settings import StorageSettings
 from trainer.data_sources import build_splits
@@ -38,7 +38,7 @@ async def system(
     )
     db = Database(StorageSettings(data_dir=tmp_path).db_url)
     train, golden = build_splits(n_train=120, n_golden=8, seed=0)
-    pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    pool = await create_pool(redis_settings(redis_url), **arq_options())
     worker = create_worker(settings, handle_signals=False)
     yield {
         "settings": settings, "store": JobStore(db), "db": db, "pool": pool, "worker": worker,

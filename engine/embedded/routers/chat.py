@@ -19,7 +19,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  serving: ServingDep) -> Response:
-    p = serving.prepare_chat(body, request.headers.get("x-request-id"))
+    p = await serving.prepare(body, request.headers.get("x-request-id"))
     base = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
             "model": p.model}
     first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},

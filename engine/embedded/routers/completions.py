@@ -19,7 +19,7 @@ router = APIRouter()
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request,
                             serving: ServingDep) -> Response:
-    p = serving.prepare_completion(body, request.headers.get("x-request-id"))
+    p = await serving.prepare(body, request.headers.get("x-request-id"))
     base = {"id": p.request_id, "object": "text_completion", "created": p.created,
             "model": p.model}
     want_logprobs = body.logprobs is not None
