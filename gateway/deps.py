@@ -20,8 +20,15 @@ State = Annotated[GatewayState, Depends(get_state)]
 
 async def current_key(request: Request) -> KeyInfo:
     """The caller's key: 401 when missing, malformed, unknown or revoked."""
-    digest = hash_key(bearer_secret(request.headers.get("authorization")))
-    info = await request.app.state.tg.keys.authenticate(digest)
+    state = request.app.state.tg
+    if state.tracing is None:
+        info = await state.keys.authenticate(hash_key(bearer_secret(
+            request.headers.get("authorization"))))
+    else:
+        with state.tracing.span("auth") as span:
+            info = await state.keys.authenticate(hash_key(bearer_secret(
+                request.headers.get("authorization"))))
+            span.set_attribute("tunegate.key_id", info.id if info is not None else "")
     if info is None:
         raise unknown_key()
     request.scope.setdefault("state", {})["key_id"] = info.id

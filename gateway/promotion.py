@@ -32,9 +32,12 @@ from typing import TYPE_CHECKING, Any
 from anyio import to_thread
 from prometheus_client import Counter
 
+from gateway.tracing import end_upstream, shadow_span
+from gateway.tracing import usage as trace_usage
 from shared.errors import TunegateError
 from shared.promotion import Promotions, Route
 from shared.registry import ResolvedModel
+from shared.tracing import NO_SPAN, current_traceparent
 
 if TYPE_CHECKING:
     from gateway.serving import Call
@@ -157,8 +160,6 @@ class PromotionRouting:
 
     async def _shadow(self, live: Call, body: dict[str, Any], r: Route,
                       record: Callable[[dict[str, Any]], Any] | None) -> None:
-        from gateway.serving import send
-
         body["stream"] = False
         body.pop("stream_options", None)
         candidate = self._candidates.get(r.promotion_id)
@@ -167,8 +168,21 @@ class PromotionRouting:
         call = replace(live, body=body, stream=False, resolved=candidate, reservation=None,
                        start=time.perf_counter(), promotion=None, lane="shadow", sample=None,
                        # The engine sees its own id for the copy; the sample keeps the live one.
-                       upstream_request_id=f"{live.request_id}-shadow")
+                       upstream_request_id=f"{live.request_id}-shadow", span=None)
         self.count(r, "shadow", "requests")
+        tracing = live.state.tracing
+        with NO_SPAN if tracing is None else shadow_span(tracing, live, candidate.ref):
+            status, text = await self._shadow_send(call, r)
+        if record is not None:
+            try:
+                record(shadow_record(live, candidate, body, text, status,
+                                     (time.perf_counter() - call.start) * 1000))
+            except Exception:
+                log.exception("recording a shadow answer failed")
+
+    async def _shadow_send(self, call: Call, r: Route) -> tuple[int, str]:
+        from gateway.serving import send
+
         status, text = 200, ""
         try:
             resp, release, _ = await send(call)
@@ -180,26 +194,27 @@ class PromotionRouting:
             choice = (data.get("choices") or [{}])[0] if isinstance(data, dict) else {}
             text = str((choice.get("message") or {}).get("content") or choice.get("text") or "")
             self.shadow_requests.labels("ok").inc()
+            if call.span is not None:
+                trace_usage(call.span, data)
+                end_upstream(call.span, status=200)
         except asyncio.CancelledError:
+            end_upstream(call.span)
             raise
         except Exception as exc:  # shadow failures are counted, never raised
+            end_upstream(call.span, error=exc)
             status = exc.status if isinstance(exc, TunegateError) else 500
             if status >= 500:
                 self.count(r, "shadow", "errors")
             self.shadow_requests.labels("error").inc()
-        if record is not None:
-            try:
-                record(shadow_record(live, candidate, body, text, status,
-                                     (time.perf_counter() - call.start) * 1000))
-            except Exception:
-                log.exception("recording a shadow answer failed")
+        return status, text
 
 
 def shadow_record(live: Call, candidate: ResolvedModel, body: dict[str, Any], text: str,
                   status: int, latency_ms: float) -> dict[str, Any]:
     """A ``shared.traffic.TrafficSample`` row's fields for a shadow answer."""
-    return {"request_id": live.request_id, "trace_id": None, "key_id": live.key.id,
-            "route": live.route,
+    tp = current_traceparent()  # the live request's trace (the shadow's own links to it)
+    return {"request_id": live.request_id, "trace_id": tp.split("-")[1] if tp else None,
+            "key_id": live.key.id, "route": live.route,
             "model": live.resolved.requested, "name": candidate.name,
             "version": candidate.version, "lane": "shadow",
             "request": {**body, "model": live.resolved.requested}, "output": text,

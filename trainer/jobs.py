@@ -25,6 +25,7 @@ from trainer.backends.base import JobCancelled, StepInfo
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
 from trainer.records import JobStore
 from trainer.spec import TrainSpec
+from trainer.tracing import JobTrace, note, phase
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
 
@@ -51,8 +52,9 @@ class JobHooks:
     """Training hooks that write progress events at a bounded rate and honour cancellation."""
 
     def __init__(self, store: JobStore, job_id: str, cancel: threading.Event,
-                 interval_s: float = 2.0) -> None:
+                 interval_s: float = 2.0, metrics: Any = None) -> None:
         self.store, self.job_id, self.cancel, self.interval_s = store, job_id, cancel, interval_s
+        self.metrics = metrics  # trainer.metrics.WorkerMetrics, or None
         self._last = 0.0
         self.last_step: StepInfo | None = None
 
@@ -62,6 +64,8 @@ class JobHooks:
 
     def on_step(self, info: StepInfo) -> None:
         self.last_step = info
+        if self.metrics is not None:
+            self.metrics.on_step(info.tokens_per_s, info.loss)
         now = time.monotonic()
         if info.step == 1 or info.step == info.total_steps or now - self._last >= self.interval_s:
             self._last = now
@@ -122,9 +126,11 @@ def stable_score(registry: Registrar, spec: TrainSpec, golden_sha: str, golden: 
 
 
 def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, work_dir: Path,
-            cancel: threading.Event, progress_interval_s: float = 2.0) -> JobOutcome:
+            cancel: threading.Event, progress_interval_s: float = 2.0,
+            trace: JobTrace | None = None, metrics: Any = None) -> JobOutcome:
+    """``trace``: spans for the phases (trainer.tracing); ``metrics``: the worker's gauges."""
     job_id = spec.job_id
-    hooks = JobHooks(store, job_id, cancel, progress_interval_s)
+    hooks = JobHooks(store, job_id, cancel, progress_interval_s, metrics)
     result: dict[str, Any] = {}
 
     beating = threading.Event()
@@ -152,23 +158,26 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
         return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
     try:
-        # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
-        backend = select_backend(spec.backend)
-        count = _count_tokens_fn(spec.base_model)
-        report = validate_training(spec, spec.training_file, count)
-        result["validation"] = report.to_dict()
-        store.add_event(job_id, f"Validated training file: {len(report.examples)} of "
-                        f"{report.total} lines valid", data=result["validation"])
-        report.raise_if_rejected()
-        if spec.validation_file:
-            val = validate_training(spec, spec.validation_file, count)
-            result["validation_file"] = val.to_dict()
-            val.raise_if_rejected()
-        golden_report = None
-        if spec.golden_file:
-            golden_report = validate_training(spec, spec.golden_file, count)
-            golden_report.raise_if_rejected()
-        hooks.check_cancelled()
+        with phase(trace, "validate") as sp:
+            # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
+            backend = select_backend(spec.backend)
+            count = _count_tokens_fn(spec.base_model)
+            report = validate_training(spec, spec.training_file, count)
+            result["validation"] = report.to_dict()
+            store.add_event(job_id, f"Validated training file: {len(report.examples)} of "
+                            f"{report.total} lines valid", data=result["validation"])
+            report.raise_if_rejected()
+            if spec.validation_file:
+                val = validate_training(spec, spec.validation_file, count)
+                result["validation_file"] = val.to_dict()
+                val.raise_if_rejected()
+            golden_report = None
+            if spec.golden_file:
+                golden_report = validate_training(spec, spec.golden_file, count)
+                golden_report.raise_if_rejected()
+            hooks.check_cancelled()
+            note(sp, **{"validation.valid": len(report.examples),
+                        "validation.total": report.total})
 
         golden = golden_report.examples[: spec.golden_limit] if golden_report else []
         if golden and spec.evaluate_base:
@@ -184,7 +193,11 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
         store.add_event(job_id, f"Training with the {backend.name} backend",
                         data={"backend": backend.name})
         adapter_dir = work_dir / "adapter"
-        trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir, hooks)
+        with phase(trace, "train", backend=backend.name) as sp:
+            trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir,
+                                    hooks)
+            note(sp, **{"train.steps": trained.steps, "train.tokens": trained.tokens,
+                        "train.final_loss": trained.final_loss})
         result["train"] = trained.to_dict()
         store.add_event(job_id, f"Trained {trained.steps} steps in {trained.train_s:.1f} s",
                         data=result["train"])
@@ -193,20 +206,27 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
         decision: GateDecision | None = None
         eval_report: EvalReport | None = None
         if golden:
-            model, tok = load_model(spec.base_model, adapter_dir)
-            eval_report = evaluate(model, tok, golden, scorer=spec.scorer,
-                                   batch_size=spec.eval_batch_size,
-                                   max_new_tokens=spec.eval_max_new_tokens)
-            del model
+            with phase(trace, "evaluate", n=len(golden)) as sp:
+                model, tok = load_model(spec.base_model, adapter_dir)
+                eval_report = evaluate(model, tok, golden, scorer=spec.scorer,
+                                       batch_size=spec.eval_batch_size,
+                                       max_new_tokens=spec.eval_max_new_tokens)
+                del model
+                note(sp, **{"eval.score": eval_report.score})
+            if metrics is not None:
+                metrics.eval_score.labels(spec.name).set(eval_report.score)
             result["eval"] = eval_report.to_dict()
             hooks.check_cancelled()
             stable, stable_ref = (None, None)
             assert golden_report is not None
-            if registry is not None:
-                stable, stable_ref = stable_score(registry, spec, golden_report.sha256, golden,
-                                                  spec.scorer, work_dir)
-            decision = gate(eval_report.score, threshold=spec.threshold, stable_score=stable,
-                            tolerance=spec.tolerance)
+            with phase(trace, "gate", threshold=spec.threshold) as sp:
+                if registry is not None:
+                    stable, stable_ref = stable_score(registry, spec, golden_report.sha256,
+                                                      golden, spec.scorer, work_dir)
+                decision = gate(eval_report.score, threshold=spec.threshold,
+                                stable_score=stable, tolerance=spec.tolerance)
+                note(sp, **{"gate.passed": decision.passed, "gate.reason": decision.reason,
+                            "gate.stable_score": stable})
             result["gate"] = {**decision.to_dict(), "stable": stable_ref}
             store.add_event(job_id, f"Evaluation gate: {decision.reason}", data=result["gate"],
                             level="info" if decision.passed else "warn")
@@ -223,8 +243,11 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: Registrar | None, wor
 
         if registry is None:
             return finish(JobOutcome("succeeded", result=result))
-        ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
-        store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")
+        with phase(trace, "register") as sp:
+            ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
+            handed = hand_over(registry, spec, ref)
+            note(sp, **{"adapter.version": ref, "hand_over": handed})
+        store.add_event(job_id, f"Registered {ref}; {handed}")
         return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))
     except JobCancelled:
         if getattr(cancel, "reason", "cancelled") == "timeout":

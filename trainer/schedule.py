@@ -28,7 +28,9 @@ from typing import Any
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.tracing import setup_tracing
 from trainer.settings import TrainerSettings
+from trainer.tracing import run_span
 
 JOBS = ("quality_monitor", "shadow_evaluation", "promotion_tick")
 
@@ -87,7 +89,8 @@ async def quality_monitor(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     if lock.locked():
         return "skipped: the previous run is still going"
     async with lock:
-        return await asyncio.to_thread(run_quality, ctx["monitor"])
+        with run_span(ctx.get("tracing"), "quality monitor"):
+            return await asyncio.to_thread(run_quality, ctx["monitor"])
 
 
 async def shadow_evaluation(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
@@ -97,7 +100,8 @@ async def shadow_evaluation(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     if lock.locked():
         return "skipped: the previous run is still going"
     async with lock:
-        return await run_shadow(ctx["monitor"])
+        with run_span(ctx.get("tracing"), "shadow evaluation"):
+            return await run_shadow(ctx["monitor"])
 
 
 async def promotion_tick(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
@@ -126,6 +130,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     trainer: TrainerSettings = ctx["settings"]
     ms: MonitorSettings = ctx["monitor_settings"]
     db = Database.from_settings(DatabaseSettings(data_dir=trainer.data_dir))
+    ctx["tracing"] = setup_tracing("tunegate-trainer")  # None unless OTEL_* configures it
     registry = Registry(db, trainer.store_url,
                         storage_options=StoreSettings().artifact_store_options)
     ctx["monitor"] = MonitorContext(
@@ -140,6 +145,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     mc = ctx.get("monitor")
     if mc is not None:
         mc.db.dispose()
+    if ctx.get("tracing") is not None:
+        ctx["tracing"].shutdown()
 
 
 def monitor_worker_settings(settings: TrainerSettings,

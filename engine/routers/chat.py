@@ -19,6 +19,7 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  serving: ServingDep) -> Response:
     p = serving.prepare_chat(body, request.headers.get("x-request-id"))
+    serving.continue_trace(p, request.headers)
     if body.stream:
         base = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
                 "model": p.model}

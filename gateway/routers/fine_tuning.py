@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
+from shared.tracing import current_traceparent
 from trainer.records import TERMINAL, FileStore, JobStore
 from trainer.settings import TrainerSettings
 from trainer.spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
@@ -139,7 +140,7 @@ def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
 
 
 def _create(
-    state: Any, trainer: TrainerSettings, body: JobCreate
+    state: Any, trainer: TrainerSettings, body: JobCreate, traceparent: str | None = None,
 ) -> tuple[TrainSpec, dict[str, Any]]:
     base = Path(trainer.data_dir) / "models" / body.model
     if not (base / "config.json").is_file():
@@ -168,6 +169,7 @@ def _create(
         max_steps=body.max_steps, max_seq_length=body.max_seq_length,
         golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
         metadata=body.metadata or {},
+        traceparent=traceparent,
     )
     record = {**spec.model_dump(), "training_file_id": body.training_file,
               "validation_file_id": body.validation_file, "golden_file_id": body.golden_file,
@@ -211,7 +213,8 @@ def _queue(request: Request) -> tuple[TrainerSettings, Any]:
 @router.post("")
 async def create_job(body: JobCreate, state: State, request: Request) -> dict[str, Any]:
     trainer, pool = _queue(request)
-    spec, row = await to_thread.run_sync(_create, state, trainer, body)
+    # The job's trace continues this request's (the worker's job span is its child).
+    spec, row = await to_thread.run_sync(_create, state, trainer, body, current_traceparent())
     try:
         await enqueue_training(pool, spec, queue_name=trainer.queue_name)
     except Exception as exc:  # Redis unreachable: the record must not wait forever
