@@ -25,7 +25,7 @@ async def current_key(request: Request) -> KeyInfo:
         info = await state.keys.authenticate(hash_key(bearer_secret(
             request.headers.get("authorization"))))
     else:
-        with state.tracing.span("auth") as span:
+        with state.tracing.span("auth", current=False) as span:
             info = await state.keys.authenticate(hash_key(bearer_secret(
                 request.headers.get("authorization"))))
             span.set_attribute("tunegate.key_id", info.id if info is not None else "")

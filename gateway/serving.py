@@ -100,6 +100,15 @@ class Call:
     def model_label(self) -> str:
         return self.state.metrics.model_label(self.resolved.name)
 
+    @property
+    def version_label(self) -> str:
+        v = self.resolved.version
+        return "base" if v is None else f"v{v}"
+
+    def observe_latency(self) -> None:
+        self.state.metrics.inference_latency.labels(self.model_label, self.version_label).observe(
+            time.perf_counter() - self.start)
+
 
 def default_lane(resolved: ResolvedModel) -> str:
     """``base``; ``pinned`` when the client named an alias or a version; else ``stable``."""
@@ -246,6 +255,7 @@ async def complete_json(call: Call) -> dict[str, Any]:
         tr.end_upstream(call.span, status=200)
     if call.sample is not None:
         call.state.sampler.record(call, 200, output=answer_text(data))
+    call.observe_latency()
     if isinstance(data, dict):
         data["model"] = call.resolved.ref
         await call.state.quotas.settle(call.reservation, count_usage(call, data.get("usage")))
@@ -308,7 +318,8 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
                     if first and ev.startswith(b"data: {"):
                         first = False
                         outcome[0] = time.perf_counter() - call.start
-                        metrics.ttft.labels(call.model_label).observe(outcome[0])
+                        metrics.ttft.labels(call.model_label, call.version_label).observe(
+                            outcome[0])
                         if call.span is not None:
                             tr.first_token(call.span, outcome[0])
                     if tap is not None:
@@ -327,6 +338,8 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
         await resp.aclose()
         release()
         tr.end_upstream(call.span, status=outcome[1])
+        if outcome[1] == 200:
+            call.observe_latency()
         if tap is not None:
             call.state.sampler.record(call, outcome[1], events=tap, ttft_s=outcome[0])
         await call.state.quotas.settle(call.reservation, used[0])

@@ -83,9 +83,11 @@ class TraceRequests:
             span.end()
 
 
-def span(tracing: Tracing | None, name: str, attributes: dict[str, Any] | None = None) -> Any:
-    """A child span of the current one for a ``with`` block; nothing when tracing is off."""
-    return NO_SPAN if tracing is None else tracing.span(name, attributes)
+def span(tracing: Tracing | None, name: str, attributes: dict[str, Any] | None = None, *,
+         current: bool = False) -> Any:
+    """A child span of the current one for a ``with`` block (made current only when asked:
+    most have no children); nothing when tracing is off."""
+    return NO_SPAN if tracing is None else tracing.span(name, attributes, current=current)
 
 
 def choose_replica(tracing: Tracing, url: str, in_flight: int, reason: str, attempt: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 from pydantic import AliasChoices, Field
@@ -90,6 +90,9 @@ class Tracing:
         self.provider = provider
         self.tracer = provider.get_tracer("tunegate")
         self._propagator = TraceContextTextMapPropagator()
+        from opentelemetry.trace import SpanKind
+
+        self._kinds = {k.name.lower(): k for k in SpanKind}
 
     def shutdown(self) -> None:
         with contextlib.suppress(Exception):
@@ -99,28 +102,21 @@ class Tracing:
         with contextlib.suppress(Exception):
             self.provider.force_flush()
 
-    # ---- spans -------------------------------------------------------------------------------
-    @contextlib.contextmanager
+    # ---- spans ----------------------------------------------------------------------------
     def span(self, name: str, attributes: Mapping[str, Any] | None = None, *,
-             kind: str = "internal", context: Any = None, links: Any = None) -> Iterator[Any]:
-        """A span made current for the block (a child of the current one, or of ``context``);
-        an exception leaving the block is recorded on it."""
-        from opentelemetry.trace import SpanKind
-
-        with self.tracer.start_as_current_span(
-                name, context=context, kind=getattr(SpanKind, kind.upper()),
-                attributes=dict(attributes or {}), links=links) as span:
-            yield span
+             kind: str = "internal", context: Any = None, links: Any = None,
+             current: bool = True) -> _Block:
+        """A span for a ``with`` block (a child of the current span, or of ``context``), made
+        current inside it unless ``current`` is False (cheaper, for spans without children); an
+        exception leaving the block is recorded on it."""
+        return _Block(self, name, attributes, kind, context, links, current)
 
     def start(self, name: str, attributes: Mapping[str, Any] | None = None, *,
               kind: str = "internal", context: Any = None, links: Any = None,
               start_time: int | None = None) -> Any:
         """A span that is not made current; the caller ends it."""
-        from opentelemetry.trace import SpanKind
-
-        return self.tracer.start_span(name, context=context, kind=getattr(SpanKind, kind.upper()),
-                                      attributes=dict(attributes or {}), links=links,
-                                      start_time=start_time)
+        return self.tracer.start_span(name, context=context, kind=self._kinds[kind],
+                                      attributes=attributes, links=links, start_time=start_time)
 
     # ---- propagation -------------------------------------------------------------------------
     def extract(self, carrier: Mapping[str, str]) -> Any:
@@ -140,6 +136,41 @@ class Tracing:
 
         ctx = span.get_span_context() if span is not None else None
         return [Link(ctx)] if ctx is not None and ctx.is_valid else []
+
+
+class _Block:
+    """What :meth:`Tracing.span` returns: a plain class rather than a generator-based context
+    manager, since it runs several times per request on the gateway's hot path."""
+
+    __slots__ = ("tracing", "name", "attributes", "kind", "context", "links", "current",
+                 "span", "token")
+
+    def __init__(self, tracing: Tracing, name: str, attributes: Mapping[str, Any] | None,
+                 kind: str, context: Any, links: Any, current: bool) -> None:
+        self.tracing, self.name, self.attributes = tracing, name, attributes
+        self.kind, self.context, self.links, self.current = kind, context, links, current
+        self.token: Any = None
+
+    def __enter__(self) -> Any:
+        self.span = self.tracing.start(self.name, self.attributes, kind=self.kind,
+                                       context=self.context, links=self.links)
+        if self.current:
+            from opentelemetry import context, trace
+
+            self.token = context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            self.span.record_exception(exc)
+            self.span.set_status(Status(StatusCode.ERROR, f"{exc_type.__name__}: {exc}"))
+        if self.token is not None:
+            from opentelemetry import context
+
+            context.detach(self.token)
+        self.span.end()
 
 
 def current_traceparent() -> str | None:

@@ -63,6 +63,17 @@ class WorkerMetrics:
         self.oldest_age.labels(queue_name).set(0)
         self._server: Any = None
 
+    def seed_eval_scores(self, jobs: list[dict[str, Any]]) -> None:
+        """The newest golden-set score per adapter name from finished job records (so that a
+        restarted worker shows them before its next job)."""
+        seen: set[str] = set()
+        for job in jobs:  # newest first
+            score = ((job.get("result") or {}).get("eval") or {}).get("score")
+            name = job.get("name")
+            if name and name not in seen and isinstance(score, int | float):
+                seen.add(name)
+                self.eval_score.labels(name).set(score)
+
     # ---- set as things happen -----------------------------------------------------------------
     def on_step(self, tokens_per_s: float, loss: float) -> None:
         self.tokens_per_s.set(tokens_per_s)

@@ -114,6 +114,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     metrics = None
     if settings.metrics_port:
         metrics = ctx["metrics"] = WorkerMetrics(settings.queue_name)
+        metrics.seed_eval_scores(store.list_jobs(limit=200))
         metrics.serve(settings.metrics_host, settings.metrics_port)
         if ctx.get("redis") is not None:
             ctx["metrics_refresher"] = asyncio.create_task(metrics.refresh_forever(
