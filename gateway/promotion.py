@@ -67,6 +67,8 @@ class PromotionRouting:
         self.shadow_requests = Counter(
             "tunegate_gateway_shadow_requests", "Shadow copies by outcome (ok, error, dropped)",
             ["outcome"], registry=metrics_registry)
+        for outcome in ("ok", "error", "dropped"):  # present (at 0) from the start
+            self.shadow_requests.labels(outcome)
 
     # ---- the routing table -------------------------------------------------------------------
     async def start(self) -> None:

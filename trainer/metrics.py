@@ -59,6 +59,7 @@ class WorkerMetrics:
             self.jobs.labels(s).set(0)
         for s in ("succeeded", "failed", "cancelled"):
             self.finished.labels(s)
+            self.duration.labels(s)
         self.queue_depth.labels(queue_name).set(0)
         self.oldest_age.labels(queue_name).set(0)
         self._server: Any = None
