@@ -135,3 +135,41 @@ def test_bad_traceparent_starts_a_new_trace(gw: str, records: Records, otlp: Col
     server = [s for s in spans if s.attributes.get("tunegate.request_id") == rid
               and s.name.startswith("POST")]
     assert server and server[0].parent_id == ""
+
+
+def test_replica_choice_reasons_for_an_adapter(gw: str, records: Records, otlp: Collector,
+                                               default_model_dir: Path) -> None:
+    """The first request for a version loads it (``adapter_load``, with its ``adapter load``
+    span); the next one goes where it is held (``affinity``)."""
+    import uuid
+
+    from tests.protocol_checks import make_adapter
+
+    rel = f"staging/{uuid.uuid4().hex}"
+    make_adapter(default_model_dir, Path(records.registry.store.root) / rel, rank=4, seed=5,
+                 targets=["q_proj"])
+    ref = records.registry.register_version("traced-adapter", rel, {"test": True}).ref
+    records.registry.set_alias("traced-adapter", "stable", 1)
+    client = openai.OpenAI(base_url=gw + "/v1", api_key=records.key("user"), max_retries=0)
+    reasons = []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(
+            model="traced-adapter", messages=QUESTION, max_tokens=2)
+        assert raw.parse().model == ref
+        rid = raw.headers["x-request-id"]
+
+        def done(spans: list[Span], rid: str = rid) -> bool:
+            roots = [s for s in spans if s.attributes.get("tunegate.request_id") == rid
+                     and s.name.startswith("POST")]
+            return bool(roots) and any(s.name == "engine request"
+                                       for s in otlp.trace(roots[0].trace_id))
+
+        spans = otlp.wait_for(done, timeout_s=30)
+        root = next(s for s in spans if s.attributes.get("tunegate.request_id") == rid
+                    and s.name.startswith("POST"))
+        by = _by_name(otlp.trace(root.trace_id))
+        reasons.append(by["choose replica"].attributes["tunegate.replica.reason"])
+        if reasons[-1] == "adapter_load":
+            assert by["adapter load"].attributes["tunegate.adapter"] == ref
+        assert by[f"chat {'traced-adapter'}"].attributes["tunegate.model.version"] == 1
+    assert reasons == ["adapter_load", "affinity"]
