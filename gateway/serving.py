@@ -179,7 +179,7 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
                 content = json.dumps(call.body).encode()
                 release = router.acquire(replica, ref)
                 if tracing is not None:
-                    call.span = tr.start_upstream(tracing, call, replica.url, upstream_model)
+                    call.span = tr.start_upstream(tracing, call, replica.url)
                     tracing.inject(headers, call.span)
                 try:
                     resp = await call.state.upstream.send(replica.url, call.route, content,

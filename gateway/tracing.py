@@ -92,10 +92,11 @@ def span(tracing: Tracing | None, name: str, attributes: dict[str, Any] | None =
 
 def choose_replica(tracing: Tracing, url: str, in_flight: int, reason: str, attempt: int) -> None:
     """An instant span recording which replica a request goes to, and why."""
-    tracing.start("choose replica", {"tunegate.replica.url": url,
-                                     "tunegate.replica.reason": reason,
-                                     "tunegate.replica.in_flight": in_flight,
-                                     "tunegate.replica.attempt": attempt}).end()
+    attrs: dict[str, Any] = {"tunegate.replica.url": url, "tunegate.replica.reason": reason,
+                             "tunegate.replica.in_flight": in_flight}
+    if attempt > 1:
+        attrs["tunegate.replica.attempt"] = attempt
+    tracing.start("choose replica", attrs).end()
 
 
 def replica_reason(held: bool, ref: str | None, position: int) -> str:
@@ -106,15 +107,15 @@ def replica_reason(held: bool, ref: str | None, position: int) -> str:
     return "least_loaded"
 
 
-def start_upstream(tracing: Tracing, call: Call, url: str, upstream_model: str) -> Any:
+def start_upstream(tracing: Tracing, call: Call, url: str) -> Any:
     """The GenAI client span of the engine call (ended by :func:`end_upstream`)."""
     op = GEN_AI_OPERATIONS.get(call.route, "chat")
+    # Few attributes: each costs on the request path and again when exported. The request id
+    # is on the server span.
     attrs: dict[str, Any] = {
-        "gen_ai.operation.name": op, "gen_ai.provider.name": "vllm", "gen_ai.system": "vllm",
+        "gen_ai.operation.name": op, "gen_ai.provider.name": "vllm",
         "gen_ai.request.model": call.resolved.requested, "server.address": url,
-        "tunegate.model.name": call.resolved.name, "tunegate.lane": call.lane,
-        "tunegate.upstream_model": upstream_model, "tunegate.request_id": call.request_id,
-        "gen_ai.request.stream": call.stream,
+        "tunegate.lane": call.lane,
     }
     if call.resolved.version is not None:
         attrs["tunegate.model.version"] = call.resolved.version
