@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from gateway.auth import KeyInfo, admin_only, bearer_secret, hash_key, unknown_key
 from gateway.state import GatewayState
+from gateway.tracing import span as tr_span
 
 
 async def get_state(request: Request) -> GatewayState:
@@ -25,7 +26,7 @@ async def current_key(request: Request) -> KeyInfo:
         info = await state.keys.authenticate(hash_key(bearer_secret(
             request.headers.get("authorization"))))
     else:
-        with state.tracing.span("auth", current=False) as span:
+        with tr_span(state.tracing, request.scope["state"], "auth") as span:
             info = await state.keys.authenticate(hash_key(bearer_secret(
                 request.headers.get("authorization"))))
             span.set_attribute("tunegate.key_id", info.id if info is not None else "")

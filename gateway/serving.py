@@ -121,7 +121,8 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
                   body: dict[str, Any], model: str, stream: bool,
                   max_tokens: int | None, chars: int) -> Call:
     tracing = state.tracing
-    with tr.span(tracing, "resolve model", {"gen_ai.request.model": model}) as span:
+    rstate = request.scope["state"]
+    with tr.span(tracing, rstate, "resolve model", {"gen_ai.request.model": model}) as span:
         resolved = await state.resolver.resolve(model)
         if span is not None:
             span.set_attribute("tunegate.model.resolved", resolved.ref)
@@ -135,7 +136,7 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
         resolved, canary = promo.route(model, resolved)
     call = Call(state, request, key, route, body, stream, resolved, promotion=canary,
                 lane="canary" if canary is not None else "")
-    with tr.span(tracing, "quota"):
+    with tr.span(tracing, rstate, "quota"):
         call.reservation = await state.quotas.reserve(key, estimate_tokens(chars, max_tokens))
     state.sampler.consider(call)
     if promo is not None and canary is None and (shadow := promo.shadow_route(model, resolved)):
@@ -167,11 +168,12 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
             for attempt in (1, 2):
                 if tracing is not None:
                     held = ref is None or ref in replica.adapters
-                    tr.choose_replica(tracing, replica.url, replica.in_flight,
+                    tr.choose_replica(tracing, call.request.scope["state"], replica.url,
+                                      replica.in_flight,
                                       tr.replica_reason(held, ref, position), attempt)
                 if ref is not None:
-                    with tr.span(tracing, "adapter load", {"tunegate.replica.url": replica.url,
-                                                           "tunegate.adapter": ref}
+                    with tr.span(tracing, call.request.scope["state"], "adapter load",
+                                 {"tunegate.replica.url": replica.url, "tunegate.adapter": ref}
                                  ) if ref not in replica.adapters else tr.NO_SPAN:
                         await router.ensure_loaded(replica, call.resolved)
                 upstream_model = router.upstream_model(replica, call.resolved)

@@ -16,6 +16,11 @@ Per request (one trace, the client's ``traceparent`` continued when it sends one
   GenAI conventions (``gen_ai.*``), with a ``gen_ai.first_token`` event on streams; its
   ``traceparent`` goes to the engine, which continues the trace.
 
+The short spans (``auth`` to ``adapter load``) are recorded as timestamps while the request
+runs and become SDK spans (with those times) once the response has been sent: creating a span is
+the SDK's main cost, and this keeps it off the client's latency. The server and client spans are
+live, since the engine needs the client span's ``traceparent``.
+
 A shadow copy of a request runs in a trace of its own (it outlives the live request), as
 ``shadow <model>`` linked to the live request's server span. A canary request is the live
 request itself: its spans carry ``tunegate.lane = canary`` and the promotion's id.
@@ -55,6 +60,7 @@ class TraceRequests:
         span = self.tracing.start(method, {"http.request.method": method,
                                            "url.path": scope.get("path", "")},
                                   kind="server", context=parent)
+        marks = scope.setdefault("state", {})["trace_marks"] = Marks(self.tracing, span)
         token = context.attach(trace.set_span_in_context(span))
         status = [500]
 
@@ -80,23 +86,92 @@ class TraceRequests:
             if status[0] >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             context.detach(token)
+            marks.flush()  # the response is out: now the SDK spans of the short steps
             span.end()
 
 
-def span(tracing: Tracing | None, name: str, attributes: dict[str, Any] | None = None, *,
-         current: bool = False) -> Any:
-    """A child span of the current one for a ``with`` block (made current only when asked:
-    most have no children); nothing when tracing is off."""
-    return NO_SPAN if tracing is None else tracing.span(name, attributes, current=current)
+class Marks:
+    """A request's short steps, kept as ``(name, start ns, end ns, attributes, failed)`` until
+    :meth:`flush` turns them into child spans of the request's server span."""
+
+    __slots__ = ("tracing", "parent", "items", "flushed")
+
+    def __init__(self, tracing: Tracing, parent: Any) -> None:
+        self.tracing = tracing
+        self.parent = parent
+        self.items: list[tuple[str, int, int, dict[str, Any] | None, bool]] = []
+        self.flushed = False
+
+    def live(self) -> bool:
+        """False once flushed, or where the current span is another one (a shadow copy's): then
+        spans are made at once instead."""
+        from opentelemetry import trace
+
+        return not self.flushed and trace.get_current_span() is self.parent
+
+    def flush(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import Status, StatusCode
+
+        self.flushed = True
+        ctx = trace.set_span_in_context(self.parent)
+        for name, start, end, attrs, failed in self.items:
+            s = self.tracing.start(name, attrs, context=ctx, start_time=start)
+            if failed:
+                s.set_status(Status(StatusCode.ERROR))
+            s.end(end)
+        self.items.clear()
 
 
-def choose_replica(tracing: Tracing, url: str, in_flight: int, reason: str, attempt: int) -> None:
+class _Mark:
+    """What ``with span(...)`` gives while the request's marks are live: ``set_attribute``
+    like a span, timestamps instead of SDK work."""
+
+    __slots__ = ("marks", "name", "attributes", "start")
+
+    def __init__(self, marks: Marks, name: str, attributes: dict[str, Any] | None) -> None:
+        self.marks, self.name = marks, name
+        self.attributes = dict(attributes) if attributes else {}
+
+    def __enter__(self) -> _Mark:
+        self.start = time.time_ns()
+        return self
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        self.attributes[key] = value
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.attributes["error.type"] = type(exc).__name__
+        self.marks.items.append((self.name, self.start, time.time_ns(), self.attributes,
+                                 exc is not None))
+
+
+def span(tracing: Tracing | None, state: dict[str, Any], name: str,
+         attributes: dict[str, Any] | None = None) -> Any:
+    """A child span of the current one for a ``with`` block (``state``: the request's
+    ``scope["state"]``); nothing when tracing is off."""
+    if tracing is None:
+        return NO_SPAN
+    marks = state.get("trace_marks")
+    if marks is None or not marks.live():
+        return tracing.span(name, attributes, current=False)
+    return _Mark(marks, name, attributes)
+
+
+def choose_replica(tracing: Tracing, state: dict[str, Any], url: str, in_flight: int,
+                   reason: str, attempt: int) -> None:
     """An instant span recording which replica a request goes to, and why."""
     attrs: dict[str, Any] = {"tunegate.replica.url": url, "tunegate.replica.reason": reason,
                              "tunegate.replica.in_flight": in_flight}
     if attempt > 1:
         attrs["tunegate.replica.attempt"] = attempt
-    tracing.start("choose replica", attrs).end()
+    marks = state.get("trace_marks")
+    if marks is not None and marks.live():
+        now = time.time_ns()
+        marks.items.append(("choose replica", now, now, attrs, False))
+    else:
+        tracing.start("choose replica", attrs).end()
 
 
 def replica_reason(held: bool, ref: str | None, position: int) -> str:
