@@ -163,14 +163,14 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
                "x-request-id": call.upstream_request_id or call.request_id}
     ref = None if call.resolved.is_base else call.resolved.ref
     last: TunegateError = router.no_replica()
-    for position, replica in enumerate(router.order(ref)):
+    for replica in router.order(ref):
         try:
             for attempt in (1, 2):
                 if tracing is not None:
-                    held = ref is None or ref in replica.adapters
+                    held = ref is not None and ref in replica.adapters
                     tr.choose_replica(tracing, call.request.scope["state"], replica.url,
                                       replica.in_flight,
-                                      tr.replica_reason(held, ref, position), attempt)
+                                      tr.replica_reason(held, ref), attempt)
                 if ref is not None:
                     with tr.span(tracing, call.request.scope["state"], "adapter load",
                                  {"tunegate.replica.url": replica.url, "tunegate.adapter": ref}

@@ -174,12 +174,12 @@ def choose_replica(tracing: Tracing, state: dict[str, Any], url: str, in_flight:
         tracing.start("choose replica", attrs).end()
 
 
-def replica_reason(held: bool, ref: str | None, position: int) -> str:
-    if ref is not None and not held:
-        return "adapter_load"
-    if ref is not None and position == 0:
-        return "affinity"
-    return "least_loaded"
+def replica_reason(held: bool, ref: str | None) -> str:
+    """Why a replica was chosen: ``affinity`` (it holds the version), ``adapter_load`` (it will
+    load it), or ``least_loaded`` (the base model: any replica, fewest in flight first)."""
+    if ref is None:
+        return "least_loaded"
+    return "affinity" if held else "adapter_load"
 
 
 def start_upstream(tracing: Tracing, call: Call, url: str) -> Any:
@@ -255,7 +255,3 @@ def shadow_span(tracing: Tracing, live: Call, candidate_ref: str) -> Any:
         "tunegate.lane": "shadow", "tunegate.request_id": live.request_id,
         "gen_ai.request.model": candidate_ref}, context=context.Context(),
         links=tracing.link(live_span))
-
-
-def elapsed_s(start: float) -> float:
-    return time.perf_counter() - start
