@@ -50,7 +50,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.settings import CommonSettings  # noqa: E402
+from shared.settings import StorageSettings  # noqa: E402
 from tests.gateway.conftest import Records, auth, gateway  # noqa: E402
 from tests.procs import free_port, redis_server, run_server  # noqa: E402
 from tests.security.conftest import full_usage_replica  # noqa: E402
@@ -257,7 +257,7 @@ def run_feedback(engine: str, redis_url: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def embedded_engine(secret: str) -> Iterator[str]:
     port = free_port()
-    model = CommonSettings().default_model_dir
+    model = StorageSettings().default_model_dir
     log = Path(tempfile.mkdtemp(prefix="abuse-engine-")) / "engine.log"
     args = ["-m", "tunegate", "engine", "serve", "--kind", "embedded", "--model", str(model),
             "--port", str(port), "--max-model-len", "2048"]

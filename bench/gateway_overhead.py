@@ -33,6 +33,18 @@ Figures (``bench/results/gateway_overhead.json``), all from the same run:
   the CPU per request of the sampling gateway in a closed-loop run (compare with
   ``gateway_cpu_ms_per_request``) and its sample counters (written / dropped / failed). Needs
   Redis: skipped with ``--no-quota``.
+- ``tracing_off_added_ms_p50`` / ``tracing_on_added_ms_p50``: three more gateway processes take
+  the same paced load in ``--tracing-rounds`` rounds (each round runs all three, the order
+  rotating from round to round): the gateway as it was before it had any OpenTelemetry code
+  (``--no-otel-rev``, extracted with ``git archive``; the API itself cannot be left out, since
+  FastAPI imports it), the current one with tracing configured off (no ``OTEL_*``), and
+  one tracing 100% of requests (``OTEL_TRACES_SAMPLER=always_on``) to an OTLP/HTTP collector in
+  this process (``tests/otlp.py``, here only counting what arrives). Each figure is the median
+  over rounds of p50(that gateway) - p50(no OpenTelemetry). ``tracing`` holds the rounds, the
+  exports received, the CPU per request of each gateway in a closed-loop run (the figure that
+  holds on a busy machine) and the load average before and after (the machine may be shared).
+  ``--tracing-only`` runs just this and merges its keys into the existing JSON, leaving the
+  other figures as they were.
 """
 
 from __future__ import annotations
@@ -247,6 +259,91 @@ def _sampling_runs(off_url: str, on_url: str, on_pid: int, key: str, a: argparse
     }
 
 
+def _baseline_tree(rev: str | None) -> tuple[Path, str]:
+    """The gateway as it was before tracing (``rev``, default: the parent of the commit that
+    added ``gateway/tracing.py``), extracted into a temporary folder; returns it and the rev."""
+    if rev is None:
+        added = subprocess.run(["git", "log", "-n1", "--diff-filter=A", "--format=%H", "--",
+                                "gateway/tracing.py"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        rev = added + "^"
+    rev = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    tree = Path(tempfile.mkdtemp(prefix="tg-no-otel-"))
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree, rev
+
+
+def _tracing_runs(env: dict[str, str], key: str, a: argparse.Namespace,
+                  procs: list[subprocess.Popen[bytes]]) -> dict[str, Any]:
+    """Paced runs, rotating over: no OpenTelemetry, tracing off, tracing 100% (see the doc)."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT))
+    from tests.otlp import collector
+
+    load_before = os.getloadavg()
+    tree, rev = _baseline_tree(a.no_otel_rev)
+    # The collector only counts what arrives: decoding it here would take CPU from the gateway.
+    with collector(decode=False) as col:
+        variants = {
+            "no_otel": {**env, "PYTHONPATH": os.pathsep.join(
+                [str(tree), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])},
+            "off": env,
+            "on": {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": col.url,
+                   "OTEL_TRACES_SAMPLER": "always_on", "OTEL_SERVICE_NAME": ""},
+        }
+        for name in ("no_otel", "off"):  # whatever this shell has configured does not apply
+            variants[name] = {k: v for k, v in variants[name].items()
+                              if not k.startswith("OTEL_")}
+        urls, pids = {}, {}
+        for name, venv in variants.items():
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            procs.append(subprocess.Popen([sys.executable, "-m", "tunegate", "gateway", "serve",
+                                           "--port", str(port)], env=venv,
+                                          cwd=tree if name == "no_otel" else ROOT))
+            pids[name] = procs[-1].pid
+            _wait(urls[name], procs[-1])
+        common = {"seconds": a.seconds, "clients": a.clients, "rate": a.rate, "model": "base"}
+        order = list(variants)
+        rounds = []
+        for i in range(a.tracing_rounds):
+            turn = order[i % 3:] + order[:i % 3]
+            p50 = {n: run_load(urls[n], key, **common)["p50_ms"] for n in turn}
+            rounds.append({"order": turn, **{f"{n}_p50_ms": p50[n] for n in order},
+                           "off_added_ms": round(p50["off"] - p50["no_otel"], 3),
+                           "on_added_ms": round(p50["on"] - p50["no_otel"], 3)})
+            print("tracing round", json.dumps(rounds[-1]), file=sys.stderr)
+        # CPU per request of each in a closed-loop run: unlike latency, it hardly moves when
+        # other processes share the cores.
+        cpu_ms, sat_rps = {}, {}
+        for name in order:
+            cpu0 = _cpu_s(pids[name])
+            sat = run_load(urls[name], key, seconds=a.seconds, clients=a.clients, model="base")
+            cpu_ms[name] = round((_cpu_s(pids[name]) - cpu0) * 1000
+                                 / (sat["requests"] + sat["warmup_requests"]), 3)
+            sat_rps[name] = sat["rps"]
+        time.sleep(6.0)  # the last batches of spans reach the collector (5 s batching)
+        exports, exported_bytes = col.requests, col.bytes
+    return {
+        "off_added_ms_p50": round(statistics.median(r["off_added_ms"] for r in rounds), 3),
+        "on_added_ms_p50": round(statistics.median(r["on_added_ms"] for r in rounds), 3),
+        "rounds": rounds,
+        "no_otel_rev": rev,
+        "exports_received": exports,
+        "exported_bytes": exported_bytes,
+        "cpu_ms_per_request": cpu_ms,
+        "cpu_ms_added_per_request_on": round(cpu_ms["on"] - cpu_ms["no_otel"], 3),
+        "saturated_rps": sat_rps,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0, help="per measured run")
@@ -256,6 +353,13 @@ def main() -> None:
                     help="a key without rpm/tpm: the quota path (and Redis) is skipped")
     ap.add_argument("--sampling-rounds", type=int, default=3,
                     help="alternating off/on paced pairs for sampling_added_ms_p50 (0: skip)")
+    ap.add_argument("--tracing-rounds", type=int, default=5,
+                    help="rounds for tracing_off/on_added_ms_p50 (0: skip)")
+    ap.add_argument("--no-otel-rev", default=None,
+                    help="the git rev serving as 'no OpenTelemetry at all' (default: the parent "
+                         "of the commit that added gateway/tracing.py)")
+    ap.add_argument("--tracing-only", action="store_true",
+                    help="measure only the tracing figures; merge them into --out")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -290,6 +394,16 @@ def main() -> None:
         procs.append(subprocess.Popen([sys.executable, "-m", "tunegate", "gateway", "serve",
                                        "--port", str(gport)], env=env, cwd=ROOT))
         _wait(gw, procs[-1])
+
+        if a.tracing_only:
+            procs[-1].terminate()  # only the three tracing gateways take load
+            traced = _tracing_runs(env, key, a, procs)
+            merged = json.loads(a.out.read_text()) if a.out.is_file() else {}
+            merged.update(tracing_off_added_ms_p50=traced["off_added_ms_p50"],
+                          tracing_on_added_ms_p50=traced["on_added_ms_p50"], tracing=traced)
+            a.out.write_text(json.dumps(merged, indent=2) + "\n")
+            print(json.dumps({k: v for k, v in traced.items() if k != "rounds"}, indent=2))
+            return
 
         runs: dict[str, Any] = {}
         common = {"seconds": a.seconds, "clients": a.clients}
@@ -329,6 +443,7 @@ def main() -> None:
             sampling = _sampling_runs(gw, sampled_url, procs[-1].pid, key, a, env["REDIS_URL"],
                                       env["TUNEGATE_GATEWAY_SAMPLE_STREAM"])
             print("sampling", json.dumps(sampling), file=sys.stderr)
+        tracing = _tracing_runs(env, key, a, procs) if a.tracing_rounds > 0 else None
         # Requests admitted without a quota check (Redis slow or down): should be 0.
         metrics = httpx.get(gw + "/metrics").text.splitlines()
         fail_open = next((float(line.split()[-1]) for line in metrics
@@ -345,6 +460,9 @@ def main() -> None:
             "quota_fail_open_requests": fail_open,
             "sampling_added_ms_p50": sampling["added_ms_p50"] if sampling else None,
             "sampling": sampling,
+            "tracing_off_added_ms_p50": tracing["off_added_ms_p50"] if tracing else None,
+            "tracing_on_added_ms_p50": tracing["on_added_ms_p50"] if tracing else None,
+            "tracing": tracing,
             "saturated": {"clients": a.clients,
                           "added_ms_p50": round(runs["gateway_saturated"]["p50_ms"]
                                                 - runs["direct_saturated"]["p50_ms"], 3),

@@ -174,9 +174,9 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> dict[str, Any]:
             build_env = env_with(args.path_build, args.work / "default-model")
             subprocess.run([py, "-m", "tunegate", "models", "pull"], env=build_env, cwd=ROOT,
                            check=True)
-            from shared.settings import CommonSettings
+            from shared.settings import StorageSettings
 
-            src = CommonSettings(data_dir=args.work / "default-model").default_model_dir
+            src = StorageSettings(data_dir=args.work / "default-model").default_model_dir
         else:
             src = args.model_dir
             if not (src / "config.json").exists():

@@ -23,7 +23,9 @@ from gateway.metrics import Metrics
 from gateway.middleware import RequestContext
 from gateway.settings import GatewaySettings
 from gateway.state import GatewayState
+from gateway.tracing import TraceRequests
 from shared.errors import InternalError, InvalidRequest, TunegateError, error_body
+from shared.tracing import setup_tracing
 
 log = logging.getLogger("tunegate.gateway")
 
@@ -45,11 +47,13 @@ def create_app(settings: GatewaySettings | None = None,
                router_modules: Sequence[str] = ROUTER_MODULES) -> FastAPI:
     settings = settings or GatewaySettings()
     metrics = Metrics()
+    tracing = setup_tracing("tunegate-gateway")  # None unless OTEL_* configures it
     modules = [importlib.import_module(m) for m in router_modules]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = await GatewayState.open(settings, metrics)
+        state.tracing = tracing
         app.state.tg = state
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -63,6 +67,8 @@ def create_app(settings: GatewaySettings | None = None,
                 yield
         finally:
             await state.close()
+            if tracing is not None:
+                tracing.shutdown()
 
     docs = settings.api_docs
     app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan,
@@ -75,6 +81,8 @@ def create_app(settings: GatewaySettings | None = None,
     app.add_middleware(Guard, public=public_paths(settings), body_bytes=settings.max_body_bytes,
                        upload_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
+    if tracing is not None:  # outermost: its span covers the whole request
+        app.add_middleware(TraceRequests, tracing=tracing)
     return app
 
 

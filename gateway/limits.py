@@ -24,6 +24,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from gateway.auth import bearer_secret, hash_key, unknown_key
+from gateway.tracing import span as trace_span
 from shared.errors import AuthenticationFailed, InvalidRequest, error_body
 
 Scope = dict[str, Any]
@@ -57,7 +58,9 @@ class Guard:
         try:
             digest = hash_key(bearer_secret(authorization.decode("latin-1")
                                             if authorization is not None else None))
-            key = await scope["app"].state.tg.keys.authenticate(digest)
+            tg = scope["app"].state.tg
+            with trace_span(tg.tracing, scope.setdefault("state", {}), "auth"):
+                key = await tg.keys.authenticate(digest)
             if key is None:
                 raise unknown_key()
         except AuthenticationFailed as err:

@@ -26,7 +26,12 @@ class Metrics:
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds",
                               "Streaming: request start to first content chunk, seconds",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+                              ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        # Inference requests (chat, completions, generate) from arrival to the answer's last
+        # byte, by adapter name and served version ("vN"; "base" for the base model).
+        self.inference_latency = Histogram(
+            p + "inference_latency_seconds", "Inference request, arrival to last byte, seconds",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter(p + "tokens", "Tokens by model and direction (in = prompt)",
                               ["model", "direction"], registry=r)
         self.upstream_errors = Counter(p + "upstream_errors", "Engine replica failures",
@@ -40,6 +45,9 @@ class Metrics:
                                      ["replica"], registry=r)
         self.replica_in_flight = Gauge(p + "replica_in_flight", "Requests in flight per replica",
                                        ["replica"], registry=r)
+        self.replica_adapters = Gauge(p + "replica_adapters",
+                                      "Adapter versions a replica holds (as last seen)",
+                                      ["replica"], registry=r)
         self.adapter_loads = Counter(p + "adapter_loads", "Adapter loads by outcome",
                                      ["replica", "outcome"], registry=r)
         # Traffic sampling (gateway.traffic_sampler): records by outcome: written (on the stream),
@@ -47,6 +55,12 @@ class Metrics:
         self.samples = Counter(p + "samples", "Sampled request records by outcome", ["outcome"],
                                registry=r)
         self._models: set[str] = set()
+        # Label sets that exist from the start, so that sums and rates over them are 0, not
+        # empty, until the first event (alerts and dashboards read them).
+        for outcome in ("written", "dropped", "failed", "no_redis"):
+            self.samples.labels(outcome)
+        for limit in ("rpm", "tpm"):
+            self.quota_rejections.labels(limit)
 
     def model_label(self, name: str | None) -> str:
         """A bounded label for an adapter name (or ``base``) that resolved."""

@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 from anyio import to_thread
 from prometheus_client import Counter
 
+from gateway.tracing import shadow_span
 from shared.errors import TunegateError
 from shared.promotion import Promotions, Route
 from shared.registry import ResolvedModel
+from shared.tracing import NO_SPAN, current_traceparent
 
 if TYPE_CHECKING:
     from gateway.auth import KeyInfo
@@ -53,6 +55,9 @@ class Call(Protocol):
     route: str
     body: dict[str, Any]
     resolved: ResolvedModel
+    state: Any  # gateway.state.GatewayState (its ``tracing``)
+    lane: str
+    promotion: Route | None
 
     @property
     def request_id(self) -> str: ...
@@ -84,6 +89,8 @@ class PromotionRouting:
         self.shadow_requests = Counter(
             "tunegate_gateway_shadow_requests", "Shadow copies by outcome (ok, error, dropped)",
             ["outcome"], registry=metrics_registry)
+        for outcome in ("ok", "error", "dropped"):  # present (at 0) from the start
+            self.shadow_requests.labels(outcome)
 
     # ---- the routing table -------------------------------------------------------------------
     async def start(self) -> None:
@@ -185,6 +192,18 @@ class PromotionRouting:
             return
         start = time.perf_counter()
         self.count(r, "shadow", "requests")
+        tracing = live.state.tracing
+        with NO_SPAN if tracing is None else shadow_span(tracing, live, candidate.ref):
+            status, text = await self._shadow_send(body, candidate, r, send)
+        if record is not None:
+            try:
+                record(shadow_record(live, candidate, body, text, status,
+                                     (time.perf_counter() - start) * 1000))
+            except Exception:
+                log.exception("recording a shadow answer failed")
+
+    async def _shadow_send(self, body: dict[str, Any], candidate: ResolvedModel, r: Route,
+                           send: SendCopy) -> tuple[int, str]:
         status, text = 200, ""
         try:
             resp, release, _ = await send(body, candidate)
@@ -203,19 +222,15 @@ class PromotionRouting:
             if status >= 500:
                 self.count(r, "shadow", "errors")
             self.shadow_requests.labels("error").inc()
-        if record is not None:
-            try:
-                record(shadow_record(live, candidate, body, text, status,
-                                     (time.perf_counter() - start) * 1000))
-            except Exception:
-                log.exception("recording a shadow answer failed")
+        return status, text
 
 
 def shadow_record(live: Call, candidate: ResolvedModel, body: dict[str, Any], text: str,
                   status: int, latency_ms: float) -> dict[str, Any]:
     """A ``shared.traffic_records.TrafficSample`` row's fields for a shadow answer."""
-    return {"request_id": live.request_id, "trace_id": None, "key_id": live.key.id,
-            "route": live.route,
+    tp = current_traceparent()  # the live request's trace (the shadow's own links to it)
+    return {"request_id": live.request_id, "trace_id": tp.split("-")[1] if tp else None,
+            "key_id": live.key.id, "route": live.route,
             "model": live.resolved.requested, "name": candidate.name,
             "version": candidate.version, "lane": "shadow",
             "request": {**body, "model": live.resolved.requested}, "output": text,

@@ -31,6 +31,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from anyio import to_thread
@@ -140,8 +141,10 @@ class Router:
         for r in self.replicas:
             if not (r.static or r.url in wanted):
                 log.info("replica %s deregistered (%d in flight)", r.url, r.in_flight)
-                with contextlib.suppress(KeyError):
-                    self.metrics.replica_healthy.remove(r.url)
+                for gauge in (self.metrics.replica_healthy, self.metrics.replica_in_flight,
+                              self.metrics.replica_adapters):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(r.url)
         for r in added:
             log.info("replica %s registered", r.url)
         # A new list rather than edits in place: code iterating the old one stays valid.
@@ -162,6 +165,9 @@ class Router:
             r.healthy, r.last_error = False, exc.message
         r.last_check = time.time()
         self.metrics.replica_healthy.labels(r.url).set(1 if r.healthy else 0)
+        # Read when scraped: nothing on the request path.
+        self.metrics.replica_in_flight.labels(r.url).set_function(partial(_in_flight, r))
+        self.metrics.replica_adapters.labels(r.url).set_function(partial(_held, r))
 
     def _read_models(self, r: Replica, models: dict[str, Any]) -> None:
         held: set[str] = set()
@@ -297,3 +303,11 @@ class Router:
     def unreachable(self, r: Replica, exc: ReplicaUnreachable) -> None:
         self.metrics.upstream_errors.labels(r.url, "unreachable").inc()
         self.mark_down(r, exc.message)
+
+
+def _in_flight(r: Replica) -> float:
+    return r.in_flight
+
+
+def _held(r: Replica) -> float:
+    return len(r.adapters)

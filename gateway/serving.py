@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from gateway import tracing as tr
 from gateway.auth import KeyInfo
 from gateway.limits import parse_json
 from gateway.quotas import Reservation
@@ -165,6 +166,7 @@ class Call:
     lane: str = ""
     sample: dict[str, Any] | None = None  # the body as the client sent it, when sampled
     upstream_request_id: str | None = None  # X-Request-ID for the engine; None: request_id
+    span: Any = None  # the engine call's span when tracing is on (gateway.tracing)
 
     def __post_init__(self) -> None:
         if not self.lane:
@@ -177,6 +179,15 @@ class Call:
     @property
     def model_label(self) -> str:
         return self.state.metrics.model_label(self.resolved.name)
+
+    @property
+    def version_label(self) -> str:
+        v = self.resolved.version
+        return "base" if v is None else f"v{v}"
+
+    def observe_latency(self) -> None:
+        self.state.metrics.inference_latency.labels(self.model_label, self.version_label).observe(
+            time.perf_counter() - self.start)
 
 
 def default_lane(resolved: ResolvedModel) -> str:
@@ -191,7 +202,12 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
                   asked: int | None, prompts: list[int]) -> Call:
     context = state.router.max_model_len() or state.settings.max_model_len
     need = budget(body, route, asked, prompts, context)
-    resolved = await state.resolver.resolve(model)
+    tracing = state.tracing
+    rstate = request.scope["state"]
+    with tr.span(tracing, rstate, "resolve model", {"gen_ai.request.model": model}) as span:
+        resolved = await state.resolver.resolve(model)
+        if span is not None:
+            span.set_attribute("tunegate.model.resolved", resolved.ref)
     if not key.may_use(resolved.name):
         raise PermissionDenied(f"This key may not use the model `{model}`.", param="model",
                                code="model_not_allowed")
@@ -202,7 +218,8 @@ async def prepare(state: GatewayState, request: Request, key: KeyInfo, route: st
         resolved, canary = promo.route(model, resolved)
     call = Call(state, request, key, route, body, stream, resolved, promotion=canary,
                 lane="canary" if canary is not None else "")
-    call.reservation = await state.quotas.reserve(key, need)
+    with tr.span(tracing, rstate, "quota"):
+        call.reservation = await state.quotas.reserve(key, need)
     state.sampler.consider(call)
     if promo is not None and canary is None and (shadow := promo.shadow_route(model, resolved)):
         promo.mirror(call, shadow, functools.partial(send_copy, call), state.sampler.submit)
@@ -216,8 +233,17 @@ async def send_copy(live: Call, body: dict[str, Any], candidate: ResolvedModel,
     call = replace(live, body=body, stream=False, resolved=candidate, reservation=None,
                    start=time.perf_counter(), promotion=None, lane="shadow", sample=None,
                    # The engine sees its own id for the copy; the sample keeps the live one.
-                   upstream_request_id=f"{live.request_id}-shadow")
-    return await send(call)
+                   upstream_request_id=f"{live.request_id}-shadow", span=None)
+    resp, release, sent = await send(call)
+    if call.span is None:
+        return resp, release, sent
+    span, call.span = call.span, None
+
+    def release_and_end() -> None:  # the copy's upstream span ends with its response
+        release()
+        tr.end_upstream(span, status=resp.status_code)
+
+    return resp, release_and_end, sent
 
 
 async def send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
@@ -234,6 +260,7 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
     """Send to the first replica that takes it; returns the response (unread when streaming), a
     release callback (must be called) and the model id sent upstream."""
     router = call.state.router
+    tracing = call.state.tracing
     headers = {"content-type": "application/json",
                "x-request-id": call.upstream_request_id or call.request_id}
     ref = None if call.resolved.is_base else call.resolved.ref
@@ -241,23 +268,37 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
     for replica in router.order(ref):
         try:
             for attempt in (1, 2):
+                if tracing is not None:
+                    held = ref is not None and ref in replica.adapters
+                    tr.choose_replica(tracing, call.request.scope["state"], replica.url,
+                                      replica.in_flight,
+                                      tr.replica_reason(held, ref), attempt)
                 if ref is not None:
-                    await router.ensure_loaded(replica, call.resolved)
+                    with tr.span(tracing, call.request.scope["state"], "adapter load",
+                                 {"tunegate.replica.url": replica.url, "tunegate.adapter": ref}
+                                 ) if ref not in replica.adapters else tr.NO_SPAN:
+                        await router.ensure_loaded(replica, call.resolved)
                 upstream_model = router.upstream_model(replica, call.resolved)
                 call.body["model"] = upstream_model
                 content = json.dumps(call.body).encode()
                 release = router.acquire(replica, ref)
+                if tracing is not None:
+                    call.span = tr.start_upstream(tracing, call, replica.url)
+                    tracing.inject(headers, call.span)
                 try:
                     resp = await call.state.upstream.send(replica.url, call.route, content,
                                                           headers, stream=call.stream)
-                except BaseException:
+                except BaseException as exc:
                     release()
+                    tr.end_upstream(call.span, error=exc)
+                    call.span = None
                     raise
                 if resp.status_code == 404 and ref is not None and attempt == 1:
                     # The engine evicted the adapter on its own (its own LRU bound): forget it
                     # and load it again, once.
                     await resp.aclose()
                     release()
+                    tr.end_upstream(call.span, status=404)
                     replica.adapters.pop(ref, None)
                     continue
                 break
@@ -276,6 +317,8 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
                 release()
             if resp.status_code >= 500:
                 call.state.metrics.upstream_errors.labels(replica.url, "status_5xx").inc()
+            tr.end_upstream(call.span, status=resp.status_code)
+            call.span = None
             raise error_from_response(resp.status_code, raw)
         return resp, release, upstream_model
     raise last
@@ -306,11 +349,17 @@ async def complete_json(call: Call) -> dict[str, Any]:
             await resp.aclose()
             release()
     except TunegateError as err:
+        tr.end_upstream(call.span, error=err)
+        call.span = None
         if call.sample is not None:
             call.state.sampler.record(call, err.status)
         raise
+    if call.span is not None:
+        tr.usage(call.span, data)
+        tr.end_upstream(call.span, status=200)
     if call.sample is not None:
         call.state.sampler.record(call, 200, output=answer_text(data))
+    call.observe_latency()
     if isinstance(data, dict):
         data["model"] = call.resolved.ref
         await call.state.quotas.settle(call.reservation, count_usage(call, data.get("usage")))
@@ -361,15 +410,22 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
                         data = _event_json(ev)
                         if data is not None:
                             used[0] = count_usage(call, data.get("usage"))
+                            if call.span is not None:
+                                tr.usage(call.span, data)
                             if not data.get("choices") and not client_wants_usage:
                                 continue
+                    if call.span is not None and b'"finish_reason":"' in ev:
+                        tr.usage(call.span, _event_json(ev))  # finish reasons, response id
                     if swap:
                         ev = ev.replace(b'"model":' + enc, b'"model":' + ours).replace(
                             b'"model": ' + enc, b'"model": ' + ours)
                     if first and ev.startswith(b"data: {"):
                         first = False
                         outcome[0] = time.perf_counter() - call.start
-                        metrics.ttft.labels(call.model_label).observe(outcome[0])
+                        metrics.ttft.labels(call.model_label, call.version_label).observe(
+                            outcome[0])
+                        if call.span is not None:
+                            tr.first_token(call.span, outcome[0])
                     if tap is not None:
                         tap.append(ev)
                     yield ev
@@ -385,6 +441,9 @@ async def open_stream(call: Call, *, pass_usage: bool = False,
     async def finish() -> None:
         await resp.aclose()
         release()
+        tr.end_upstream(call.span, status=outcome[1])
+        if outcome[1] == 200:
+            call.observe_latency()
         if tap is not None:
             call.state.sampler.record(call, outcome[1], events=tap, ttft_s=outcome[0])
         await call.state.quotas.settle(call.reservation, used[0])

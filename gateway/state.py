@@ -22,6 +22,7 @@ from shared.replicas import ReplicaStore
 
 if TYPE_CHECKING:
     from gateway.promotion import PromotionRouting
+    from shared.tracing import Tracing
 
 log = logging.getLogger("tunegate.gateway")
 
@@ -42,6 +43,7 @@ class GatewayState:
     replicas: ReplicaStore  # engines registered through the admin API (shared.replicas)
     # Canary routing and shadow mirroring; installed by gateway.routers.admin_promotion's lifespan.
     promotions: PromotionRouting | None = None
+    tracing: Tracing | None = None  # OpenTelemetry, when OTEL_* configures it (gateway.tracing)
 
     @classmethod
     async def open(cls, settings: GatewaySettings, metrics: Metrics) -> GatewayState:

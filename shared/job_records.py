@@ -156,6 +156,14 @@ class JobStore:
                             .values(heartbeat_at=utcnow()))
             return bool(res.rowcount)  # type: ignore[attr-defined]
 
+    def count_by_status(self) -> dict[str, int]:
+        from sqlalchemy import func
+
+        with self.db.session() as s:
+            rows = s.execute(select(FineTuningJob.status, func.count())
+                             .group_by(FineTuningJob.status)).all()
+        return {str(st): int(n) for st, n in rows}
+
     def heartbeat(self, job_id: str) -> None:
         with self.db.session() as s:
             s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)

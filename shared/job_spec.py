@@ -47,6 +47,9 @@ class TrainSpec(BaseModel):
     eval_max_new_tokens: int = Field(default=32, ge=1, le=1024)
     evaluate_base: bool = False  # also score the untuned base (for before/after reports)
     metadata: dict[str, str] = Field(default_factory=dict)
+    # W3C traceparent of the API request that created the job: the worker's job span continues
+    # that trace (None when tracing is off).
+    traceparent: str | None = Field(default=None, max_length=55)
 
     @property
     def effective_base_name(self) -> str:

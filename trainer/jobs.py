@@ -26,6 +26,7 @@ from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled, StepInfo
 from trainer.cost import CostMeter, cost_message
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
+from trainer.tracing import JobTrace, note, phase
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
 
@@ -52,8 +53,9 @@ class JobHooks:
     """Training hooks that write progress events at a bounded rate and honour cancellation."""
 
     def __init__(self, store: JobStore, job_id: str, cancel: threading.Event,
-                 interval_s: float = 2.0) -> None:
+                 interval_s: float = 2.0, metrics: Any = None) -> None:
         self.store, self.job_id, self.cancel, self.interval_s = store, job_id, cancel, interval_s
+        self.metrics = metrics  # trainer.metrics.WorkerMetrics, or None
         self._last = 0.0
         self.last_step: StepInfo | None = None
 
@@ -63,6 +65,8 @@ class JobHooks:
 
     def on_step(self, info: StepInfo) -> None:
         self.last_step = info
+        if self.metrics is not None:
+            self.metrics.on_step(info.tokens_per_s, info.loss)
         now = time.monotonic()
         if info.step == 1 or info.step == info.total_steps or now - self._last >= self.interval_s:
             self._last = now
@@ -155,10 +159,12 @@ def evaluate_golden(spec: TrainSpec, adapter_dir: Path | None, golden: list[Any]
 
 def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | None, work_dir: Path,
             cancel: threading.Event, progress_interval_s: float = 2.0,
-            price_per_device_hour: float = 0.0, eval_engine: str | None = None) -> JobOutcome:
+            price_per_device_hour: float = 0.0, eval_engine: str | None = None,
+            trace: JobTrace | None = None, metrics: Any = None) -> JobOutcome:
+    """``trace``: spans for the phases (trainer.tracing); ``metrics``: the worker's gauges."""
     job_id = spec.job_id
     meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
-    hooks = JobHooks(store, job_id, cancel, progress_interval_s)
+    hooks = JobHooks(store, job_id, cancel, progress_interval_s, metrics)
     result: dict[str, Any] = {}
 
     beating = threading.Event()
@@ -192,23 +198,26 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
     try:
         meter.enter("validate")
-        # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
-        backend = select_backend(spec.backend)
-        count = _count_tokens_fn(spec.base_model)
-        report = validate_training(spec, spec.training_file, count)
-        result["validation"] = report.to_dict()
-        store.add_event(job_id, f"Validated training file: {len(report.examples)} of "
-                        f"{report.total} lines valid", data=result["validation"])
-        report.raise_if_rejected()
-        if spec.validation_file:
-            val = validate_training(spec, spec.validation_file, count)
-            result["validation_file"] = val.to_dict()
-            val.raise_if_rejected()
-        golden_report = None
-        if spec.golden_file:
-            golden_report = validate_training(spec, spec.golden_file, count)
-            golden_report.raise_if_rejected()
-        hooks.check_cancelled()
+        with phase(trace, "validate") as sp:
+            # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
+            backend = select_backend(spec.backend)
+            count = _count_tokens_fn(spec.base_model)
+            report = validate_training(spec, spec.training_file, count)
+            result["validation"] = report.to_dict()
+            store.add_event(job_id, f"Validated training file: {len(report.examples)} of "
+                            f"{report.total} lines valid", data=result["validation"])
+            report.raise_if_rejected()
+            if spec.validation_file:
+                val = validate_training(spec, spec.validation_file, count)
+                result["validation_file"] = val.to_dict()
+                val.raise_if_rejected()
+            golden_report = None
+            if spec.golden_file:
+                golden_report = validate_training(spec, spec.golden_file, count)
+                golden_report.raise_if_rejected()
+            hooks.check_cancelled()
+            note(sp, **{"validation.valid": len(report.examples),
+                        "validation.total": report.total})
 
         golden = golden_report.examples[: spec.golden_limit] if golden_report else []
         if golden and spec.evaluate_base:
@@ -223,7 +232,11 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
                         data={"backend": backend.name})
         adapter_dir = work_dir / "adapter"
         meter.enter("train")
-        trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir, hooks)
+        with phase(trace, "train", backend=backend.name) as sp:
+            trained = backend.train(spec, [e.messages for e in report.examples], adapter_dir,
+                                    hooks)
+            note(sp, **{"train.steps": trained.steps, "train.tokens": trained.tokens,
+                        "train.final_loss": trained.final_loss})
         result["train"] = trained.to_dict()
         store.add_event(job_id, f"Trained {trained.steps} steps in {trained.train_s:.1f} s",
                         data=result["train"])
@@ -233,16 +246,23 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         eval_report: EvalReport | None = None
         if golden:
             meter.enter("evaluate")
-            eval_report = evaluate_golden(spec, adapter_dir, golden, eval_engine, hooks)
+            with phase(trace, "evaluate", n=len(golden)) as sp:
+                eval_report = evaluate_golden(spec, adapter_dir, golden, eval_engine, hooks)
+                note(sp, **{"eval.score": eval_report.score})
+            if metrics is not None:
+                metrics.eval_score.labels(spec.name).set(eval_report.score)
             result["eval"] = eval_report.to_dict()
             hooks.check_cancelled()
             stable, stable_ref = (None, None)
             assert golden_report is not None
-            if registry is not None:
-                stable, stable_ref = stable_score(registry, spec, golden_report.sha256, golden,
-                                                  spec.scorer, work_dir)
-            decision = gate(eval_report.score, threshold=spec.threshold, stable_score=stable,
-                            tolerance=spec.tolerance)
+            with phase(trace, "gate", threshold=spec.threshold) as sp:
+                if registry is not None:
+                    stable, stable_ref = stable_score(registry, spec, golden_report.sha256,
+                                                      golden, spec.scorer, work_dir)
+                decision = gate(eval_report.score, threshold=spec.threshold,
+                                stable_score=stable, tolerance=spec.tolerance)
+                note(sp, **{"gate.passed": decision.passed, "gate.reason": decision.reason,
+                            "gate.stable_score": stable})
             result["gate"] = {**decision.to_dict(), "stable": stable_ref}
             store.add_event(job_id, f"Evaluation gate: {decision.reason}", data=result["gate"],
                             level="info" if decision.passed else "warn")
@@ -263,8 +283,11 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
             # Failed by the stale-job sweep (or cancelled) meanwhile: such a job never registers.
             return finish(JobOutcome("failed", result=result, error=worker_lost_error()))
         meter.enter("register")
-        ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
-        store.add_event(job_id, f"Registered {ref}; {hand_over(registry, spec, ref)}")
+        with phase(trace, "register") as sp:
+            ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
+            handed = hand_over(registry, spec, ref)
+            note(sp, **{"adapter.version": ref, "hand_over": handed})
+        store.add_event(job_id, f"Registered {ref}; {handed}")
         return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))
     except JobCancelled:
         if getattr(cancel, "reason", "cancelled") == "timeout":

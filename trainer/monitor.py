@@ -37,6 +37,7 @@ from shared.promotion import Decision, EvalRun, Evidence, Promotions, decide
 from shared.quality import Rules, Tally, answer_text
 from shared.registry import Registry
 from shared.scoring import LabelSet, normalize
+from shared.tracing import current_traceparent
 from shared.traffic_records import TrafficSample
 
 log = logging.getLogger("tunegate.monitor")
@@ -152,6 +153,9 @@ async def replay(mc: MonitorContext, rows: list[TrafficSample], model: str) -> l
 
     sem = asyncio.Semaphore(mc.replay_concurrency)
     headers = {"authorization": f"Bearer {mc.api_key}"} if mc.api_key else {}
+    tp = current_traceparent()  # replays join the shadow evaluation's trace (trainer.tracing)
+    if tp:
+        headers["traceparent"] = tp
 
     async def one(client: httpx.AsyncClient, row: TrafficSample) -> str | None:
         body = {k: v for k, v in (row.request or {}).items() if k not in ("stream_options",)}

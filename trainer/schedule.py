@@ -31,7 +31,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.queue import arq_options, redis_settings
 from shared.settings import LOCAL_KEY_FILE
+from shared.tracing import setup_tracing
 from trainer.settings import TrainerSettings
+from trainer.tracing import run_span
 
 JOBS = ("quality_monitor", "shadow_evaluation", "promotion_tick")
 
@@ -92,14 +94,21 @@ async def _alone(ctx: dict[str, Any], job: str,
 async def quality_monitor(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     from trainer.monitor import run_quality
 
-    return await _alone(ctx, "quality_monitor",
-                        lambda: asyncio.to_thread(run_quality, ctx["monitor"]))
+    async def run() -> list[dict[str, Any]]:
+        with run_span(ctx.get("tracing"), "quality monitor"):
+            return await asyncio.to_thread(run_quality, ctx["monitor"])
+
+    return await _alone(ctx, "quality_monitor", run)
 
 
 async def shadow_evaluation(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
     from trainer.monitor import run_shadow
 
-    return await _alone(ctx, "shadow_evaluation", lambda: run_shadow(ctx["monitor"]))
+    async def run() -> list[dict[str, Any]]:
+        with run_span(ctx.get("tracing"), "shadow evaluation"):
+            return await run_shadow(ctx["monitor"])
+
+    return await _alone(ctx, "shadow_evaluation", run)
 
 
 async def promotion_tick(ctx: dict[str, Any]) -> list[dict[str, Any]] | str:
@@ -124,6 +133,7 @@ async def startup(ctx: dict[str, Any]) -> None:
     trainer: TrainerSettings = ctx["settings"]
     ms: MonitorSettings = ctx["monitor_settings"]
     db = Database.from_settings(trainer)
+    ctx["tracing"] = setup_tracing("tunegate-trainer")  # None unless OTEL_* configures it
     registry = Registry.from_settings(db, trainer)
     ctx["monitor"] = MonitorContext(
         db=db, registry=registry, promotions=Promotions(db, registry), redis=ctx.get("redis"),
@@ -137,6 +147,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     mc = ctx.get("monitor")
     if mc is not None:
         mc.db.dispose()
+    if ctx.get("tracing") is not None:
+        ctx["tracing"].shutdown()
 
 
 def monitor_worker_settings(settings: TrainerSettings,

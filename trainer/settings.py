@@ -54,6 +54,13 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
         "TUNEGATE_TRAFFIC_STREAM", "TUNEGATE_TRAINER_TRAFFIC_STREAM", "traffic_stream"))
     ingest_traffic: bool = True
     ingest_interval_s: float = 1.0
+    # Prometheus metrics of the worker (trainer.metrics) on http://metrics_host:metrics_port/;
+    # 0 turns them off (the default: several workers on one host would collide on one port).
+    metrics_port: int = Field(default=0, ge=0, le=65535,
+                              description="port of the worker's /metrics; 0: off")
+    metrics_host: str = Field(default="127.0.0.1", description="address /metrics listens on")
+    metrics_refresh_s: float = Field(default=5.0, gt=0,
+                                     description="queue and job-state gauges refresh, seconds")
 
     @property
     def jobs_dir(self) -> Path:

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,7 @@ class IngestResult:
     duplicates: int = 0  # entries whose (request_id, lane) was already stored
     bad: int = 0  # entries that were not a valid record (acknowledged and dropped)
     feedback: int = 0  # rows labelled from feedback that arrived before the sample
+    oldest_ms: int | None = None  # the oldest entry read: its stream id's time (ms since epoch)
 
 
 class Ingester:
@@ -96,6 +98,7 @@ class Ingester:
         result = IngestResult(read=len(entries))
         if not entries:
             return result
+        result.oldest_ms = min(_entry_ms(entry_id) for entry_id, _ in entries)
         records: list[SampleRecord] = []
         for entry_id, fields in entries:
             record = _parse(entry_id, fields)
@@ -182,7 +185,13 @@ def _apply_all(db: Database, waiting: list[tuple[str, str, dict[str, Any], bool]
                    for rid, key_id, fields, trusted in waiting)
 
 
-async def ingest_forever(ingester: Ingester, interval_s: float = 1.0) -> None:
+def _entry_ms(entry_id: bytes | str) -> int:
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(raw.split("-", 1)[0])
+
+
+async def ingest_forever(ingester: Ingester, interval_s: float = 1.0,
+                         on_result: Callable[[IngestResult], None] | None = None) -> None:
     """Ingest until cancelled: rounds back to back while there is a backlog, else every
     ``interval_s`` seconds. Errors (Redis or SQL down) are logged and retried; never raised."""
     failing = False
@@ -200,6 +209,8 @@ async def ingest_forever(ingester: Ingester, interval_s: float = 1.0) -> None:
         if failing:
             log.warning("traffic ingestion works again")
             failing = False
+        if on_result is not None:
+            on_result(result)
         if result.stored or result.bad:
             log.info("traffic: %d stored, %d duplicates, %d bad, %d labelled from feedback",
                      result.stored, result.duplicates, result.bad, result.feedback)

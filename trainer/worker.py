@@ -25,7 +25,10 @@ from shared.job_queue import JOB_FUNCTION
 from shared.job_records import ACTIVE, JobStore, worker_lost_error
 from shared.job_spec import TrainSpec
 from shared.queue import arq_options, redis_settings
+from shared.tracing import setup_tracing
+from trainer.metrics import WorkerMetrics
 from trainer.settings import TrainerSettings
+from trainer.tracing import job_span, note
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +61,35 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
     work_dir = settings.jobs_dir / spec.job_id
     started = time.monotonic()
     loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(
-        None,
-        lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
-                        cancel=cancel, progress_interval_s=settings.progress_interval_s,
-                        price_per_device_hour=settings.price_per_device_hour,
-                        eval_engine=eval_engine),
-    )
-    try:
-        outcome = await asyncio.shield(future)
-    except asyncio.CancelledError:
-        # arq aborted the job (or its timeout hit): stop at the next step, then report.
-        if time.monotonic() - started >= settings.job_timeout_s - 1:
-            cancel.reason = "timeout"
-        cancel.set()
-        await asyncio.wait([future])
-        raise
+    metrics: WorkerMetrics | None = ctx.get("metrics")
+    status = "cancelled"
+    with job_span(ctx.get("tracing"), spec.job_id, spec.name, spec.effective_base_name,
+                  spec.traceparent) as trace:
+        if metrics is not None:
+            metrics.job_started()
+        future = loop.run_in_executor(
+            None,
+            lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
+                            cancel=cancel, progress_interval_s=settings.progress_interval_s,
+                            price_per_device_hour=settings.price_per_device_hour,
+                            eval_engine=eval_engine, trace=trace, metrics=metrics),
+        )
+        try:
+            outcome = await asyncio.shield(future)
+            status = outcome.status
+            if trace is not None:
+                note(trace.span, **{"job.status": outcome.status,
+                                    "fine_tuned_model": outcome.fine_tuned_model})
+        except asyncio.CancelledError:
+            # arq aborted the job (or its timeout hit): stop at the next step, then report.
+            if time.monotonic() - started >= settings.job_timeout_s - 1:
+                cancel.reason = "timeout"
+            cancel.set()
+            await asyncio.wait([future])
+            raise
+        finally:
+            if metrics is not None:
+                metrics.job_finished(status, time.monotonic() - started)
     return {"status": outcome.status, "fine_tuned_model": outcome.fine_tuned_model,
             "error": outcome.error}
 
@@ -106,12 +122,30 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["registry"] = Registry.from_settings(db, settings)
     sweep(store, settings.stale_after_s)
     ctx["sweeper"] = asyncio.create_task(_sweep_forever(store, settings.stale_after_s))
+    ctx["tracing"] = setup_tracing("tunegate-trainer")  # None unless OTEL_* configures it
+    metrics = None
+    if settings.metrics_port:
+        metrics = ctx["metrics"] = WorkerMetrics(settings.queue_name)
+        metrics.seed_eval_scores(store.list_jobs(limit=200))
+        metrics.serve(settings.metrics_host, settings.metrics_port)
+        if ctx.get("redis") is not None:
+            ctx["metrics_refresher"] = asyncio.create_task(metrics.refresh_forever(
+                ctx["redis"], store.count_by_status, settings.metrics_refresh_s))
     if settings.ingest_traffic and ctx.get("redis") is not None:
         # Sampled traffic, Redis stream -> SQL, next to the jobs (trainer.traffic_ingest).
         from trainer.traffic_ingest import Ingester, ingest_forever
 
         ingester = Ingester(ctx["redis"], db, stream=settings.traffic_stream)
-        ctx["ingester"] = asyncio.create_task(ingest_forever(ingester, settings.ingest_interval_s))
+        on_result = None
+        if metrics is not None:
+            m = metrics
+
+            def on_result(r: Any) -> None:
+                lag = time.time() - r.oldest_ms / 1000 if r.oldest_ms is not None else 0.0
+                m.ingest(r.stored, r.duplicates, r.bad, lag)
+
+        ctx["ingester"] = asyncio.create_task(ingest_forever(
+            ingester, settings.ingest_interval_s, on_result))
 
 
 def sweep(store: JobStore, stale_after_s: float) -> None:
@@ -131,10 +165,14 @@ async def _sweep_forever(store: JobStore, stale_after_s: float) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    for name in ("sweeper", "ingester"):
+    for name in ("sweeper", "ingester", "metrics_refresher"):
         task = ctx.get(name)
         if task is not None:
             task.cancel()
+    if ctx.get("metrics") is not None:
+        ctx["metrics"].close()
+    if ctx.get("tracing") is not None:
+        ctx["tracing"].shutdown()
     db = ctx.get("db")
     if db is not None:
         db.dispose()

@@ -43,6 +43,7 @@ class AsyncEngine:
         self.metrics = metrics
         if metrics is not None:
             self.scheduler.on_step = metrics.on_step
+        self.tracing: Any = None  # engine.tracing.EngineTracing when tracing is on
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[StepOutput | BaseException]] = {}
         self._in_use: Counter[str] = Counter()  # adapter key -> requests not yet finished
@@ -150,8 +151,8 @@ class AsyncEngine:
         return f"{prefix}-{self._next_id}-{time.time_ns() % 10**9}"
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter_key: str | None = None,
-                       arrival: float | None = None) -> AsyncIterator[StepOutput]:
+                       adapter_key: str | None = None, arrival: float | None = None,
+                       trace: Any = None) -> AsyncIterator[StepOutput]:
         """Stream a request's outputs; leaving early (client gone) aborts it."""
         stream: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
         if request_id in self._streams:
@@ -160,6 +161,7 @@ class AsyncEngine:
             request_id = self.new_request_id(request_id)
         self._streams[request_id] = stream
         seq = Sequence(request_id, prompt_ids, params, adapter_key)
+        seq.trace = trace
         if arrival is not None:
             seq.arrival = arrival
         if adapter_key:

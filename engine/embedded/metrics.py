@@ -37,6 +37,11 @@ class EngineMetrics:
         self.waiting = Gauge("vllm:num_requests_waiting",
                              "Number of requests waiting to be processed.", labels,
                              registry=r).labels(*values)
+        # vLLM (v1 engine) reports the share of KV-cache blocks in use; ours is the share of the
+        # slot cache's positions (max_num_seqs x max_model_len) the running sequences fill.
+        self.kv_cache_usage = Gauge("vllm:kv_cache_usage_perc",
+                                    "KV-cache usage. 1 means 100 percent usage.", labels,
+                                    registry=r).labels(*values)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
                                      labels, registry=r).labels(*values)
         self.generation_tokens = Counter("vllm:generation_tokens",
@@ -71,6 +76,9 @@ class EngineMetrics:
                 self.e2e.observe(now - s.arrival)
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
+        capacity = scheduler.max_num_seqs * scheduler.max_model_len
+        self.kv_cache_usage.set(sum(len(s.prompt_ids) + len(s.output_ids)
+                                    for s in scheduler.running) / capacity if capacity else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

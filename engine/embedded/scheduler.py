@@ -58,6 +58,8 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | None = None
     first_token_at: float | None = None
+    admitted_at: float | None = None  # monotonic seconds when it got a batch slot
+    trace: Any = None  # the caller's OpenTelemetry context (engine.tracing); None: untraced
     generator: Any = None
 
     @property
@@ -162,6 +164,7 @@ class Scheduler:
             if seq.generator is None and not seq.params.greedy:
                 seq.generator = make_generator(seq.params.seed)
             slot = len(self.running)
+            seq.admitted_at = time.monotonic()
             self.running.append(seq)
             admitted.append((slot, seq))
         return admitted

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.errors import BadRequestError, BodyInvalid, EngineInternalError, NotFoundError
 from engine.settings import EngineSettings
 from shared.errors import TunegateError
+from shared.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,15 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
         metrics=metrics,
     )
+    tracing = setup_tracing("tunegate-engine")  # None unless OTEL_* configures it
+    if tracing is not None:
+        from engine.tracing import EngineTracing, chain
+
+        engine.tracing = EngineTracing(tracing, settings.model_name)
+        engine.scheduler.on_step = chain(metrics.on_step, engine.tracing.on_step)
     serving = OpenAIServing(engine, tokenizer, model_name=settings.model_name,
                             max_model_len=max_model_len, max_logprobs=settings.max_logprobs)
-    return {"engine": engine, "metrics": metrics, "serving": serving}
+    return {"engine": engine, "metrics": metrics, "serving": serving, "tracing": tracing}
 
 
 def create_app(settings: EngineSettings) -> FastAPI:
@@ -115,6 +122,8 @@ def create_app(settings: EngineSettings) -> FastAPI:
             yield
         finally:
             await asyncio.to_thread(parts["engine"].stop)
+            if parts["tracing"] is not None:
+                parts["tracing"].shutdown()
 
     app = FastAPI(title="tunegate embedded engine", lifespan=lifespan)
     install_error_handlers(app)

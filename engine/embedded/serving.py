@@ -49,6 +49,7 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    trace: Any = None  # the caller's trace context (engine.tracing)
 
 
 @dataclass
@@ -183,7 +184,12 @@ class OpenAIServing:
 
     def stream(self, p: Prepared) -> AsyncIterator[StepOutput]:
         return self.engine.generate(p.request_id, p.prompt_ids, p.params, p.adapter_key,
-                                    arrival=p.arrival)
+                                    arrival=p.arrival, trace=p.trace)
+
+    def continue_trace(self, p: Prepared, headers: Any) -> None:
+        """Trace ``p`` as part of its caller's trace, when tracing is on and it sent one."""
+        if self.engine.tracing is not None:
+            p.trace = self.engine.tracing.context(headers)
 
     async def collect(self, p: Prepared, request: Request) -> Result | None:
         """Run to the end; None when the client went away (the request is then aborted)."""

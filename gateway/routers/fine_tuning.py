@@ -39,6 +39,7 @@ from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import TERMINAL, FileStore, JobStore
 from shared.job_spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
 from shared.queue import arq_options, redis_settings
+from shared.tracing import current_traceparent
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"],
                    dependencies=[Depends(admin_key)])
@@ -190,7 +191,8 @@ def check_scorer(spec: str | None, allowed: list[str]) -> None:
                              code="scorer_not_allowed")
 
 
-def _create(state: Any, body: JobCreate) -> tuple[TrainSpec, dict[str, Any]]:
+def _create(state: Any, body: JobCreate, traceparent: str | None = None,
+            ) -> tuple[TrainSpec, dict[str, Any]]:
     base = registered_base(state.settings.models_dir, body.model)
     check_scorer(body.scorer, state.settings.allowed_scorers)
     job_id = new_job_id()
@@ -217,6 +219,7 @@ def _create(state: Any, body: JobCreate) -> tuple[TrainSpec, dict[str, Any]]:
             max_steps=body.max_steps, max_seq_length=body.max_seq_length,
             golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
             metadata=body.metadata or {},
+            traceparent=traceparent,
         )
     except ValidationError as exc:  # whatever TrainSpec refuses is this request's 400
         err = exc.errors()[0]
@@ -264,7 +267,8 @@ def _queue(request: Request) -> Any:
 @router.post("")
 async def create_job(body: JobCreate, state: State, request: Request) -> dict[str, Any]:
     pool = _queue(request)
-    spec, row = await to_thread.run_sync(_create, state, body)
+    # The job's trace continues this request's (the worker's job span is its child).
+    spec, row = await to_thread.run_sync(_create, state, body, current_traceparent())
     try:
         await enqueue_training(pool, spec, queue_name=state.settings.queue_name)
     except Exception as exc:  # Redis unreachable: the record must not wait forever

@@ -190,3 +190,18 @@ def test_cli_kind_vllm_execs_the_command_with_extra_args(tmp_path: Path) -> None
     assert argv[argv.index("--max-lora-rank") + 1] == "32"
     assert "--enable-lora" in argv and "--enforce-eager" in argv
     assert argv[-2:] == ["--dtype", "float32"]
+
+
+def test_tracing_flags_only_when_configured() -> None:
+    cmd = build_vllm_command(**COMMON, python="/venv/bin/python", device="gpu",
+                             otlp_traces_endpoint="http://collector:4318/v1/traces")
+    assert _flag(cmd, "--otlp-traces-endpoint") == "http://collector:4318/v1/traces"
+    assert "--otlp-traces-endpoint" not in build_vllm_command(
+        **COMMON, python="/venv/bin/python", device="gpu")
+    env = vllm_environment("cpu", base={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"  # vLLM's default: gRPC
+    assert env["OTEL_SERVICE_NAME"] == "tunegate-engine-vllm"
+    mine = vllm_environment("cpu", base={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+                                         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"})
+    assert mine["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "grpc"
+    assert "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL" not in vllm_environment("cpu", base={})

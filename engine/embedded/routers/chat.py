@@ -20,6 +20,7 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  serving: ServingDep) -> Response:
     p = await serving.prepare(body, request.headers.get("x-request-id"))
+    serving.continue_trace(p, request.headers)
     base = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
             "model": p.model}
     first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},

@@ -20,6 +20,7 @@ router = APIRouter()
 async def create_completion(body: CompletionRequest, request: Request,
                             serving: ServingDep) -> Response:
     p = await serving.prepare(body, request.headers.get("x-request-id"))
+    serving.continue_trace(p, request.headers)
     base = {"id": p.request_id, "object": "text_completion", "created": p.created,
             "model": p.model}
     want_logprobs = body.logprobs is not None
