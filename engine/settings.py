@@ -34,6 +34,11 @@ class EngineSettings(BaseSettings):
     # fast: our own decode/prefill loop over the model's weights (Llama architecture; others,
     # and adapters it cannot apply, use hf); hf: transformers + peft, the reference.
     impl: Literal["fast", "hf"] = "fast"
+    # Graceful drain on SIGTERM (engine.drain): after deregistering, keep serving this long so
+    # every gateway drops the replica (their health rounds run every 2 s), seconds; then
+    # requests in flight get up to drain_timeout_s to finish before the process stops.
+    drain_grace_s: float = Field(3.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
 
     @property
     def model_name(self) -> str:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
 
@@ -193,9 +195,12 @@ def serve_vllm(
     max_model_len: int | None,
     max_num_seqs: int | None,
     extra_args: Sequence[str] = (),
+    drain: DrainPlan | None = None,
 ) -> NoReturn:
     """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
-    which is what a supervisor expects)."""
+    which is what a supervisor expects). With ``drain`` (a registered replica), run vLLM as a
+    child instead and drain it on SIGTERM (``engine.drain.supervise``): deregister, wait for the
+    requests in flight, then stop vLLM; the exit code is still vLLM's."""
     settings = VllmSettings()
     cmd = build_vllm_command(
         model=model, host=host, port=port, served_model_name=served_model_name,
@@ -207,4 +212,20 @@ def serve_vllm(
     env = vllm_environment(settings.device, settings=settings)
     sys.stdout.flush()
     sys.stderr.flush()
+    if drain is not None:
+        from engine.drain import supervise
+
+        sys.exit(supervise(cmd, env, base_url=drain.base_url, registrar=drain.registrar,
+                           grace_s=drain.grace_s, timeout_s=drain.timeout_s))
     os.execve(cmd[0], cmd, env)
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    """How :func:`serve_vllm` drains: where vLLM answers (``/metrics``), the registrar
+    process to stop first, and the grace and in-flight bounds, seconds."""
+
+    base_url: str
+    registrar: subprocess.Popen[bytes] | None
+    grace_s: float
+    timeout_s: float
