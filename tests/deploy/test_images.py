@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 REQUIREMENTS = {"gateway": "requirements-gateway.txt", "cpu": "requirements-cpu.txt",
-                "vllm": "requirements-vllm.txt"}
+                "vllm": "requirements-vllm.txt", "trainer-gpu": "requirements-trainer-gpu.txt"}
 HEAVY = {"torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "numpy", "vllm",
          "unsloth", "trl", "bitsandbytes", "datasets"}
 
@@ -100,6 +100,7 @@ def test_every_image_resolves() -> None:
     assert not set(resolved["gateway"]) & HEAVY, set(resolved["gateway"]) & HEAVY
     assert resolved["cpu"]["torch"].split("+")[0] == "2.13.0"
     assert resolved["vllm"]["vllm"] == "0.26.0"
+    assert resolved["trainer-gpu"]["unsloth"] == "2026.10.9"
     # The image's tunegate deps (pyproject) are all there, at versions pyproject accepts.
     import tomllib
 
