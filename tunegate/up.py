@@ -17,11 +17,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from tunegate.topology import TopologyConfig
 
 LOCAL_KEY_FILE = "local-admin.key"
 
@@ -178,6 +182,67 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
         return 0
     finally:
         sup.stop_all()
+
+
+def run_distributed(cfg: TopologyConfig) -> int:
+    """`tunegate up --distributed` (tunegate.topology): refuses without PostgreSQL, since
+    several gateway processes sharing SQLite would serialise on its lock."""
+    from shared.db import DatabaseSettings
+    from tunegate.topology import Topology
+
+    common = CommonSettings()
+    db_url = DatabaseSettings().url
+    if not db_url.startswith("postgresql"):
+        print("tunegate up --distributed: set TUNEGATE_DATABASE_URL=postgresql://... "
+              "(every process shares it)", file=sys.stderr)
+        return 2
+    ports = [cfg.gateway_port + i for i in range(cfg.gateways)]
+    ports += [cfg.engine_port + i for i in range(cfg.engines)]
+    busy = [p for p in ports if not _port_free(p)]
+    if busy:
+        print(f"tunegate up: ports in use: {busy}", file=sys.stderr)
+        return 2
+    from engine.models import pull_default_model
+
+    model_dir = pull_default_model(common.default_model_dir).path
+    log_dir = common.data_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor(log_dir)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    try:
+        redis_url = UpSettings().redis_url or _start_redis(sup, common.data_dir)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url,
+               "TUNEGATE_DATA_DIR": str(common.data_dir), "TUNEGATE_DATABASE_URL": db_url}
+        key = _local_admin_key(common.data_dir, env)
+        _ensure_key(db_url, key, env)
+        topo = Topology(sup, env, model_dir, key, cfg)
+        topo.start_all()
+        print(_banner(topo.gateway_urls[0], key, log_dir), flush=True)
+        print("Gateways: " + ", ".join(topo.gateway_urls) + "\nEngines: "
+              + ", ".join(topo.engine_urls), flush=True)
+        return sup.watch()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sup.stop_all()
+
+
+def _ensure_key(db_url: str, key: str, env: dict[str, str]) -> None:
+    """The local admin key file may come from a run on another database (SQLite, say): make
+    the same key in this one when it is not there."""
+    from gateway.auth import KeyStore, hash_key
+    from shared.db import Database
+
+    db = Database(db_url)
+    try:
+        if KeyStore(db).lookup(hash_key(key)) is not None:
+            return
+    finally:
+        db.dispose()
+    subprocess.run([sys.executable, "-m", "tunegate", "keys", "create", "--scope", "admin",
+                    "--name", "local-admin", "--key", key], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def _banner(base: str, key: str, log_dir: Path) -> str:
