@@ -78,8 +78,7 @@ def desired_replicas(so: dict[str, Any], values: list[float]) -> int:
     for trig, v in zip(spec["triggers"], values, strict=True):
         meta = trig["metadata"]
         target = float(meta.get("threshold") or meta.get("listLength") or 5)
-        activation = float(meta.get("activationThreshold")
-                           or meta.get("activationListLength") or 0)
+        activation = float(meta.get("activationThreshold") or meta.get("activationListLength") or 0)
         active = active or v > activation
         counts.append(math.ceil(v / target))
     if lo == 0 and not active:
@@ -89,15 +88,17 @@ def desired_replicas(so: dict[str, Any], values: list[float]) -> int:
 
 def engine_desired(prom: str) -> int:
     so = scaled_object("tunegate-engine")
-    return desired_replicas(so, [prom_value(prom, t["metadata"]["query"])
-                                 for t in so["spec"]["triggers"]])
+    return desired_replicas(
+        so, [prom_value(prom, t["metadata"]["query"]) for t in so["spec"]["triggers"]]
+    )
 
 
 def queue_desired(redis: Any, name: str) -> int:
     so = scaled_object(name)
     # KEDA's redis scaler reads a sorted set (arq's queue) with ZCARD.
-    return desired_replicas(so, [float(redis.zcard(t["metadata"]["listName"]))
-                                 for t in so["spec"]["triggers"]])
+    return desired_replicas(
+        so, [float(redis.zcard(t["metadata"]["listName"])) for t in so["spec"]["triggers"]]
+    )
 
 
 # ---- load ------------------------------------------------------------------------------------
@@ -133,7 +134,8 @@ class Load:
         try:
             if kind == "stream":
                 stream: Any = await client.chat.completions.create(
-                    model=model, messages=msgs, max_tokens=8, stream=True)
+                    model=model, messages=msgs, max_tokens=8, stream=True
+                )
                 async for _ in stream:
                     pass
                 res.ok = True
@@ -202,8 +204,9 @@ def held_by(engine_urls: list[str], ref: str) -> list[str]:
 
 
 def registered(gateway: str, key: str) -> dict[str, bool]:
-    r = httpx.get(f"{gateway}/admin/replicas", headers={"Authorization": f"Bearer {key}"},
-                  timeout=10)
+    r = httpx.get(
+        f"{gateway}/admin/replicas", headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
     return {d["url"]: bool(d.get("healthy")) for d in r.json()["data"]}
 
 
@@ -216,25 +219,39 @@ def pct(values: list[float], q: float) -> float:
 
 def start_prometheus(sup: Any, work: Path, engines: list[str], gateways: list[str]) -> str:
     port = free_ports(1)
-    cfg = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-           "scrape_configs": [
-               {"job_name": "tunegate-engine",
-                "static_configs": [{"targets": [u.split("//")[1] for u in engines]}]},
-               {"job_name": "tunegate-gateway",
-                "static_configs": [{"targets": [u.split("//")[1] for u in gateways]}]}]}
+    cfg = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "tunegate-engine",
+                "static_configs": [{"targets": [u.split("//")[1] for u in engines]}],
+            },
+            {
+                "job_name": "tunegate-gateway",
+                "static_configs": [{"targets": [u.split("//")[1] for u in gateways]}],
+            },
+        ],
+    }
     (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    child = sup.start("prometheus", [
-        "prometheus", f"--config.file={work / 'prometheus.yml'}",
-        f"--storage.tsdb.path={work / 'prom-data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        dict(os.environ))
+    child = sup.start(
+        "prometheus",
+        [
+            "prometheus",
+            f"--config.file={work / 'prometheus.yml'}",
+            f"--storage.tsdb.path={work / 'prom-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        dict(os.environ),
+    )
     url = f"http://127.0.0.1:{port}"
     sup.wait_http(child, f"{url}/-/ready", 60)
     return url
 
 
 # ---- the scenario ----------------------------------------------------------------------------
-def run(work: Path, *, requests: int, pg_url: str = PG_URL, concurrency: int = 16,
-        quota_rpm: int = 20) -> dict[str, Any]:
+def run(
+    work: Path, *, requests: int, pg_url: str = PG_URL, concurrency: int = 16, quota_rpm: int = 20
+) -> dict[str, Any]:
     from sqlalchemy import create_engine, text
 
     schema = "topo_" + uuid.uuid4().hex[:10]
@@ -242,16 +259,23 @@ def run(work: Path, *, requests: int, pg_url: str = PG_URL, concurrency: int = 1
     with admin_engine.begin() as c:
         c.execute(text(f"CREATE SCHEMA {schema}"))
     try:
-        return _run(work, schema, requests=requests, pg_url=pg_url, concurrency=concurrency,
-                    quota_rpm=quota_rpm)
+        return _run(
+            work,
+            schema,
+            requests=requests,
+            pg_url=pg_url,
+            concurrency=concurrency,
+            quota_rpm=quota_rpm,
+        )
     finally:
         with admin_engine.begin() as c:
             c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin_engine.dispose()
 
 
-def _run(work: Path, schema: str, *, requests: int, pg_url: str, concurrency: int,
-         quota_rpm: int) -> dict[str, Any]:
+def _run(
+    work: Path, schema: str, *, requests: int, pg_url: str, concurrency: int, quota_rpm: int
+) -> dict[str, Any]:
     import redis as redis_lib
 
     from gateway.auth import KeyStore
@@ -274,8 +298,9 @@ def _run(work: Path, schema: str, *, requests: int, pg_url: str, concurrency: in
     limited, _ = keys.create(name="topology-quota", scope="user", rpm=quota_rpm)
     registry = Registry(db, str(data / "artifacts"))
     rel = f"staging/{uuid.uuid4().hex}"
-    make_adapter(model_dir, Path(registry.store.root) / rel, rank=8, seed=7,
-                 targets=["q_proj", "v_proj"])
+    make_adapter(
+        model_dir, Path(registry.store.root) / rel, rank=8, seed=7, targets=["q_proj", "v_proj"]
+    )
     adapter = registry.register_version("topo", rel, {"base_model": model_dir.name}).ref
     registry.set_alias("topo", "stable", 1)
 
@@ -284,18 +309,29 @@ def _run(work: Path, schema: str, *, requests: int, pg_url: str, concurrency: in
     figures: dict[str, Any] = {"requests": 0}
     try:
         redis_url = _start_redis(sup, data)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url,
-               "TUNEGATE_DATA_DIR": str(data), "TUNEGATE_DATABASE_URL": db_url,
-               "TUNEGATE_ARTIFACT_STORE": "", "TUNEGATE_GATEWAY_SAMPLE_RATE": "0",
-               "TUNEGATE_TRAINER_PROGRESS_INTERVAL_S": "0", "PYTHONUNBUFFERED": "1"}
-        cfg = TopologyConfig(gateway_port=free_ports(2), engine_port=free_ports(2),
-                             max_num_seqs=4, max_model_len=512)
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "REDIS_URL": redis_url,
+            "TUNEGATE_DATA_DIR": str(data),
+            "TUNEGATE_DATABASE_URL": db_url,
+            "TUNEGATE_ARTIFACT_STORE": "",
+            "TUNEGATE_GATEWAY_SAMPLE_RATE": "0",
+            "TUNEGATE_TRAINER_PROGRESS_INTERVAL_S": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+        cfg = TopologyConfig(
+            gateway_port=free_ports(2), engine_port=free_ports(2), max_num_seqs=4, max_model_len=512
+        )
         topo = Topology(sup, env, model_dir, admin, cfg)
         t0 = time.monotonic()
         topo.start_all()
         gws, engines = topo.gateway_urls, topo.engine_urls
-        wait_for(lambda: all(all(registered(g, admin).get(e) for e in engines) for g in gws),
-                 60, "both engines registered and healthy at both gateways")
+        wait_for(
+            lambda: all(all(registered(g, admin).get(e) for e in engines) for g in gws),
+            60,
+            "both engines registered and healthy at both gateways",
+        )
         figures["startup_s"] = round(time.monotonic() - t0, 1)
         prom = start_prometheus(sup, work, engines, gws)
         rds = redis_lib.Redis.from_url(redis_url)
@@ -306,12 +342,15 @@ def _run(work: Path, schema: str, *, requests: int, pg_url: str, concurrency: in
         figures.update(_quota(gws, limited, quota_rpm, rds))
         figures["requests"] += 2 * quota_rpm
 
-        clients = [openai.AsyncOpenAI(base_url=f"{g}/v1", api_key=admin, max_retries=0,
-                                      timeout=120) for g in gws]
+        clients = [
+            openai.AsyncOpenAI(base_url=f"{g}/v1", api_key=admin, max_retries=0, timeout=120)
+            for g in gws
+        ]
         load = Load(clients, "topo")
         keda: list[tuple[float, int]] = []
-        figures.update(asyncio.run(_load_phases(topo, load, requests, concurrency, prom, keda,
-                                                admin, adapter)))
+        figures.update(
+            asyncio.run(_load_phases(topo, load, requests, concurrency, prom, keda, admin, adapter))
+        )
         load_end = time.monotonic()
         figures["requests"] += len(load.results)
         figures["keda_engine_replicas_peak"] = max(n for _, n in keda)
@@ -340,28 +379,47 @@ def _quota(gws: list[str], key: str, rpm: int, rds: Any) -> dict[str, Any]:
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as c:
+
             async def one(i: int) -> int:
-                r = await c.post(f"{gws[i % len(gws)]}/v1/chat/completions",
-                                 headers={"Authorization": f"Bearer {key}"},
-                                 json={"model": "base", "max_tokens": 1,
-                                       "messages": [{"role": "user", "content": "hi"}]})
+                r = await c.post(
+                    f"{gws[i % len(gws)]}/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={
+                        "model": "base",
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": "hi"}],
+                    },
+                )
                 return r.status_code
+
             sem = asyncio.Semaphore(8)
 
             async def limited(i: int) -> int:
                 async with sem:
                     return await one(i)
+
             return await asyncio.gather(*(limited(i) for i in range(2 * rpm)))
 
     codes = asyncio.run(burst())
     ok = codes.count(200)
-    return {"quota_rpm": rpm, "quota_ok": ok, "quota_429": codes.count(429),
-            "quota_overrun_requests": max(0, ok - rpm)}
+    return {
+        "quota_rpm": rpm,
+        "quota_ok": ok,
+        "quota_429": codes.count(429),
+        "quota_overrun_requests": max(0, ok - rpm),
+    }
 
 
-async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, prom: str,
-                       keda: list[tuple[float, int]], admin: str,
-                       adapter: str) -> dict[str, Any]:
+async def _load_phases(
+    topo: Any,
+    load: Load,
+    requests: int,
+    concurrency: int,
+    prom: str,
+    keda: list[tuple[float, int]],
+    admin: str,
+    adapter: str,
+) -> dict[str, Any]:
     stop = asyncio.Event()
 
     async def sample_keda() -> None:
@@ -375,7 +433,8 @@ async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, p
     # The adapter's first request through one gateway; the other sees the holder at its next
     # health round (1 s here), so the first loads race no more than a real deployment's.
     await load.clients[0].chat.completions.create(
-        model="topo", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        model="topo", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
     await asyncio.sleep(2 * topo.cfg.health_interval_s)
     third = max(1, requests // 3)
     await load.run(third, concurrency)
@@ -393,8 +452,11 @@ async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, p
     topo.start_engine(victim, wait=False)
     await phase
     back = await asyncio.to_thread(
-        wait_for, lambda: all(registered(g, admin).get(engines[victim]) for g in gws), 180,
-        "the restarted replica registered again")
+        wait_for,
+        lambda: all(registered(g, admin).get(engines[victim]) for g in gws),
+        180,
+        "the restarted replica registered again",
+    )
     out["reregistered_after_s"] = round(time.monotonic() - killed_at, 1)
     out["reregistration_wait_s"] = round(back, 1)
     hit = [r for r in in_flight if r.kind != "stream"]
@@ -407,17 +469,23 @@ async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, p
     out["failover_ms_p50"] = round(pct(after_death, 0.50))
     cut = [r for r in in_flight if r.kind == "stream" and r.error]
     out["streams_cut_with_error_event"] = len(cut)
-    out["streams_cut_unclean"] = len([r for r in in_flight
-                                      if r.kind == "stream" and not r.clean_end])
+    out["streams_cut_unclean"] = len(
+        [r for r in in_flight if r.kind == "stream" and not r.clean_end]
+    )
 
     # A gateway dies mid-load; what was written through it is still there.
     async with httpx.AsyncClient(timeout=30, headers={"Authorization": f"Bearer {admin}"}) as c:
-        made = (await c.post(f"{gws[1]}/admin/keys", json={"name": "made-on-gw1",
-                                                           "scope": "user"})).json()
-        lines = [json.dumps({"instruction": f"Review {i}: fine.", "output": "fresh"})
-                 for i in range(20)]
-        up = await c.post(f"{gws[1]}/v1/files", data={"purpose": "fine-tune"}, files={
-            "file": ("t.jsonl", ("\n".join(lines) + "\n").encode())})
+        made = (
+            await c.post(f"{gws[1]}/admin/keys", json={"name": "made-on-gw1", "scope": "user"})
+        ).json()
+        lines = [
+            json.dumps({"instruction": f"Review {i}: fine.", "output": "fresh"}) for i in range(20)
+        ]
+        up = await c.post(
+            f"{gws[1]}/v1/files",
+            data={"purpose": "fine-tune"},
+            files={"file": ("t.jsonl", ("\n".join(lines) + "\n").encode())},
+        )
         assert up.status_code == 200, up.text
         f = up.json()
     phase = asyncio.create_task(load.run(requests - 2 * third, concurrency))
@@ -426,8 +494,11 @@ async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, p
     topo.kill("gateway-1")
     load.dead_gateways.add(1)
     await phase
-    on_dead = [r for r in load.results if r.gateway == 1 and r.end > gw_killed_at
-               and r.start < gw_killed_at]
+    on_dead = [
+        r
+        for r in load.results
+        if r.gateway == 1 and r.end > gw_killed_at and r.start < gw_killed_at
+    ]
     survivor = [r for r in load.results if r.gateway == 0 and r.start > gw_killed_at]
     out["gateway_kill_lost_in_flight"] = len([r for r in on_dead if not r.ok])
     out["gateway_kill_survivor_requests"] = len(survivor)
@@ -439,11 +510,16 @@ async def _load_phases(topo: Any, load: Load, requests: int, concurrency: int, p
     stop.set()
     await sampler
     excused = {id(r) for r in on_dead}
-    out["failed_non_streaming"] = len([r for r in load.results if r.kind != "stream"
-                                       and not r.ok and id(r) not in excused])
-    out["failed_streams_outside_kills"] = len([
-        r for r in load.results if r.kind == "stream" and not r.ok and id(r) not in excused
-        and r not in in_flight])
+    out["failed_non_streaming"] = len(
+        [r for r in load.results if r.kind != "stream" and not r.ok and id(r) not in excused]
+    )
+    out["failed_streams_outside_kills"] = len(
+        [
+            r
+            for r in load.results
+            if r.kind == "stream" and not r.ok and id(r) not in excused and r not in in_flight
+        ]
+    )
     out["errors_sample"] = sorted({r.error[:120] for r in load.results if r.error})[:5]
     for client in load.clients:
         await client.close()
@@ -465,27 +541,39 @@ def _fine_tune(topo: Any, admin: str, rds: Any, data: Path) -> dict[str, Any]:
         f_golden = submit.files.create(file=fh, purpose="fine-tune")
     idle = queue_desired(rds, "tunegate-trainer")
     job = submit.fine_tuning.jobs.create(
-        model=topo.model_dir.name, training_file=f_train.id, suffix="topo-ft",
+        model=topo.model_dir.name,
+        training_file=f_train.id,
+        suffix="topo-ft",
         hyperparameters={"batch_size": 4, "n_epochs": 1},
-        extra_body={"golden_file": f_golden.id, "max_steps": 2, "gate_threshold": 0.0})
+        extra_body={"golden_file": f_golden.id, "max_steps": 2, "gate_threshold": 0.0},
+    )
     busy = queue_desired(rds, "tunegate-trainer")
     started = time.monotonic()
     while (j := submit.fine_tuning.jobs.retrieve(job.id)).status not in (
-            "succeeded", "failed", "cancelled"):
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
         if time.monotonic() - started > 900:
             raise TimeoutError(f"fine-tuning job still {j.status}")
         time.sleep(1)
     assert j.status == "succeeded", j.error
     ref = j.fine_tuned_model or ""
-    answer = serve.chat.completions.create(model="topo-ft", max_tokens=2,
-                                           messages=[{"role": "user", "content": "Great film"}])
-    answer2 = serve.chat.completions.create(model="topo-ft", max_tokens=2,
-                                            messages=[{"role": "user", "content": "Dull"}])
-    return {"fine_tune_model": ref, "fine_tune_served_as": answer.model,
-            "fine_tune_s": round(time.monotonic() - started, 1),
-            "fine_tune_loads": len(held_by(topo.engine_urls, ref)),
-            "fine_tune_second_answer": answer2.model,
-            "keda_trainer_replicas_idle": idle, "keda_trainer_replicas_with_job": busy}
+    answer = serve.chat.completions.create(
+        model="topo-ft", max_tokens=2, messages=[{"role": "user", "content": "Great film"}]
+    )
+    answer2 = serve.chat.completions.create(
+        model="topo-ft", max_tokens=2, messages=[{"role": "user", "content": "Dull"}]
+    )
+    return {
+        "fine_tune_model": ref,
+        "fine_tune_served_as": answer.model,
+        "fine_tune_s": round(time.monotonic() - started, 1),
+        "fine_tune_loads": len(held_by(topo.engine_urls, ref)),
+        "fine_tune_second_answer": answer2.model,
+        "keda_trainer_replicas_idle": idle,
+        "keda_trainer_replicas_with_job": busy,
+    }
 
 
 def main() -> None:
@@ -497,10 +585,12 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))  # run as a script: tests.protocol_checks makes the adapter
     with tempfile.TemporaryDirectory(prefix="tg-topology-") as tmp:
-        figures = run(Path(tmp), requests=args.requests, pg_url=args.pg,
-                      concurrency=args.concurrency)
-    figures["adapter_loads_per_version"] = max(figures["adapter_loads_per_version"],
-                                               figures["fine_tune_loads"])
+        figures = run(
+            Path(tmp), requests=args.requests, pg_url=args.pg, concurrency=args.concurrency
+        )
+    figures["adapter_loads_per_version"] = max(
+        figures["adapter_loads_per_version"], figures["fine_tune_loads"]
+    )
     figures["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(figures, indent=2) + "\n")

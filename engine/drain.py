@@ -41,8 +41,13 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with ``deregister`` awaited and ``grace_s`` waited before it stops accepting.
     The in-flight bound is uvicorn's ``timeout_graceful_shutdown``."""
 
-    def __init__(self, config: uvicorn.Config, *,
-                 deregister: Callable[[], Awaitable[None]] | None, grace_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        deregister: Callable[[], Awaitable[None]] | None,
+        grace_s: float,
+    ) -> None:
         super().__init__(config)
         self.deregister = deregister
         self.grace_s = grace_s
@@ -90,17 +95,28 @@ def in_flight(base_url: str, timeout_s: float = 2.0) -> int | None:
     return int(total)
 
 
-def supervise(cmd: Sequence[str], env: dict[str, str], *, base_url: str,
-              registrar: subprocess.Popen[bytes] | None, grace_s: float,
-              timeout_s: float, poll_s: float = 0.5) -> int:
+def supervise(
+    cmd: Sequence[str],
+    env: dict[str, str],
+    *,
+    base_url: str,
+    registrar: subprocess.Popen[bytes] | None,
+    grace_s: float,
+    timeout_s: float,
+    poll_s: float = 0.5,
+) -> int:
     """Run ``cmd`` (vLLM's server) as a child; on SIGTERM/SIGINT drain it (module docstring).
     Returns the child's exit code (128 + signal when a signal ended it)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # Its own session: a signal to our process group (Ctrl-C, a supervisor's killpg) reaches
     # the server only through the drain. It still dies with us if we are killed (Linux).
-    child = subprocess.Popen(list(cmd), env=env, start_new_session=True,
-                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    child = subprocess.Popen(
+        list(cmd),
+        env=env,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
     asked: list[int] = []
 
     def on_signal(sig: int, frame: FrameType | None) -> None:
@@ -130,11 +146,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def _drain_child(child: subprocess.Popen[bytes], base_url: str,
-                 registrar: subprocess.Popen[bytes] | None, grace_s: float, timeout_s: float,
-                 poll_s: float, asked: list[int]) -> None:
-    log.info("draining %s: deregistering, then up to %.0f s for requests in flight", base_url,
-             timeout_s)
+def _drain_child(
+    child: subprocess.Popen[bytes],
+    base_url: str,
+    registrar: subprocess.Popen[bytes] | None,
+    grace_s: float,
+    timeout_s: float,
+    poll_s: float,
+    asked: list[int],
+) -> None:
+    log.info(
+        "draining %s: deregistering, then up to %.0f s for requests in flight", base_url, timeout_s
+    )
     if registrar is not None and registrar.poll() is None:
         registrar.terminate()  # the registrar deregisters on SIGTERM, then exits
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -54,8 +54,11 @@ def test_topology_under_load_and_failures(tmp_path: Path, default_model_dir: Pat
     assert f["keda_engine_replicas_before"] == 1
     assert f["keda_engine_replicas_peak"] >= 2
     assert f["keda_engine_replicas_after"] == 1
-    assert (f["keda_trainer_replicas_idle"], f["keda_trainer_replicas_with_job"],
-            f["keda_trainer_replicas_after"]) == (0, 1, 0)
+    assert (
+        f["keda_trainer_replicas_idle"],
+        f["keda_trainer_replicas_with_job"],
+        f["keda_trainer_replicas_after"],
+    ) == (0, 1, 0)
 
 
 def test_up_distributed_needs_postgresql(tmp_path: Path) -> None:
@@ -65,7 +68,12 @@ def test_up_distributed_needs_postgresql(tmp_path: Path) -> None:
 
     env = {**os.environ, "TUNEGATE_DATA_DIR": str(tmp_path)}
     env.pop("TUNEGATE_DATABASE_URL", None)
-    r = subprocess.run([sys.executable, "-m", "tunegate", "up", "--distributed"], env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "tunegate", "up", "--distributed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "TUNEGATE_DATABASE_URL=postgresql://" in r.stderr

@@ -55,11 +55,17 @@ class Topology:
         return [sys.executable, "-m", "tunegate"]
 
     def start_gateway(self, i: int) -> Child:
-        env = {**self.env, "TUNEGATE_GATEWAY_ENGINES": "",
-               "TUNEGATE_GATEWAY_HEALTH_INTERVAL_S": str(self.cfg.health_interval_s)}
+        env = {
+            **self.env,
+            "TUNEGATE_GATEWAY_ENGINES": "",
+            "TUNEGATE_GATEWAY_HEALTH_INTERVAL_S": str(self.cfg.health_interval_s),
+        }
         port = self.cfg.gateway_port + i
-        child = self._start(f"gateway-{i}", [*self._tg(), "gateway", "serve", "--host",
-                                             self.cfg.host, "--port", str(port)], env)
+        child = self._start(
+            f"gateway-{i}",
+            [*self._tg(), "gateway", "serve", "--host", self.cfg.host, "--port", str(port)],
+            env,
+        )
         self.sup.wait_http(child, f"http://127.0.0.1:{port}/health", 120)
         return child
 
@@ -67,24 +73,51 @@ class Topology:
         # Engine i registers with gateway i (mod the count): any one is enough, the record is
         # in SQL and every gateway reads it at its next health round.
         gateway = self.gateway_urls[i % self.cfg.gateways]
-        env = {**self.env, "TUNEGATE_ENGINE_REGISTER_KEY": self.admin_key,
-               "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": str(self.cfg.register_interval_s),
-               "TUNEGATE_ENGINE_DRAIN_GRACE_S": str(2 * self.cfg.health_interval_s)}
+        env = {
+            **self.env,
+            "TUNEGATE_ENGINE_REGISTER_KEY": self.admin_key,
+            "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": str(self.cfg.register_interval_s),
+            "TUNEGATE_ENGINE_DRAIN_GRACE_S": str(2 * self.cfg.health_interval_s),
+        }
         port = self.cfg.engine_port + i
-        child = self._start(f"engine-{i}", [
-            *self._tg(), "engine", "serve", "--kind", "embedded", "--model", str(self.model_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--max-num-seqs",
-            str(self.cfg.max_num_seqs), "--max-model-len", str(self.cfg.max_model_len),
-            "--register", gateway], env)
+        child = self._start(
+            f"engine-{i}",
+            [
+                *self._tg(),
+                "engine",
+                "serve",
+                "--kind",
+                "embedded",
+                "--model",
+                str(self.model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-num-seqs",
+                str(self.cfg.max_num_seqs),
+                "--max-model-len",
+                str(self.cfg.max_model_len),
+                "--register",
+                gateway,
+            ],
+            env,
+        )
         if wait:
             self.sup.wait_http(child, f"http://127.0.0.1:{port}/health", 300)
         return child
 
     def start_workers(self) -> None:
-        env = {**self.env, "TUNEGATE_MONITOR_GATEWAY_URL": self.gateway_urls[0],
-               "TUNEGATE_MONITOR_API_KEY": self.admin_key}
-        self._start("trainer", [*self._tg(), "trainer", "worker", "--role", "train"],
-                    {**env, "TUNEGATE_TRAINER_INGEST_TRAFFIC": "false"})
+        env = {
+            **self.env,
+            "TUNEGATE_MONITOR_GATEWAY_URL": self.gateway_urls[0],
+            "TUNEGATE_MONITOR_API_KEY": self.admin_key,
+        }
+        self._start(
+            "trainer",
+            [*self._tg(), "trainer", "worker", "--role", "train"],
+            {**env, "TUNEGATE_TRAINER_INGEST_TRAFFIC": "false"},
+        )
         self._start("monitor", [*self._tg(), "trainer", "worker", "--role", "monitor"], env)
 
     def start_all(self) -> None:

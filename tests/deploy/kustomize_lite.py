@@ -12,8 +12,14 @@ from typing import Any
 import yaml
 
 KNOWN = {"apiVersion", "kind", "resources", "namespace", "images", "labels", "patches"}
-CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole",
-                  "ClusterRoleBinding", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "PersistentVolume",
+    "StorageClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+}
 
 
 def render(folder: Path) -> list[dict[str, Any]]:
@@ -37,9 +43,13 @@ def render(folder: Path) -> list[dict[str, Any]]:
     for patch in kust.get("patches", []):
         ops = yaml.safe_load((folder / patch["path"]).read_text())
         target = patch["target"]
-        hits = [d for d in docs if d["kind"] == target["kind"]
-                and d["metadata"]["name"] == target["name"]
-                and d["apiVersion"].split("/")[-1] == target["version"]]
+        hits = [
+            d
+            for d in docs
+            if d["kind"] == target["kind"]
+            and d["metadata"]["name"] == target["name"]
+            and d["apiVersion"].split("/")[-1] == target["version"]
+        ]
         if len(hits) != 1:
             raise ValueError(f"{folder}: patch {patch['path']} matches {len(hits)} resources")
         for op in ops:

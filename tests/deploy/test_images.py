@@ -18,10 +18,26 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
-REQUIREMENTS = {"gateway": "requirements-gateway.txt", "cpu": "requirements-cpu.txt",
-                "vllm": "requirements-vllm.txt", "trainer-gpu": "requirements-trainer-gpu.txt"}
-HEAVY = {"torch", "transformers", "peft", "accelerate", "safetensors", "gguf", "numpy", "vllm",
-         "unsloth", "trl", "bitsandbytes", "datasets"}
+REQUIREMENTS = {
+    "gateway": "requirements-gateway.txt",
+    "cpu": "requirements-cpu.txt",
+    "vllm": "requirements-vllm.txt",
+    "trainer-gpu": "requirements-trainer-gpu.txt",
+}
+HEAVY = {
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "gguf",
+    "numpy",
+    "vllm",
+    "unsloth",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+}
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -59,11 +75,14 @@ def test_dockerfile_is_pinned_and_non_root(path: Path) -> None:
     assert all(i < last_user for i, (op, _) in enumerate(ins) if op == "RUN")
     for op, rest in ins:
         if op == "RUN":
-            for spec in re.findall(r'pip install ([^&]*)', rest):
+            for spec in re.findall(r"pip install ([^&]*)", rest):
                 for word in spec.split():
                     word = word.strip('"')
-                    if word.startswith("-") or word in (".", "/tmp/requirements.txt") \
-                            or word.startswith(("/tmp/", "http")):
+                    if (
+                        word.startswith("-")
+                        or word in (".", "/tmp/requirements.txt")
+                        or word.startswith(("/tmp/", "http"))
+                    ):
                         continue
                     assert "==" in word, f"{path.name}: unpinned {word}"
         if op == "COPY":
@@ -84,19 +103,36 @@ def test_requirements_are_pinned(name: str) -> None:
 def _resolve(name: str) -> dict[str, str]:
     """pip's own resolver against the index (nothing installed: --dry-run)."""
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-         "--disable-pip-version-check", "--report", "-", "-r", str(DOCKER / name)],
-        capture_output=True, text=True, timeout=900, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--report",
+            "-",
+            "-r",
+            str(DOCKER / name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert out.returncode == 0, f"{name} does not resolve:\n{out.stderr[-3000:]}"
     report = json.loads(out.stdout)
-    return {i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
-            for i in report["install"]}
+    return {
+        i["metadata"]["name"].lower().replace("_", "-"): i["metadata"]["version"]
+        for i in report["install"]
+    }
 
 
 def test_every_image_resolves() -> None:
     with ThreadPoolExecutor(len(REQUIREMENTS)) as pool:
-        resolved = dict(zip(REQUIREMENTS, pool.map(_resolve, REQUIREMENTS.values()),
-                            strict=True))
+        resolved = dict(zip(REQUIREMENTS, pool.map(_resolve, REQUIREMENTS.values()), strict=True))
     assert not set(resolved["gateway"]) & HEAVY, set(resolved["gateway"]) & HEAVY
     assert resolved["cpu"]["torch"].split("+")[0] == "2.13.0"
     assert resolved["vllm"]["vllm"] == "0.26.0"
@@ -135,8 +171,15 @@ with TestClient(app) as c:
 print("heavy modules:", sorted(m for m in sys.modules if m.split(".")[0] in {sorted(HEAVY)!r}))
 """
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL",)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "heavy modules: []" in out.stdout
 
@@ -150,8 +193,9 @@ def test_compose_names_only_what_exists() -> None:
         deps = svc.get("depends_on", [])
         for dep in deps if isinstance(deps, list) else list(deps):
             assert dep in services, f"{name} depends on unknown service {dep}"
-            assert "gpu" not in services[dep].get("profiles", []) or \
-                "gpu" in svc.get("profiles", []), f"{name} needs the gpu profile's {dep}"
+            assert "gpu" not in services[dep].get("profiles", []) or "gpu" in svc.get(
+                "profiles", []
+            ), f"{name} needs the gpu profile's {dep}"
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
             if not src.startswith((".", "/")):
@@ -165,8 +209,13 @@ def test_compose_names_only_what_exists() -> None:
         if cmd[:1] == ["tunegate"]:
             # The command and its options exist in this CLI (options are parsed before the
             # eager --help answers).
-            out = subprocess.run([sys.executable, "-m", "tunegate", *cmd[1:], "--help"],
-                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
+            out = subprocess.run(
+                [sys.executable, "-m", "tunegate", *cmd[1:], "--help"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
             assert out.returncode == 0, (name, out.stderr[-500:])
         # Every ${VAR:?...} is required, so a missing secret stops compose instead of
         # starting with an empty password.

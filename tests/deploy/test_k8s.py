@@ -23,9 +23,10 @@ KEDA = json.loads((ROOT / "deploy" / "schemas" / "keda-crds.json").read_text())
 K8S_VERSION = "1.33.0"  # the oldest Kubernetes the manifests target (sleep preStop hooks: 1.30)
 OVERLAYS = ["base", "overlays/production", "overlays/cpu"]
 # Metadata each KEDA scaler requires (KEDA's pkg/scalers/*_scaler.go), and the numeric ones.
-SCALER_KEYS = {"prometheus": ({"serverAddress", "query", "threshold"}, {"threshold",
-                                                                      "activationThreshold"}),
-               "redis": ({"listName"}, {"listLength", "activationListLength"})}
+SCALER_KEYS = {
+    "prometheus": ({"serverAddress", "query", "threshold"}, {"threshold", "activationThreshold"}),
+    "redis": ({"listName"}, {"listLength", "activationListLength"}),
+}
 
 
 def _closed(schema: Any) -> Any:
@@ -33,8 +34,11 @@ def _closed(schema: Any) -> Any:
     misspelt field would be lost without a word; here it fails."""
     if isinstance(schema, dict):
         out = {k: _closed(v) for k, v in schema.items()}
-        if ("properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             out["additionalProperties"] = False
         return out
     if isinstance(schema, list):
@@ -72,8 +76,16 @@ def _by(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
 
 def test_every_manifest_validates(docs: list[dict[str, Any]]) -> None:
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "ScaledObject", "TriggerAuthentication", "Secret", "NetworkPolicy"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ScaledObject",
+        "TriggerAuthentication",
+        "Secret",
+        "NetworkPolicy",
+    } <= kinds
     for d in docs:
         validate(d)
 
@@ -81,8 +93,14 @@ def test_every_manifest_validates(docs: list[dict[str, Any]]) -> None:
 def test_a_misspelt_field_fails() -> None:
     docs = render(K8S / "base")
     dep = copy.deepcopy(_by(docs, "Deployment")["tunegate-gateway"])
-    apply_op(dep, {"op": "add", "path": "/spec/template/spec/containers/0/readinesProbe",
-                   "value": {"httpGet": {"path": "/ready", "port": 8000}, "periodSecond": 5}})
+    apply_op(
+        dep,
+        {
+            "op": "add",
+            "path": "/spec/template/spec/containers/0/readinesProbe",
+            "value": {"httpGet": {"path": "/ready", "port": 8000}, "periodSecond": 5},
+        },
+    )
     with pytest.raises(K8sValidationError):
         validate(dep)
     so = copy.deepcopy(_by(docs, "ScaledObject")["tunegate-trainer"])
@@ -96,13 +114,18 @@ def test_a_misspelt_field_fails() -> None:
 
 
 def _pod_specs(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {d["metadata"]["name"]: d["spec"]["template"] for d in docs
-            if d["kind"] in ("Deployment", "StatefulSet")}
+    return {
+        d["metadata"]["name"]: d["spec"]["template"]
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+    }
 
 
 def test_references_resolve(docs: list[dict[str, Any]]) -> None:
-    secrets = {n: set(d.get("stringData", {})) | set(d.get("data", {}))
-               for n, d in _by(docs, "Secret").items()}
+    secrets = {
+        n: set(d.get("stringData", {})) | set(d.get("data", {}))
+        for n, d in _by(docs, "Secret").items()
+    }
     configs = _by(docs, "ConfigMap")
     claims = _by(docs, "PersistentVolumeClaim")
     pods = _pod_specs(docs)
@@ -120,10 +143,14 @@ def test_references_resolve(docs: list[dict[str, Any]]) -> None:
                     assert ref["key"] in secrets[ref["name"]], (name, ref)
             mounts = {m["name"] for m in c.get("volumeMounts", [])}
             vols = {v["name"] for v in spec.get("volumes", [])}
-            vols |= {t["metadata"]["name"] for t in
-                     next(d for d in docs if d["metadata"]["name"] == name
-                          and d["kind"] in ("Deployment", "StatefulSet"))["spec"].get(
-                         "volumeClaimTemplates", [])}
+            vols |= {
+                t["metadata"]["name"]
+                for t in next(
+                    d
+                    for d in docs
+                    if d["metadata"]["name"] == name and d["kind"] in ("Deployment", "StatefulSet")
+                )["spec"].get("volumeClaimTemplates", [])
+            }
             assert mounts <= vols, (name, mounts - vols)
             # $(VAR) in args is expanded by the kubelet only for variables the container has.
             names = {e["name"] for e in c.get("env", [])}
@@ -145,22 +172,34 @@ def test_references_resolve(docs: list[dict[str, Any]]) -> None:
     for n, svc in _by(docs, "Service").items():
         sel = svc["spec"]["selector"]
         assert any(sel.items() <= tpl["metadata"]["labels"].items() for tpl in pods.values()), n
-    for n, target in ((h["metadata"]["name"], h["spec"]["scaleTargetRef"]["name"])
-                      for h in _by(docs, "HorizontalPodAutoscaler").values()):
+    for n, target in (
+        (h["metadata"]["name"], h["spec"]["scaleTargetRef"]["name"])
+        for h in _by(docs, "HorizontalPodAutoscaler").values()
+    ):
         assert target in pods, n
 
 
 def test_only_the_gateway_reaches_engines(docs: list[dict[str, Any]]) -> None:
     pods = _pod_specs(docs)
     engine_labels = pods["tunegate-engine"]["metadata"]["labels"]
-    policies = [p for p in _by(docs, "NetworkPolicy").values()
-                if p["spec"]["podSelector"]["matchLabels"].items() <= engine_labels.items()]
+    policies = [
+        p
+        for p in _by(docs, "NetworkPolicy").values()
+        if p["spec"]["podSelector"]["matchLabels"].items() <= engine_labels.items()
+    ]
     assert len(policies) == 1
     rules = policies[0]["spec"]["ingress"]
-    pod_peers = [peer["podSelector"]["matchLabels"] for r in rules for peer in r["from"]
-                 if "podSelector" in peer]
-    allowed = [n for n, tpl in pods.items()
-               if any(sel.items() <= tpl["metadata"]["labels"].items() for sel in pod_peers)]
+    pod_peers = [
+        peer["podSelector"]["matchLabels"]
+        for r in rules
+        for peer in r["from"]
+        if "podSelector" in peer
+    ]
+    allowed = [
+        n
+        for n, tpl in pods.items()
+        if any(sel.items() <= tpl["metadata"]["labels"].items() for sel in pod_peers)
+    ]
     assert allowed == ["tunegate-gateway"]
     # Other peers are namespaces (Prometheus scraping), never all pods of this namespace.
     for r in rules:
@@ -199,4 +238,5 @@ def test_vendored_keda_schema_names_its_source() -> None:
     assert KEDA["source"] == "https://github.com/kedacore/keda"
     assert len(KEDA["commit"]) == 40
     assert {"keda.sh/v1alpha1/ScaledObject", "keda.sh/v1alpha1/TriggerAuthentication"} <= set(
-        KEDA["kinds"])
+        KEDA["kinds"]
+    )

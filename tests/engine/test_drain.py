@@ -58,11 +58,17 @@ class Stream(threading.Thread):
         self.ended_at = 0.0
 
     def run(self) -> None:
-        body = {"model": "base", "stream": True, "max_tokens": TOKENS, "ignore_eos": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": "Count to one hundred."}]}
-        with httpx.stream("POST", f"{self.gw}/v1/chat/completions", headers=auth(self.key),
-                          json=body, timeout=120) as r:
+        body = {
+            "model": "base",
+            "stream": True,
+            "max_tokens": TOKENS,
+            "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Count to one hundred."}],
+        }
+        with httpx.stream(
+            "POST", f"{self.gw}/v1/chat/completions", headers=auth(self.key), json=body, timeout=120
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     self.events.append(line[6:])
@@ -81,8 +87,12 @@ class Stream(threading.Thread):
         assert usage[-1]["completion_tokens"] == TOKENS  # every token was generated and sent
 
 
-def _drain_and_watch(gw: str, admin: str, url: str, signal_target: subprocess.Popen[bytes],
-                     ) -> None:
+def _drain_and_watch(
+    gw: str,
+    admin: str,
+    url: str,
+    signal_target: subprocess.Popen[bytes],
+) -> None:
     eventually(lambda: replicas(gw, admin).get(url, {}).get("healthy") is True, 60)
     stream = Stream(gw, admin)
     stream.start()
@@ -97,40 +107,85 @@ def _drain_and_watch(gw: str, admin: str, url: str, signal_target: subprocess.Po
     signal_target.wait(60)
 
 
-def test_embedded_engine_drains_on_sigterm(gw: str, admin: str, default_model_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_embedded_engine_drains_on_sigterm(
+    gw: str, admin: str, default_model_dir: Path, tmp_path: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"TUNEGATE_ENGINE_DRAIN_GRACE_S": "1", "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60"}
     log = tmp_path / "engine.log"
-    with run_server(["-m", "tunegate", "engine", "serve", "--model", str(default_model_dir),
-                     "--port", str(port), "--max-model-len", "512", "--max-num-seqs", "4",
-                     "--register", gw, "--admin-key", admin],
-                    port=port, env=env, timeout_s=240, log=log) as (_, proc):
+    with run_server(
+        [
+            "-m",
+            "tunegate",
+            "engine",
+            "serve",
+            "--model",
+            str(default_model_dir),
+            "--port",
+            str(port),
+            "--max-model-len",
+            "512",
+            "--max-num-seqs",
+            "4",
+            "--register",
+            gw,
+            "--admin-key",
+            admin,
+        ],
+        port=port,
+        env=env,
+        timeout_s=240,
+        log=log,
+    ) as (_, proc):
         _drain_and_watch(gw, admin, url, proc)
     text = log.read_text()
     assert text.index("draining") < text.index("Shutting down")
 
 
-def test_vllm_kind_launcher_drains_its_server(gw: str, admin: str, default_model_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_vllm_kind_launcher_drains_its_server(
+    gw: str, admin: str, default_model_dir: Path, tmp_path: Path
+) -> None:
     # vLLM's interpreter stand-in: serves the embedded engine on the port vLLM was asked for.
     python = tmp_path / "python"
     python.write_text(
         "#!/bin/sh\nport=''\n"
         'while [ $# -gt 0 ]; do [ "$1" = --port ] && port="$2"; shift; done\n'
-        f'exec {sys.executable} -m tunegate engine serve --kind embedded --model '
-        f'{default_model_dir} --port "$port" --max-model-len 512 --max-num-seqs 4\n')
+        f"exec {sys.executable} -m tunegate engine serve --kind embedded --model "
+        f'{default_model_dir} --port "$port" --max-model-len 512 --max-num-seqs 4\n'
+    )
     python.chmod(0o755)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"TUNEGATE_VLLM_PYTHON": str(python), "TUNEGATE_VLLM_DEVICE": "cpu",
-           "TUNEGATE_ENGINE_REGISTER_KEY": admin, "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": "1",
-           "TUNEGATE_ENGINE_DRAIN_GRACE_S": "1", "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60"}
+    env = {
+        "TUNEGATE_VLLM_PYTHON": str(python),
+        "TUNEGATE_VLLM_DEVICE": "cpu",
+        "TUNEGATE_ENGINE_REGISTER_KEY": admin,
+        "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": "1",
+        "TUNEGATE_ENGINE_DRAIN_GRACE_S": "1",
+        "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60",
+    }
     log = tmp_path / "launcher.log"
-    with run_server(["-m", "tunegate", "engine", "serve", "--kind", "vllm", "--model",
-                     str(default_model_dir), "--port", str(port), "--register", gw],
-                    port=port, env=env, timeout_s=240, log=log) as (_, proc):
+    with run_server(
+        [
+            "-m",
+            "tunegate",
+            "engine",
+            "serve",
+            "--kind",
+            "vllm",
+            "--model",
+            str(default_model_dir),
+            "--port",
+            str(port),
+            "--register",
+            gw,
+        ],
+        port=port,
+        env=env,
+        timeout_s=240,
+        log=log,
+    ) as (_, proc):
         _drain_and_watch(gw, admin, url, proc)
         assert proc.returncode is not None
     # The server is gone with its launcher (its port is free again).
