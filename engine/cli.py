@@ -75,16 +75,20 @@ def serve(
         # vLLM picks its own batch size (256 on GPU) unless one was asked for explicitly;
         # the embedded default of 16 suits 2 CPU cores, not a GPU.
         seqs = settings.max_num_seqs if "max_num_seqs" in settings.model_fields_set else None
+        drain = None
         if registrar is not None:
             from engine.register import spawn
+            from engine.vllm.launcher import DrainPlan
 
-            spawn(registrar)
+            drain = DrainPlan(base_url=registrar.health_url, registrar=spawn(registrar),
+                              grace_s=settings.drain_grace_s, timeout_s=settings.drain_timeout_s)
         serve_vllm(api_key=settings.api_key.get_secret_value() if settings.api_key else None,
                    model=settings.model, host=settings.host, port=settings.port,
                    served_model_name=settings.model_name, max_loras=settings.max_loras,
                    max_lora_rank=settings.max_lora_rank, max_model_len=settings.max_model_len,
                    max_num_seqs=seqs,
-                   extra_args=(["--dtype", dtype] if dtype else []) + list(ctx.args))
+                   extra_args=(["--dtype", dtype] if dtype else []) + list(ctx.args),
+                   drain=drain)
         return
     if ctx.args:
         raise typer.BadParameter(f"unexpected arguments for the embedded kind: {ctx.args}")
@@ -95,15 +99,21 @@ def serve(
 
     import uvicorn
 
+    from engine.drain import DrainingServer
     from engine.embedded.server import create_app
 
     app = create_app(settings)
+    deregister = None
     if registrar is not None:
         from engine.register import attach
 
-        attach(app, registrar)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+        deregister = attach(app, registrar)
+    # On SIGTERM: deregister, keep serving drain_grace_s, then requests in flight get up to
+    # drain_timeout_s (engine.drain).
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s))
+    DrainingServer(config, deregister=deregister,
+                   grace_s=settings.drain_grace_s if registrar is not None else 0.0).run()
 
 
 def _registrar(gateway: str, advertise: str | None, key: str | None, kind: str, host: str,

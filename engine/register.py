@@ -23,7 +23,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,23 +158,32 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def attach(app: FastAPI, registrar: Registrar) -> None:
+def attach(app: FastAPI, registrar: Registrar) -> Callable[[], Awaitable[None]]:
     """Run ``registrar`` inside ``app``'s lifespan (after the app's own startup, stopped, which
-    deregisters, before the app's own shutdown)."""
+    deregisters, before the app's own shutdown). Returns a coroutine function that stops it
+    (deregistering) earlier, while the app still serves: the first step of a drain."""
     inner = app.router.lifespan_context
+    running: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
         async with inner(a) as state:
             stop = asyncio.Event()
             task = asyncio.create_task(registrar.run(stop), name="engine-registrar")
+            running.update(stop=stop, task=task)
             try:
                 yield state
             finally:
                 stop.set()
                 await task
 
+    async def deregister_now() -> None:
+        if "stop" in running:
+            running["stop"].set()
+            await asyncio.shield(running["task"])
+
     app.router.lifespan_context = lifespan
+    return deregister_now
 
 
 def spawn(registrar: Registrar) -> subprocess.Popen[bytes]:

@@ -38,6 +38,11 @@ class EngineSettings(BaseSettings):
         None, description="Shared secret: every /v1 request needs `Authorization: Bearer <key>` "
         "(vLLM's --api-key; the vllm kind gets it as VLLM_API_KEY, never on its command line). "
         "Unset: the engine answers anyone who reaches its port.")
+    # Graceful drain on SIGTERM (engine.drain): after deregistering, keep serving this long so
+    # every gateway drops the replica (their health rounds run every 2 s), seconds; then
+    # requests in flight get up to drain_timeout_s to finish before the process stops.
+    drain_grace_s: float = Field(3.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
 
     @property
     def model_name(self) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 from anyio import to_thread
 
 from gateway.metrics import Metrics
-from gateway.upstream import ReplicaUnreachable, Upstream, error_from_response
+from gateway.upstream import Upstream, error_from_response
 from shared.errors import Overloaded, TunegateError, UpstreamError
 from shared.registry import ResolvedModel
 
@@ -300,7 +300,7 @@ class Router:
     def no_replica(self) -> Overloaded:
         return Overloaded("No engine replica is reachable.", code="no_replica")
 
-    def unreachable(self, r: Replica, exc: ReplicaUnreachable) -> None:
+    def unreachable(self, r: Replica, exc: UpstreamError) -> None:
         self.metrics.upstream_errors.labels(r.url, "unreachable").inc()
         self.mark_down(r, exc.message)
 

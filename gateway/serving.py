@@ -24,7 +24,12 @@ from gateway.quotas import Reservation
 from gateway.sse import SSEResponse, error_event
 from gateway.state import GatewayState
 from gateway.traffic_sampler import answer_text
-from gateway.upstream import ReplicaUnreachable, UpstreamResponse, error_from_response
+from gateway.upstream import (
+    ReplicaLost,
+    ReplicaUnreachable,
+    UpstreamResponse,
+    error_from_response,
+)
 from shared.errors import InvalidRequest, PermissionDenied, TunegateError, UpstreamError
 from shared.promotion import Route
 from shared.registry import ResolvedModel
@@ -302,7 +307,7 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
                     replica.adapters.pop(ref, None)
                     continue
                 break
-        except ReplicaUnreachable as exc:
+        except (ReplicaUnreachable, ReplicaLost) as exc:
             router.unreachable(replica, exc)
             last = router.no_replica()
             continue

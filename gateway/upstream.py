@@ -7,8 +7,12 @@ connector is a dict lookup. httpx stays in the tests and tools.
 
 - Connection refused / failed / timed out while connecting: :class:`ReplicaUnreachable`; no byte
   of the request reached the replica, so the router retries another one.
+- The connection lost before the answer's headers (or, without streaming, before its whole
+  body) arrived: :class:`ReplicaLost`. The replica died or restarted under the request; the
+  client has received nothing, so the router retries another replica (the generation, if any
+  had started, is lost with the replica that died).
 - Any other transport failure: :class:`UpstreamError` (502); a timeout: :class:`UpstreamTimeout`
-  (504). These are not retried: the replica may have started generating.
+  (504). These are not retried: the replica may still be generating.
 - An engine's own error answer (status >= 400) becomes the matching error class, keeping its
   message, param and code (both OpenAI's ``{"error": {...}}`` and vLLM's older flat shape).
 """
@@ -36,6 +40,10 @@ class ReplicaUnreachable(UpstreamError):
     """The replica could not be reached; nothing was sent, so another may be tried."""
 
 
+class ReplicaLost(UpstreamError):
+    """The connection to the replica broke before anything was passed to the client."""
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     type = "timeout_error"
@@ -47,6 +55,18 @@ def translate(exc: BaseException, replica: str) -> UpstreamError:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"engine replica {replica} timed out ({type(exc).__name__})")
     return UpstreamError(f"engine replica {replica} failed: {type(exc).__name__}")
+
+
+def translate_lost(exc: BaseException, replica: str) -> UpstreamError:
+    """:func:`translate` for a failure before any byte went to the client: a broken connection
+    becomes :class:`ReplicaLost` (retried elsewhere)."""
+    err = translate(exc, replica)
+    if type(err) is UpstreamError and isinstance(
+            exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
+            | aiohttp.ClientPayloadError | ConnectionError):
+        return ReplicaLost(f"engine replica {replica} lost the connection: "
+                           f"{type(exc).__name__}")
+    return err
 
 
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -131,7 +151,8 @@ class Upstream:
             if not stream:
                 await resp.read()
         except _TRANSPORT_ERRORS as exc:
-            raise translate(exc, base) from exc
+            # Nothing of this answer has reached the client yet.
+            raise translate_lost(exc, base) from exc
         return UpstreamResponse(resp, base)
 
     async def get_json(self, base: str, path: str, timeout_s: float) -> tuple[int, Any]:

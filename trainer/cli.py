@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -11,14 +12,31 @@ import typer
 app = typer.Typer(help="The training worker and its tools.", no_args_is_help=True)
 
 
+class Role(StrEnum):
+    all = "all"
+    train = "train"
+    monitor = "monitor"
+
+
 @app.command()
-def worker(burst: bool = typer.Option(False, help="Exit when the queue is empty.")) -> None:
+def worker(
+    burst: bool = typer.Option(False, help="Exit when the queue is empty."),
+    role: Annotated[Role, typer.Option(
+        help="all: training jobs and the monitor in one process; train: training jobs only "
+             "(GPU nodes, scaled on the queue); monitor: the monitor's cron jobs and the "
+             "ingestion of sampled traffic")] = Role.all,
+) -> None:
     """Run a training worker on REDIS_URL (one job at a time), with the evaluation jobs' worker
     (quality monitor, shadow evaluation, promotion tick; see trainer.schedule) beside it."""
     import logging
 
     from shared.db import Database
-    from trainer.schedule import MonitorSettings, create_monitor_worker, run_with_monitor
+    from trainer.schedule import (
+        MonitorSettings,
+        create_monitor_worker,
+        monitor_worker_settings,
+        run_with_monitor,
+    )
     from trainer.settings import TrainerSettings
     from trainer.worker import create_worker
 
@@ -28,9 +46,16 @@ def worker(burst: bool = typer.Option(False, help="Exit when the queue is empty.
     # the command with what to run (tunegate.cli.main prints it).
     Database.from_settings(settings).dispose()
     monitor = MonitorSettings()
+    if role is Role.monitor:
+        from arq import Worker
+
+        Worker(**monitor_worker_settings(settings, monitor,
+                                         ingest_traffic=settings.ingest_traffic),
+               burst=burst).run()
+        return
     main = create_worker(settings, burst=burst)
-    extra = create_monitor_worker(settings, monitor) if monitor.enabled and not burst else None
-    run_with_monitor(main, extra)
+    with_monitor = role is Role.all and monitor.enabled and not burst
+    run_with_monitor(main, create_monitor_worker(settings, monitor) if with_monitor else None)
 
 
 @app.command("rotten-tomatoes")

@@ -141,9 +141,19 @@ async def startup(ctx: dict[str, Any]) -> None:
         window_s=ms.window_s, max_rows=ms.max_rows, shadow_samples=ms.shadow_samples,
         shadow_rerun_s=ms.shadow_rerun_s,
         replay_concurrency=ms.replay_concurrency, replay_timeout_s=ms.replay_timeout_s)
+    if ctx.get("ingest_traffic") and ctx.get("redis") is not None:
+        # A monitor running without a training worker (``--role monitor``) moves the sampled
+        # traffic into SQL itself, so a trainer scaled to zero does not stop ingestion.
+        from trainer.traffic_ingest import Ingester, ingest_forever
+
+        ingester = Ingester(ctx["redis"], db, stream=trainer.traffic_stream)
+        ctx["ingester"] = asyncio.create_task(ingest_forever(ingester, trainer.ingest_interval_s))
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    ingester = ctx.get("ingester")
+    if ingester is not None:
+        ingester.cancel()
     mc = ctx.get("monitor")
     if mc is not None:
         mc.db.dispose()
@@ -151,9 +161,10 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         ctx["tracing"].shutdown()
 
 
-def monitor_worker_settings(settings: TrainerSettings,
-                            monitor: MonitorSettings | None = None) -> dict[str, Any]:
-    """Keyword arguments for the monitor's ``arq.Worker``."""
+def monitor_worker_settings(settings: TrainerSettings, monitor: MonitorSettings | None = None,
+                            *, ingest_traffic: bool = False) -> dict[str, Any]:
+    """Keyword arguments for the monitor's ``arq.Worker``; ``ingest_traffic``: it also moves
+    sampled traffic into SQL (when no training worker runs beside it)."""
     from arq.cron import cron
     from arq.worker import func
 
@@ -176,7 +187,7 @@ def monitor_worker_settings(settings: TrainerSettings,
         "queue_name": ms.queue_name,
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "ctx": {"settings": settings, "monitor_settings": ms},
+        "ctx": {"settings": settings, "monitor_settings": ms, "ingest_traffic": ingest_traffic},
         "max_jobs": 4,  # one of each job kind, plus a job enqueued by hand
         "job_timeout": ms.job_timeout_s,
         "keep_result": 3600,  # seconds

@@ -59,8 +59,21 @@ def up(
     port: int = 8000,
     engine_port: int = 8001,
     worker: bool = True,
+    distributed: bool = typer.Option(
+        False, help="The multi-process shape instead: --gateways gateway processes (ports PORT, "
+                    "PORT+1, ...), --engines self-registering engine replicas (ports "
+                    "ENGINE_PORT, ...), a training and a monitor worker; needs "
+                    "TUNEGATE_DATABASE_URL=postgresql://..."),
+    gateways: int = typer.Option(2, min=1, max=16),
+    engines: int = typer.Option(2, min=1, max=16),
 ) -> None:
     """Start the embedded system: Redis, an engine replica, the gateway and a trainer worker."""
+    if distributed:
+        from tunegate.topology import TopologyConfig, run_distributed
+
+        raise typer.Exit(run_distributed(TopologyConfig(
+            gateways=gateways, engines=engines, host=host, gateway_port=port,
+            engine_port=engine_port)))
     from tunegate.up import run
 
     raise typer.Exit(run(host=host, port=port, engine_port=engine_port, with_worker=worker))

