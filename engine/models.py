@@ -35,6 +35,35 @@ class ModelBuildError(TunegateError):
 class PullResult:
     path: Path
     built: bool  # False when the model was already there and verified
+    reused: Path | None = None  # the built copy ``path`` links to (link_built_model)
+    note: str = ""  # why an existing copy could not be reused, when it could not
+
+
+def link_built_model(target: Path, candidates: list[Path]) -> PullResult | None:
+    """Reuse a default model already built elsewhere (another data folder, usually the default
+    ``~/.local/share/tunegate``) instead of building a second copy of about 517 MB: ``target``
+    becomes a symbolic link to the first candidate whose files match its manifest and that was
+    built from the same GGUF. None when there is none, or when ``target`` exists already; a
+    ``PullResult`` with ``note`` (and nothing linked) when the link cannot be made."""
+    if target.exists() or target.is_symlink():
+        return None
+    for cand in candidates:
+        try:
+            if cand.resolve() == target.resolve() or not cand.is_dir():
+                continue
+        except OSError:
+            continue
+        manifest = verify_model(cand)
+        if manifest is None or manifest.get("source_sha256") != GGUF_SHA256:
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(cand.resolve(), target_is_directory=True)
+        except OSError as exc:
+            return PullResult(target, built=False, note=f"could not link {target} to the copy "
+                              f"built at {cand} ({exc}); building one here")
+        return PullResult(target, built=False, reused=cand.resolve())
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -80,13 +109,21 @@ def verify_model(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
+def pull_default_model(target: Path, *, force: bool = False,
+                       reuse: list[Path] | None = None) -> PullResult:
     """Build SmolLM2-135M-Instruct (float32 safetensors, tokenizer, chat template) in ``target``.
 
     Idempotent: when ``target`` holds a model whose files match its manifest and that was built
     from the same GGUF, nothing is done. The build happens in a temporary sibling directory that is
-    renamed into place, so a crash never leaves a half-written model behind.
+    renamed into place, so a crash never leaves a half-written model behind. ``reuse`` lists
+    folders where a built copy may already be (:func:`link_built_model`).
     """
+    note = ""
+    if reuse and not force:
+        linked = link_built_model(target, reuse)
+        if linked is not None and linked.reused is not None:
+            return linked
+        note = linked.note if linked is not None else ""
     gguf = find_gguf()
     gguf_sha = sha256_file(gguf)
     if gguf_sha != GGUF_SHA256:
@@ -130,7 +167,7 @@ def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PullResult(target, built=True)
+    return PullResult(target, built=True, note=note)
 
 
 # Real shapes, for speed and memory work; random weights measure speed, never quality.

@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-def _default_data_dir() -> Path:
+def default_data_dir() -> Path:
+    """``~/.local/share/tunegate``: the data folder when ``TUNEGATE_DATA_DIR`` is unset."""
     return Path.home() / ".local" / "share" / "tunegate"
 
 
@@ -20,7 +21,7 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TUNEGATE_", extra="ignore")
 
-    data_dir: Path = Field(default_factory=_default_data_dir)
+    data_dir: Path = Field(default_factory=default_data_dir)
 
     @property
     def models_dir(self) -> Path:

@@ -76,6 +76,8 @@ class TrafficSample(Base):
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
     corrected_output: Mapped[str | None] = mapped_column(Text, nullable=True)
     feedback_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Who gave it: "key:<id>" of the client's own key, or of the admin labelling in the console.
+    feedback_by: Mapped[str | None] = mapped_column(String(60), nullable=True)
 
     @property
     def ref(self) -> str:

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 from arq import ArqRedis
@@ -65,7 +66,8 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
     future = loop.run_in_executor(
         None,
         lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
-                        cancel=cancel, progress_interval_s=settings.progress_interval_s),
+                        cancel=cancel, progress_interval_s=settings.progress_interval_s,
+                        files_dir=Path(settings.data_dir) / "files"),
     )
     try:
         outcome = await asyncio.shield(future)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, default_data_dir
 
 LOCAL_KEY_FILE = "local-admin.key"
 
@@ -149,7 +149,16 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     from engine.models import pull_default_model
 
     print("tunegate up: checking the default model ...", flush=True)
-    model_dir = pull_default_model(common.default_model_dir).path
+    # A new data folder links the copy built in the default one rather than building another.
+    home_model = CommonSettings(data_dir=default_data_dir()).default_model_dir
+    pulled = pull_default_model(common.default_model_dir, reuse=[home_model])
+    model_dir = pulled.path
+    if pulled.reused is not None:
+        print(f"tunegate up: using the default model already built at {pulled.reused} "
+              f"(linked from {model_dir})", flush=True)
+    elif pulled.built:
+        print(f"tunegate up: built the default model at {model_dir}"
+              + (f" ({pulled.note})" if pulled.note else ""), flush=True)
 
     sup = Supervisor(log_dir)
     # SIGINT explicitly too: a shell that starts `up` in the background leaves SIGINT ignored.

@@ -11,7 +11,13 @@
   ``shared.traffic_data``) to ``training_file``; the merged file is validated like an upload,
   stored as a file of its own, and the job trains on it (the counts are in ``tunegate.traffic``).
 - ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
-  ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
+  ``GET .../{id}/events`` (newest first, ``after``, ``limit``; ``type`` = ``message`` or
+  ``metrics``, a tunegate filter), ``GET .../{id}/checkpoints``.
+
+Progress (``trainer.progress``): sparse ``metrics`` events in OpenAI's shape, a per-step CSV in
+``result_files`` (``GET /v1/files/{id}/content``), a running ``trained_tokens`` and
+``estimated_finish``; ``tunegate.progress`` is the latest step, ``tunegate.auto`` what ``"auto"``
+hyperparameters chose, ``tunegate.rollout`` how the registered version reaches users.
 
 Jobs are queued on arq (Redis) for ``tunegate trainer worker``; records live in SQL
 (``trainer.records``). The base ``model`` names a folder under ``$TUNEGATE_DATA_DIR/models``.
@@ -110,21 +116,32 @@ def _ts(t: Any) -> int | None:
 
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     spec = row["spec"] or {}
+    result = row["result"] or {}
+    auto = spec.get("auto_chosen") or []
     return {
         "id": row["id"], "object": "fine_tuning.job", "created_at": _ts(row["created_at"]),
         "finished_at": _ts(row["finished_at"]), "model": row["model"],
         "fine_tuned_model": row["fine_tuned_model"], "organization_id": "tunegate",
-        "result_files": [], "status": row["status"],
+        "result_files": [row["result_file"]] if row.get("result_file") else [],
+        "status": row["status"],
         "training_file": spec.get("training_file_id"),
         "validation_file": spec.get("validation_file_id"),
         "hyperparameters": {
-            "n_epochs": spec.get("n_epochs"), "batch_size": spec.get("batch_size"),
+            # "auto" until the worker has seen the data; then what auto chose (tunegate.auto).
+            "n_epochs": "auto" if spec.get("auto_epochs") and "n_epochs" not in auto
+            else spec.get("n_epochs"),
+            "batch_size": spec.get("batch_size"),
             "learning_rate_multiplier": spec.get("learning_rate", BASE_LR) / BASE_LR},
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": spec.get("seed"),
         "metadata": spec.get("metadata") or None, "suffix": spec.get("name"),
-        "estimated_finish": None, "integrations": [],
-        "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id"),
-                     "traffic": spec.get("traffic")},
+        "estimated_finish": _ts(row.get("estimated_finish")) if row["status"] == "running"
+        else None,
+        "integrations": [],
+        "tunegate": {"result": result, "golden_file": spec.get("golden_file_id"),
+                     "traffic": spec.get("traffic"), "progress": row.get("progress"),
+                     "auto": {k: spec.get(k) for k in auto},
+                     "total_steps": spec.get("total_steps"),
+                     "rollout": result.get("rollout")},
     }
 
 
@@ -159,6 +176,7 @@ def _create(
         golden_file=_file_path(state, body.golden_file, "golden_file"),
         seed=body.seed if body.seed is not None else 0,
         n_epochs=1 if hp.n_epochs == "auto" else hp.n_epochs,
+        auto_epochs=hp.n_epochs == "auto",
         batch_size=8 if hp.batch_size == "auto" else hp.batch_size,
         learning_rate=BASE_LR * (1.0 if hp.learning_rate_multiplier == "auto"
                                  else hp.learning_rate_multiplier),
@@ -258,12 +276,13 @@ async def retrieve_job(job_id: str, state: State) -> dict[str, Any]:
 
 @router.get("/{job_id}/events")
 async def list_events(job_id: str, state: State, after: str | None = None,
-                      limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+                      limit: int = Query(20, ge=1, le=1000),
+                      type: Literal["message", "metrics"] | None = None) -> dict[str, Any]:
     await _get(state, job_id)
     cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix(
         "ftevent-").isdigit() else None
     rows = await to_thread.run_sync(lambda: _jobs(state).events(
-        job_id, after=cursor, limit=limit + 1, newest_first=True))
+        job_id, after=cursor, limit=limit + 1, newest_first=True, type=type))
     data = [{"id": f"ftevent-{e['id']}", "object": "fine_tuning.job.event",
              "created_at": _ts(e["created_at"]), "level": e["level"], "message": e["message"],
              "data": e["data"], "type": e["type"]} for e in rows[:limit]]
