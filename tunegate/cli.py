@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 
-from tunegate import models_cli
+from tunegate import jobs_cli, models_cli
 
 app = typer.Typer(help="tunegate: serve and improve fine-tuned LLMs.", no_args_is_help=True)
 app.add_typer(models_cli.app, name="models")
+app.add_typer(jobs_cli.app, name="jobs")
 
 
 def _mount() -> None:
