@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,14 +111,21 @@ def verify_model(directory: Path) -> dict[str, Any] | None:
 
 
 def pull_default_model(target: Path, *, force: bool = False,
-                       reuse: list[Path] | None = None) -> PullResult:
+                       reuse: list[Path] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None) -> PullResult:
     """Build SmolLM2-135M-Instruct (float32 safetensors, tokenizer, chat template) in ``target``.
 
     Idempotent: when ``target`` holds a model whose files match its manifest and that was built
     from the same GGUF, nothing is done. The build happens in a temporary sibling directory that is
     renamed into place, so a crash never leaves a half-written model behind. ``reuse`` lists
-    folders where a built copy may already be (:func:`link_built_model`).
+    folders where a built copy may already be (:func:`link_built_model`). ``progress(stage,
+    stages, what)`` is called as each stage of a build starts.
     """
+
+    def stage(n: int, what: str) -> None:
+        if progress is not None:
+            progress(n, 5, what)
+
     note = ""
     if reuse and not force:
         linked = link_built_model(target, reuse)
@@ -125,12 +133,14 @@ def pull_default_model(target: Path, *, force: bool = False,
             return linked
         note = linked.note if linked is not None else ""
     gguf = find_gguf()
+    stage(1, f"checking {gguf.name} (sha256)")
     gguf_sha = sha256_file(gguf)
     if gguf_sha != GGUF_SHA256:
         raise ModelBuildError(
             f"{gguf} has sha256 {gguf_sha}, expected {GGUF_SHA256} ({GGUF_PACKAGE} "
             f"{GGUF_PACKAGE_VERSION}); reinstall the package."
         )
+    stage(2, f"verifying an existing copy at {target}")
     existing = verify_model(target)
     if existing is not None and existing.get("source_sha256") == gguf_sha and not force:
         return PullResult(target, built=False)
@@ -142,6 +152,7 @@ def pull_default_model(target: Path, *, force: bool = False,
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
+        stage(3, "dequantizing the GGUF weights to float32")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -152,8 +163,10 @@ def pull_default_model(target: Path, *, force: bool = False,
         setattr(model, "hf_quantizer", None)  # noqa: B010 (transformers types it non-optional)
         model.config.__dict__.pop("quantization_config", None)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        stage(4, "saving safetensors and the tokenizer")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        stage(5, "recording checksums")
         manifest = {
             "name": target.name,
             "source": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}:{GGUF_FILE}",

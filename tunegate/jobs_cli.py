@@ -22,6 +22,7 @@ import typer
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.progress_bar import bar
 from shared.settings import CommonSettings
 
 app = typer.Typer(help="Fine-tuning jobs, through the gateway's API.", no_args_is_help=True)
@@ -78,30 +79,13 @@ def upload(c: httpx.Client, path: Path) -> str:
     return str(_check(r)["id"])
 
 
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    s = max(0, round(seconds))
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
-
-
 def bar_line(job: dict[str, Any], width: int = 30) -> str:
-    """``[#####.....] 12/45 loss 0.8123 1,234 tok/s ETA 3 min 12 s`` for a job object."""
-    p = (job.get("tunegate") or {}).get("progress") or {}
-    total = p.get("total_steps") or (job.get("tunegate") or {}).get("total_steps") or 0
-    step = p.get("step") or 0
-    done = int(width * step / total) if total else 0
-    eta = None
-    if job.get("estimated_finish"):
-        eta = job["estimated_finish"] - time.time()
-    loss = f"{p['train_loss']:.4f}" if p.get("train_loss") is not None else "–"
-    tps = f"{p['tokens_per_s']:,.0f}" if p.get("tokens_per_s") is not None else "–"
-    return (
-        f"[{'#' * done}{'.' * (width - done)}] {step}/{total or '?'} loss {loss} "
-        f"{tps} tok/s ETA {duration(eta)}"
-    )
+    """The progress line of a job object (``shared.progress_bar``)."""
+    t = job.get("tunegate") or {}
+    p = t.get("progress") or {}
+    eta = job["estimated_finish"] - time.time() if job.get("estimated_finish") else None
+    return bar(p.get("step") or 0, p.get("total_steps") or t.get("total_steps"),
+               p.get("train_loss"), p.get("tokens_per_s"), eta, width)
 
 
 def verdict(job: dict[str, Any]) -> list[str]:

@@ -151,7 +151,11 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     print("tunegate up: checking the default model ...", flush=True)
     # A new data folder links the copy built in the default one rather than building another.
     home_model = CommonSettings(data_dir=default_data_dir()).default_model_dir
-    pulled = pull_default_model(common.default_model_dir, reuse=[home_model])
+    from shared.progress_bar import stages_bar
+
+    pulled = pull_default_model(
+        common.default_model_dir, reuse=[home_model],
+        progress=lambda n, total, what: print(f"  {stages_bar(n, total, what)}", flush=True))
     model_dir = pulled.path
     if pulled.reused is not None:
         print(f"tunegate up: using the default model already built at {pulled.reused} "
