@@ -71,6 +71,9 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
     )
     try:
         outcome = await asyncio.shield(future)
+        from trainer.memory import release
+
+        release()  # the job's model and optimizer: unreachable now, handed back to the system
     except asyncio.CancelledError:
         # arq aborted the job (or its timeout hit): stop at the next step, then report.
         if time.monotonic() - started >= settings.job_timeout_s - 1:

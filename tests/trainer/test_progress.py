@@ -100,3 +100,11 @@ def test_hooks_write_csv_rows_sparse_events_and_running_fields(tmp_path: Path) -
     cancel.set()
     with pytest.raises(JobCancelled):
         hooks.on_step(_info(51, 60))
+
+
+def test_memory_helpers_work_here() -> None:
+    from trainer.memory import release, rss_bytes, trim
+
+    assert rss_bytes() > 10 * 2**20  # this interpreter, pytest and torch: tens of MB at least
+    assert trim() in (True, False)  # False only where the C library has no malloc_trim
+    release()

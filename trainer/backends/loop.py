@@ -133,6 +133,7 @@ def run_loop(
     hooks: Hooks,
     max_grad_norm: float = 1.0,
     on_oom: Callable[[], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> LoopResult:
     import torch
 
@@ -189,6 +190,8 @@ def run_loop(
         elapsed = now - start
         eta_s = eta.update(step + 1, now, start)
         del items, loss_sum  # no tensor of this step is kept alive into the next
+        if after_step is not None:
+            after_step(step + 1)
         hooks.on_step(
             StepInfo(
                 step=step + 1,
