@@ -197,11 +197,12 @@ async function signOut() {
 }
 
 // ---- pages --------------------------------------------------------------------------------------
-function view(...kids) {
-  const v = document.getElementById("view");
-  v.replaceChildren(...kids);
-  return v;
+function put(el, ...kids) {
+  // replaceChildren would print null as "null": drop the absent parts first.
+  el.replaceChildren(...kids.flat().filter(k => k !== null && k !== undefined && k !== false));
+  return el;
 }
+function view(...kids) { return put(document.getElementById("view"), ...kids); }
 function every(ms, fn) { clearInterval(timer); fn(); timer = setInterval(fn, ms); }
 function confirmed(text) { return window.confirm(text); }
 function failure(e) { return h("p", {class: "error", role: "alert", text: String(e.message || e)}); }
@@ -214,7 +215,7 @@ async function overview() {
       const [o, reps] = await Promise.all([api("GET", "/console/api/overview"),
                                            api("GET", "/admin/replicas")]);
       const t = o.traffic.map((b, i) => i);
-      box.replaceChildren(
+      put(box, 
         h("div", {class: "grid"},
           h("div", {class: "card"}, h("div", {class: "muted", text: "sampled requests, last hour"}),
             h("div", {class: "stat", text: o.sampled_last_hour})),
@@ -245,7 +246,7 @@ async function overview() {
         o.promotions.length ? table(["version", "state", "waiting"], o.promotions.map(p => [
           h("a", {href: `#/models/${encodeURIComponent(p.name)}`, text: p.ref}), badge(p.state),
           p.waiting || "–"])) : h("p", {class: "muted", text: "none"}));
-    } catch (e) { box.replaceChildren(failure(e)); }
+    } catch (e) { put(box, failure(e)); }
   });
 }
 
@@ -255,14 +256,14 @@ async function jobs() {
   every(5000, async () => {
     try {
       const list = await api("GET", "/v1/fine_tuning/jobs?limit=50");
-      box.replaceChildren(table(["job", "suffix", "status", "progress", "model", "created"],
+      put(box, table(["job", "suffix", "status", "progress", "model", "created"],
         list.data.map(j => {
           const p = j.tunegate && j.tunegate.progress;
           return [j.id, j.suffix || "–", badge(j.status),
                   p ? `${p.step}/${p.total_steps}` : "–", j.fine_tuned_model || "–",
                   ago(j.created_at)];
         }), i => { location.hash = `#/jobs/${list.data[i].id}`; }));
-    } catch (e) { box.replaceChildren(failure(e)); }
+    } catch (e) { put(box, failure(e)); }
   });
 }
 
@@ -300,7 +301,7 @@ async function job(id) {
           try { await api("POST", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/cancel`); }
           catch (e) { box.prepend(failure(e)); }
         }});
-      box.replaceChildren(
+      put(box, 
         h("div", {class: "grid"},
           h("div", {class: "card"}, h("div", {class: "muted", text: "status"}), badge(j.status),
             j.fine_tuned_model ? h("div", {}, "model: ", h("code", {text: j.fine_tuned_model})) : null),
@@ -318,7 +319,7 @@ async function job(id) {
             h("div", {class: gate.passed ? "ok" : "muted",
                       text: gate.reason ? `gate: ${gate.reason}` : `gate threshold ${fmt(gate.threshold, 2)}`}))),
         h("div", {class: "actions"}, cancel),
-        h("div", {class: "grid"},
+        h("div", {class: "grid charts"},
           h("div", {id: "loss-chart"}, lineChart([{name: "loss", points: rows.map(r => [r.step, r.train_loss])}],
                     {title: "training loss per step", xLabel: "step"})),
           lineChart([{name: "learning rate", points: rows.map(r => [r.step, r.learning_rate])}],
@@ -331,7 +332,7 @@ async function job(id) {
         t.rollout ? h("p", {class: "card", text: t.rollout.message}) : null,
         h("h2", {text: "Events"}),
         table(["time", "level", "message"], ev.data.map(e => [ago(e.created_at), e.level, e.message])));
-    } catch (e) { box.replaceChildren(failure(e)); }
+    } catch (e) { put(box, failure(e)); }
   });
 }
 
@@ -355,7 +356,7 @@ async function model(name) {
   const act = (label, cls, question, fn) => h("button", {type: "button", class: cls, text: label,
     onclick: async () => {
       if (!confirmed(question)) return;
-      try { await fn(); route(); } catch (e) { msg.replaceChildren(failure(e)); }
+      try { await fn(); route(); } catch (e) { put(msg, failure(e)); }
     }});
   const versions = a.versions.map(v => v.version);
   const pick = h("select", {id: "version-pick", "aria-label": "version"},
@@ -424,17 +425,17 @@ async function traffic() {
     const p = new URLSearchParams();
     for (const [k, v] of new FormData(form)) if (v) p.set(k, k === "since" ? new Date(v).toISOString() : v);
     const model = p.get("model");
-    exp.replaceChildren(model ? h("span", {}, "export labelled samples of ", h("code", {text: model}), ": ",
+    put(exp, model ? h("span", {}, "export labelled samples of ", h("code", {text: model}), ": ",
       h("a", {href: `/console/api/traffic/export?model=${encodeURIComponent(model)}&kind=training`, text: "training file"}), " · ",
       h("a", {href: `/console/api/traffic/export?model=${encodeURIComponent(model)}&kind=golden`, text: "golden file"}))
       : h("span", {class: "muted", text: "filter by a model to export its labelled samples"}));
     try {
       const data = await api("GET", `/console/api/traffic?${p}`);
-      list.replaceChildren(table(["time", "model", "lane", "status", "latency ms", "prompt", "label"],
+      put(list, table(["time", "model", "lane", "status", "latency ms", "prompt", "label"],
         data.data.map(r => [new Date(r.created_at).toLocaleTimeString(), r.ref, r.lane, r.status,
                             fmt(r.latency_ms, 0), r.prompt.slice(0, 80), r.label || r.corrected_output || "–"]),
         i => sample(data.data[i].id, detail)));
-    } catch (e) { list.replaceChildren(failure(e)); }
+    } catch (e) { put(list, failure(e)); }
   };
   form.addEventListener("submit", e => { e.preventDefault(); load(); });
   load();
@@ -446,7 +447,7 @@ async function sample(id, box) {
   const corr = h("textarea", {id: "correct-input", rows: 3, cols: 40, "aria-label": "corrected answer"},
                  r.corrected_output || "");
   const note = h("p", {role: "status"});
-  box.replaceChildren(h("h2", {text: `Sample ${r.request_id}`}),
+  put(box, h("h2", {text: `Sample ${r.request_id}`}),
     h("p", {class: "muted", text: `${r.ref} · lane ${r.lane} · ${fmt(r.latency_ms, 0)} ms · trace ${r.trace_id || "–"}`}),
     h("h3", {text: "Prompt"}), h("pre", {text: r.prompt}),
     h("h3", {text: "Answer"}), h("pre", {text: r.output}),
@@ -457,8 +458,8 @@ async function sample(id, box) {
       if (label.value) body.label = label.value;
       if (corr.value) body.corrected_output = corr.value;
       try { await api("POST", `/console/api/traffic/${id}/feedback`, body);
-            note.replaceChildren(h("span", {class: "ok", text: "saved"})); }
-      catch (err) { note.replaceChildren(failure(err)); }
+            put(note, h("span", {class: "ok", text: "saved"})); }
+      catch (err) { put(note, failure(err)); }
     }}, h("label", {}, "label", label), h("label", {}, "corrected answer", corr),
         h("button", {type: "submit", id: "save-label", text: "Save label"})), note);
   label.focus();
@@ -487,10 +488,10 @@ async function keys() {
     try {
       const k = await api("POST", "/admin/keys", body);
       await keys();
-      document.getElementById("new-key").replaceChildren(
+      put(document.getElementById("new-key"), 
         h("p", {}, `Key ${k.id} created. Its secret is shown once:`),
         h("p", {class: "secret", id: "secret", text: k.key}));
-    } catch (err) { shown.replaceChildren(failure(err)); }
+    } catch (err) { put(shown, failure(err)); }
   });
   view(h("h1", {text: "API keys"}), form, shown,
     table(["id", "name", "scope", "models", "rpm / tpm", "sample rate", "sampled (24 h)", "state", ""],
