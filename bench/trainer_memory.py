@@ -42,12 +42,14 @@ def examples(n: int, seed: int) -> list[list[dict[str, str]]]:
     return out
 
 
-def random_model(tokenizer_dir: Path, target: Path) -> Path:
+def random_model(tokenizer_dir: Path, target: Path, layers: int | None) -> Path:
     import torch
     from transformers import AutoConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(str(tokenizer_dir))
+    if layers:  # fewer blocks than SmolLM2's 30 where a step must be cheap; same widths
+        config.num_hidden_layers = layers
     LlamaForCausalLM(config).float().save_pretrained(target, safe_serialization=True)
     for f in tokenizer_dir.iterdir():
         if f.name != "config.json":
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--trim-every", type=int, default=None)
+    ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -73,7 +76,7 @@ def main() -> None:
 
     trim_every = TRIM_EVERY_STEPS if args.trim_every is None else args.trim_every
     root = Path(tempfile.mkdtemp(prefix="trainer-memory-"))
-    base = random_model(args.tokenizer, root / "model")
+    base = random_model(args.tokenizer, root / "model", args.layers)
     store = JobStore(Database(f"sqlite:///{root / 'db.sqlite'}"))
     data = examples(args.steps * 8, seed=1)
     rss: list[list[float]] = []
@@ -106,6 +109,7 @@ def main() -> None:
     first = rss[0]
     result = {
         "trim_every_steps": trim_every, "steps_per_job": args.steps, "jobs": args.jobs,
+        "layers": args.layers or 30,
         "rss_start_mib": round(first[0]), "rss_end_mib": round(rss[-1][-1]),
         "growth_mib_per_100_steps": round((first[-1] - first[9]) / (len(first) - 10) * 100, 1),
         "growth_across_jobs_mib": round(rss[-1][-1] - first[-1]),
