@@ -133,7 +133,7 @@ function stateMachine(current) {
     svg.append(s("rect", {x, y, width: 110, height: 30, rx: 6, fill: on ? "#1d4ed8" : "#fff",
                           stroke: "#1d4ed8", "data-state": name, class: on ? "current" : ""}));
     svg.append(s("text", {x: x + 55, y: y + 20, "text-anchor": "middle",
-                          fill: on ? "#fff" : "#111827", "font-size": 13}, name));
+                          class: on ? "state on" : "state"}, name));
   };
   main.forEach((name, i) => {
     box(10 + i * 160, 12, name);
