@@ -12,6 +12,7 @@ import importlib.util
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,35 @@ class ModelBuildError(TunegateError):
 class PullResult:
     path: Path
     built: bool  # False when the model was already there and verified
+    reused: Path | None = None  # the built copy ``path`` links to (link_built_model)
+    note: str = ""  # why an existing copy could not be reused, when it could not
+
+
+def link_built_model(target: Path, candidates: list[Path]) -> PullResult | None:
+    """Reuse a default model already built elsewhere (another data folder, usually the default
+    ``~/.local/share/tunegate``) instead of building a second copy of about 517 MB: ``target``
+    becomes a symbolic link to the first candidate whose files match its manifest and that was
+    built from the same GGUF. None when there is none, or when ``target`` exists already; a
+    ``PullResult`` with ``note`` (and nothing linked) when the link cannot be made."""
+    if target.exists() or target.is_symlink():
+        return None
+    for cand in candidates:
+        try:
+            if cand.resolve() == target.resolve() or not cand.is_dir():
+                continue
+        except OSError:
+            continue
+        manifest = verify_model(cand)
+        if manifest is None or manifest.get("source_sha256") != GGUF_SHA256:
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(cand.resolve(), target_is_directory=True)
+        except OSError as exc:
+            return PullResult(target, built=False, note=f"could not link {target} to the copy "
+                              f"built at {cand} ({exc}); building one here")
+        return PullResult(target, built=False, reused=cand.resolve())
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -80,20 +110,37 @@ def verify_model(directory: Path) -> dict[str, Any] | None:
     return manifest
 
 
-def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
+def pull_default_model(target: Path, *, force: bool = False,
+                       reuse: list[Path] | None = None,
+                       progress: Callable[[int, int, str], None] | None = None) -> PullResult:
     """Build SmolLM2-135M-Instruct (float32 safetensors, tokenizer, chat template) in ``target``.
 
     Idempotent: when ``target`` holds a model whose files match its manifest and that was built
     from the same GGUF, nothing is done. The build happens in a temporary sibling directory that is
-    renamed into place, so a crash never leaves a half-written model behind.
+    renamed into place, so a crash never leaves a half-written model behind. ``reuse`` lists
+    folders where a built copy may already be (:func:`link_built_model`). ``progress(stage,
+    stages, what)`` is called as each stage of a build starts.
     """
+
+    def stage(n: int, what: str) -> None:
+        if progress is not None:
+            progress(n, 5, what)
+
+    note = ""
+    if reuse and not force:
+        linked = link_built_model(target, reuse)
+        if linked is not None and linked.reused is not None:
+            return linked
+        note = linked.note if linked is not None else ""
     gguf = find_gguf()
+    stage(1, f"checking {gguf.name} (sha256)")
     gguf_sha = sha256_file(gguf)
     if gguf_sha != GGUF_SHA256:
         raise ModelBuildError(
             f"{gguf} has sha256 {gguf_sha}, expected {GGUF_SHA256} ({GGUF_PACKAGE} "
             f"{GGUF_PACKAGE_VERSION}); reinstall the package."
         )
+    stage(2, f"verifying an existing copy at {target}")
     existing = verify_model(target)
     if existing is not None and existing.get("source_sha256") == gguf_sha and not force:
         return PullResult(target, built=False)
@@ -105,6 +152,7 @@ def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)
     try:
+        stage(3, "dequantizing the GGUF weights to float32")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -115,8 +163,10 @@ def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
         setattr(model, "hf_quantizer", None)  # noqa: B010 (transformers types it non-optional)
         model.config.__dict__.pop("quantization_config", None)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        stage(4, "saving safetensors and the tokenizer")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        stage(5, "recording checksums")
         manifest = {
             "name": target.name,
             "source": f"{GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}:{GGUF_FILE}",
@@ -130,7 +180,7 @@ def pull_default_model(target: Path, *, force: bool = False) -> PullResult:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return PullResult(target, built=True)
+    return PullResult(target, built=True, note=note)
 
 
 # Real shapes, for speed and memory work; random weights measure speed, never quality.

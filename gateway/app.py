@@ -40,6 +40,7 @@ ROUTER_MODULES: tuple[str, ...] = (
     "gateway.routers.files",
     "gateway.routers.fine_tuning",
     "gateway.routers.admin_promotion",
+    "gateway.console.router",
 )
 
 

@@ -15,7 +15,9 @@ from gateway.auth import (
     replica_only,
     unknown_key,
 )
+from gateway.console_sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SessionStore
 from gateway.state import GatewayState
+from shared.errors import AuthenticationFailed, PermissionDenied
 
 
 async def get_state(request: Request) -> GatewayState:
@@ -29,13 +31,20 @@ State = Annotated[GatewayState, Depends(get_state)]
 async def any_key(request: Request) -> KeyInfo:
     """The caller's key of any scope: 401 when missing, malformed, unknown or revoked.
     ``gateway.limits`` has usually looked it up already, from the headers, before the body was
-    read."""
+    read. Without an ``Authorization`` header, a console session cookie stands for its admin key
+    (``gateway.console_sessions``): any method but GET/HEAD/OPTIONS must then carry the
+    session's CSRF token."""
     found = request.scope.get("state", {}).get("key")
     if found is not None:
         request.scope["state"]["key_id"] = found.id
         return found  # type: ignore[no-any-return]
-    digest = hash_key(bearer_secret(request.headers.get("authorization")))
-    info = await request.app.state.tg.keys.authenticate(digest)
+    header = request.headers.get("authorization")
+    sessions = getattr(request.app.state, "console_sessions", None)
+    if header is None and sessions is not None and COOKIE in request.cookies:
+        info = await _session_key(request, sessions)
+    else:
+        digest = hash_key(bearer_secret(header))
+        info = await request.app.state.tg.keys.authenticate(digest)
     if info is None:
         raise unknown_key()
     request.scope.setdefault("state", {})["key_id"] = info.id
@@ -45,6 +54,24 @@ async def any_key(request: Request) -> KeyInfo:
 async def current_key(request: Request) -> KeyInfo:
     """A user or admin key (an ``engine`` key only registers replicas: 403 elsewhere)."""
     return not_for_engine(await any_key(request))
+
+
+async def _session_key(request: Request, sessions: SessionStore) -> KeyInfo:
+    from anyio import to_thread
+
+    session = await to_thread.run_sync(sessions.get, request.cookies[COOKIE])
+    if session is None:
+        raise AuthenticationFailed("The console session ended; sign in again.",
+                                   code="session_expired")
+    info = await request.app.state.tg.keys.authenticate(session.key_hash)
+    if info is None:
+        raise AuthenticationFailed("The key of this console session was revoked.",
+                                   code="session_expired")
+    if request.method not in SAFE_METHODS and not session.csrf_ok(
+            request.headers.get(CSRF_HEADER)):
+        raise PermissionDenied("Missing or wrong X-CSRF-Token for this console session.",
+                               code="csrf_failed")
+    return admin_only(info)
 
 
 async def admin_key(key: Annotated[KeyInfo, Depends(any_key)]) -> KeyInfo:

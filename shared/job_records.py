@@ -41,6 +41,12 @@ class FineTuningJob(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # Refreshed with progress; a running job with an old heartbeat lost its worker.
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # While running (trainer.progress): when training should end, and the latest step's
+    # {step, total_steps, train_loss, learning_rate, tokens_per_s, eta_s}.
+    estimated_finish: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True),
+                                                                 nullable=True)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    result_file: Mapped[str | None] = mapped_column(String(64), nullable=True)  # per-step CSV
 
 
 class FineTuningEvent(Base):
@@ -81,6 +87,10 @@ class FileStore:
             s.add(row)
             s.flush()
             return {c.name: getattr(row, c.name) for c in FileRecord.__table__.columns}
+
+    def set_bytes(self, file_id: str, size: int) -> None:
+        with self.db.session() as s:
+            s.execute(update(FileRecord).where(FileRecord.id == file_id).values(bytes=size))
 
     def get(self, file_id: str) -> dict[str, Any] | None:
         with self.db.session() as s:
@@ -163,6 +173,26 @@ class JobStore:
             rows = s.execute(select(FineTuningJob.status, func.count())
                              .group_by(FineTuningJob.status)).all()
         return {str(st): int(n) for st, n in rows}
+    def set_progress(self, job_id: str, *, trained_tokens: int, estimated_finish: dt.datetime,
+                     progress: dict[str, Any]) -> None:
+        """A running job's latest step (also its heartbeat)."""
+        with self.db.session() as s:
+            s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id,
+                                                  FineTuningJob.status == "running")
+                      .values(trained_tokens=trained_tokens, estimated_finish=estimated_finish,
+                              progress=progress, heartbeat_at=utcnow()))
+
+    def update_spec(self, job_id: str, **fields: Any) -> None:
+        """Merge ``fields`` into the job's recorded spec (what ``auto`` chose, the result file)."""
+        with self.db.session() as s:
+            job = s.get(FineTuningJob, job_id)
+            if job is not None:
+                job.spec = {**(job.spec or {}), **fields}
+
+    def set_result_file(self, job_id: str, file_id: str) -> None:
+        with self.db.session() as s:
+            s.execute(update(FineTuningJob).where(FineTuningJob.id == job_id)
+                      .values(result_file=file_id))
 
     def heartbeat(self, job_id: str) -> None:
         with self.db.session() as s:
@@ -179,9 +209,11 @@ class JobStore:
                           .values(heartbeat_at=utcnow()))
 
     def events(self, job_id: str, *, after: int | None = None, limit: int = 100,
-               newest_first: bool = False) -> list[dict[str, Any]]:
+               newest_first: bool = False, type: str | None = None) -> list[dict[str, Any]]:
         with self.db.session() as s:
             q = select(FineTuningEvent).where(FineTuningEvent.job_id == job_id)
+            if type is not None:
+                q = q.where(FineTuningEvent.type == type)
             if after is not None:
                 q = q.where(
                     FineTuningEvent.id < after if newest_first else FineTuningEvent.id > after)

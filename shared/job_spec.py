@@ -10,6 +10,25 @@ from pydantic import BaseModel, Field
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# ``"auto"`` epochs, as OpenAI chooses them: about 3 epochs, but at least ~100 and at most
+# ~25,000 examples trained on in all (small sets get more epochs, large ones fewer).
+AUTO_TARGET_EPOCHS = 3
+AUTO_MIN_EXAMPLES = 100  # examples seen over the whole run, at least
+AUTO_MAX_EXAMPLES = 25_000  # and at most
+AUTO_MAX_EPOCHS = 25
+
+
+def auto_epochs(n_examples: int) -> int:
+    """Epochs for ``"auto"``: 3, raised to reach ``AUTO_MIN_EXAMPLES`` examples trained on
+    (at most ``AUTO_MAX_EPOCHS``), lowered to stay under ``AUTO_MAX_EXAMPLES`` (at least 1)."""
+    n = max(1, n_examples)
+    if n * AUTO_TARGET_EPOCHS < AUTO_MIN_EXAMPLES:
+        return min(AUTO_MAX_EPOCHS, -(-AUTO_MIN_EXAMPLES // n))
+    if n * AUTO_TARGET_EPOCHS > AUTO_MAX_EXAMPLES:
+        return max(1, AUTO_MAX_EXAMPLES // n)
+    return AUTO_TARGET_EPOCHS
+
+
 class LoraSpec(BaseModel):
     r: int = Field(default=16, ge=1, le=256)
     alpha: int = Field(default=32, ge=1)
@@ -27,6 +46,7 @@ class TrainSpec(BaseModel):
     golden_file: str | None = None
     seed: int = 0
     n_epochs: int = Field(default=1, ge=1, le=50)
+    auto_epochs: bool = False  # choose n_epochs from the training set's size (auto_epochs())
     batch_size: int = Field(default=8, ge=1, le=1024)  # examples per optimizer step
     micro_batch_size: int | None = Field(default=None, ge=1)  # None: the whole batch in one pass
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0)

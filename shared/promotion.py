@@ -58,6 +58,10 @@ class PromotionSettings(BaseSettings):
     tolerance: float = Field(default=0.02, ge=0, le=1)  # allowed drop below stable, 0..1
     max_error_rate: float = Field(default=0.05, ge=0, le=1)  # errors / requests
     min_requests: int = Field(default=20, ge=1)  # requests before the error rate decides
+    starved_after_s: float = Field(
+        default=3600.0, gt=0,
+        description="seconds a promotion may hold for lack of traffic before the monitor "
+                    "reports it as waiting (event, metric, console) with how to promote by hand")
 
     def policy(self) -> Policy:
         return Policy(self.min_samples, self.min_quality, self.tolerance, self.max_error_rate,
@@ -77,6 +81,9 @@ class Promotion(Base):
     canary_weight: Mapped[float] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     state_since: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Set by the monitor when the state's gate has lacked traffic for ``starved_after_s``
+    # (what it waits for); cleared when the state changes.
+    waiting: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
 
 class PromotionEvent(Base):
@@ -193,7 +200,7 @@ def _row(p: Promotion) -> dict[str, Any]:
     return {"id": p.id, "name": p.name, "version": p.version, "ref": f"{p.name}@v{p.version}",
             "baseline": p.baseline, "state": p.state, "shadow_fraction": p.shadow_fraction,
             "canary_weight": p.canary_weight, "created_at": p.created_at.isoformat(),
-            "state_since": p.state_since.isoformat()}
+            "state_since": p.state_since.isoformat(), "waiting": p.waiting}
 
 
 def _event(e: PromotionEvent) -> dict[str, Any]:
@@ -290,7 +297,7 @@ class Promotions:
         with self.db.session() as s:
             done = s.execute(update(Promotion).where(
                 Promotion.id == cur["id"], Promotion.state == cur["state"]).values(
-                state=to, state_since=now)).rowcount  # type: ignore[attr-defined]
+                state=to, state_since=now, waiting=None)).rowcount  # type: ignore[attr-defined]
             if not done:
                 raise Conflict(f"{cur['ref']} changed state meanwhile; retry",
                                code="promotion_changed")
@@ -316,6 +323,25 @@ class Promotions:
         elif to == "rolled_back" and before == "stable":
             reg.set_alias(name, "stable", cur["baseline"], reason=why)
             reg.set_alias(name, "canary", cur["baseline"], reason=why)
+
+    def note_waiting(self, p: dict[str, Any], waits_for: str, *, actor: str = "monitor",
+                     metrics: dict[str, Any] | None = None) -> bool:
+        """Record, once per state, that promotion ``p`` holds for lack of traffic: its
+        ``waiting`` field and an event (from and to its own state) saying what it waits for and
+        how to move it by hand. Returns whether this call recorded it."""
+        name = p["name"]
+        reason = (f"waiting for traffic: {waits_for}; promote by hand with POST "
+                  f"/admin/promotions/{name}/promote {{\"to\": \"stable\"}} or stop it with "
+                  f"POST /admin/promotions/{name}/rollback")[:500]
+        with self.db.session() as s:
+            done = s.execute(update(Promotion).where(
+                Promotion.id == p["id"], Promotion.state == p["state"],
+                Promotion.waiting.is_(None)).values(waiting=reason)).rowcount  # type: ignore[attr-defined]
+            if done:
+                s.add(PromotionEvent(promotion_id=p["id"], name=name, version=p["version"],
+                                     from_state=p["state"], to_state=p["state"], actor=actor,
+                                     reason=reason, metrics=metrics or {}))
+        return bool(done)
 
     def advance(self, name: str, *, actor: str, reason: str,
                 metrics: dict[str, Any] | None = None,

@@ -20,7 +20,8 @@ LOCAL_KEY_FILE = "local-admin.key"
 DB_FILE = "tunegate.db"  # the SQLite database in the data folder, when no URL is given
 
 
-def _default_data_dir() -> Path:
+def default_data_dir() -> Path:
+    """``~/.local/share/tunegate``: the data folder when ``TUNEGATE_DATA_DIR`` is unset."""
     return Path.home() / ".local" / "share" / "tunegate"
 
 
@@ -31,7 +32,7 @@ class StorageSettings(BaseSettings):
                                       populate_by_name=True)
 
     data_dir: Path = Field(
-        default_factory=_default_data_dir,
+        default_factory=default_data_dir,
         validation_alias=AliasChoices("data_dir", "TUNEGATE_DATA_DIR"),
         description="The data folder: models, the SQLite database, artifacts, uploaded files, "
                     "job folders, logs.")

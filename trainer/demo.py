@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.progress_bar import bar
+
 BASE_LR = 2e-4  # the gateway's learning rate for a multiplier of 1
 
 
@@ -80,8 +82,8 @@ def follow(client: Any, job_id: str, *, timeout_s: float, poll_s: float,
             seen.add(ev.id)
             d = ev.data or {}
             if ev.type == "metrics" and "total_steps" in d:
-                echo(f"  step {d['step']}/{d['total_steps']}  loss {d['loss']:.3f}  "
-                     f"lr {d['lr']:.2e}  {d['tokens_per_s']:.0f} tok/s  eta {d['eta_s']:.0f} s")
+                echo("  " + bar(d["step"], d["total_steps"], d.get("train_loss"),
+                                d.get("tokens_per_s"), d.get("eta_s")))
             else:
                 echo(f"  {ev.message}")
         if job.status in ("succeeded", "failed", "cancelled"):

@@ -20,12 +20,13 @@ from typing import Any, Protocol
 from shared.artifact_store import ArtifactStore
 from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
-from shared.job_records import JobStore, worker_lost_error
-from shared.job_spec import TrainSpec
+from shared.job_records import FileStore, JobStore, worker_lost_error
+from shared.job_spec import TrainSpec, auto_epochs
 from trainer.backends import select_backend
-from trainer.backends.base import JobCancelled, StepInfo
+from trainer.backends.base import JobCancelled
 from trainer.cost import CostMeter, cost_message
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
+from trainer.progress import CSV_HEADER, JobHooks
 from trainer.tracing import JobTrace, note, phase
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
@@ -49,44 +50,14 @@ class AdapterRegistry(Protocol):
     def materialize(self, model: str, cache_dir: str | Path) -> Path: ...
 
 
-class JobHooks:
-    """Training hooks that write progress events at a bounded rate and honour cancellation."""
-
-    def __init__(self, store: JobStore, job_id: str, cancel: threading.Event,
-                 interval_s: float = 2.0, metrics: Any = None) -> None:
-        self.store, self.job_id, self.cancel, self.interval_s = store, job_id, cancel, interval_s
-        self.metrics = metrics  # trainer.metrics.WorkerMetrics, or None
-        self._last = 0.0
-        self.last_step: StepInfo | None = None
-
-    def check_cancelled(self) -> None:
-        if self.cancel.is_set():
-            raise JobCancelled()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.last_step = info
-        if self.metrics is not None:
-            self.metrics.on_step(info.tokens_per_s, info.loss)
-        now = time.monotonic()
-        if info.step == 1 or info.step == info.total_steps or now - self._last >= self.interval_s:
-            self._last = now
-            self.store.add_event(
-                self.job_id,
-                f"Step {info.step}/{info.total_steps}: training loss={info.loss:.4f}",
-                type="metrics", data=info.to_dict(),
-            )
-        self.check_cancelled()
-
-    def on_event(self, message: str, data: dict[str, Any]) -> None:
-        self.store.add_event(self.job_id, message, data=data)
-
-
 @dataclass
 class JobOutcome:
     status: str  # succeeded | failed | cancelled
     fine_tuned_model: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    message: str = ""  # appended to the last event's "Job succeeded"
+    next_steps: dict[str, Any] | None = None  # how the version reaches users (hand_over)
 
 
 def _count_tokens_fn(base_model: str) -> Any:
@@ -157,14 +128,51 @@ def evaluate_golden(spec: TrainSpec, adapter_dir: Path | None, golden: list[Any]
     return report
 
 
+def resolve_auto(spec: TrainSpec, n_examples: int, store: JobStore) -> TrainSpec:
+    """Settle ``"auto"`` hyperparameters now that the training set's size is known, record the
+    choice on the job (its ``hyperparameters``) and in an event."""
+    import math
+
+    chosen: dict[str, Any] = {}
+    if spec.auto_epochs:
+        chosen["n_epochs"] = auto_epochs(n_examples)
+        spec = spec.model_copy(update={"n_epochs": chosen["n_epochs"], "auto_epochs": False})
+    steps = math.ceil(n_examples / spec.batch_size) * spec.n_epochs
+    if spec.max_steps:
+        steps = min(steps, spec.max_steps)
+    if chosen:
+        store.update_spec(spec.job_id, **chosen, auto_chosen=sorted(chosen), total_steps=steps)
+        store.add_event(spec.job_id, f"auto hyperparameters: n_epochs={spec.n_epochs} for "
+                        f"{n_examples} examples (batch size {spec.batch_size}: {steps} steps)",
+                        data={**chosen, "examples": n_examples, "total_steps": steps})
+    else:
+        store.update_spec(spec.job_id, total_steps=steps)
+    return spec
+
+
+def open_result_file(store: JobStore, job_id: str, files_dir: Path) -> tuple[str, Path]:
+    """The job's per-step CSV (``trainer.progress``), registered as a file like uploads are."""
+    file_id = f"file-{job_id.removeprefix('ftjob-')}"
+    path = files_dir / f"{file_id}.csv"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(CSV_HEADER, encoding="utf-8")
+    FileStore(store.db).add(id=file_id, filename=f"{job_id}-results.csv",
+                            purpose="fine-tune-results", bytes=len(CSV_HEADER), sha256="",
+                            path=str(path), report=None)
+    store.set_result_file(job_id, file_id)
+    return file_id, path
+
+
 def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | None, work_dir: Path,
             cancel: threading.Event, progress_interval_s: float = 2.0,
-            price_per_device_hour: float = 0.0, eval_engine: str | None = None,
-            trace: JobTrace | None = None, metrics: Any = None) -> JobOutcome:
-    """``trace``: spans for the phases (trainer.tracing); ``metrics``: the worker's gauges."""
+            files_dir: Path | None = None, price_per_device_hour: float = 0.0,
+            eval_engine: str | None = None, trace: JobTrace | None = None,
+            metrics: Any = None) -> JobOutcome:
+    """``files_dir``: where the per-step CSV goes (``result_files``); ``trace``: spans for the
+    phases (trainer.tracing); ``metrics``: the worker's gauges."""
     job_id = spec.job_id
     meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
-    hooks = JobHooks(store, job_id, cancel, progress_interval_s, metrics)
+    results: tuple[str, Path] | None = None
     result: dict[str, Any] = {}
 
     beating = threading.Event()
@@ -179,16 +187,21 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
     def finish(outcome: JobOutcome) -> JobOutcome:
         beating.set()
         meter.stop()
-        trained_tokens = outcome.result.get("train", {}).get("tokens")
-        outcome.result["cost"] = cost = meter.report(trained_tokens)
+        if results is not None:
+            FileStore(store.db).set_bytes(results[0], results[1].stat().st_size)
+        trained = outcome.result.get("train", {}).get("tokens")
+        if trained is None and hooks.last_step is not None:
+            trained = hooks.last_step.tokens  # cancelled or failed mid-training
+        outcome.result["cost"] = cost = meter.report(trained)
         # A message event, not "metrics": those carry one training step each (OpenAI's shape).
         store.add_event(job_id, cost_message(cost), data={"cost": cost}, heartbeat=False)
         store.set_status(job_id, outcome.status, fine_tuned_model=outcome.fine_tuned_model,
-                         result=outcome.result, error=outcome.error,
-                         trained_tokens=trained_tokens)
+                         result=outcome.result, error=outcome.error, trained_tokens=trained,
+                         estimated_finish=None)
         store.add_event(job_id, f"Job {outcome.status}" + (
-            f": {outcome.error['message']}" if outcome.error else ""),
-            level="error" if outcome.status == "failed" else "info", heartbeat=False)
+            f": {outcome.error['message']}" if outcome.error else outcome.message),
+            level="error" if outcome.status == "failed" else "info", heartbeat=False,
+            data=outcome.next_steps)
         shutil.rmtree(work_dir, ignore_errors=True)
         return outcome
 
@@ -196,6 +209,10 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         current = store.get(job_id)
         return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
+    if files_dir is not None:
+        results = open_result_file(store, job_id, files_dir)
+    hooks = JobHooks(store, job_id, cancel, progress_interval_s,
+                     results_path=results[1] if results else None, metrics=metrics)
     try:
         meter.enter("validate")
         with phase(trace, "validate") as sp:
@@ -228,6 +245,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
                             data=base.to_dict())
             hooks.check_cancelled()
 
+        spec = resolve_auto(spec, len(report.examples), store)
         store.add_event(job_id, f"Training with the {backend.name} backend",
                         data={"backend": backend.name})
         adapter_dir = work_dir / "adapter"
@@ -285,10 +303,12 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         meter.enter("register")
         with phase(trace, "register") as sp:
             ref = register(registry, spec, adapter_dir, result, golden_report, eval_report)
-            handed = hand_over(registry, spec, ref)
-            note(sp, **{"adapter.version": ref, "hand_over": handed})
-        store.add_event(job_id, f"Registered {ref}; {handed}")
-        return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result))
+            rollout = hand_over(registry, spec, ref)
+            note(sp, **{"adapter.version": ref, "hand_over": rollout["message"]})
+        result["rollout"] = rollout
+        store.add_event(job_id, f"Registered {ref}; {rollout['message']}", data=rollout)
+        return finish(JobOutcome("succeeded", fine_tuned_model=ref, result=result,
+                                 message=f": {ref}; {rollout['message']}", next_steps=rollout))
     except JobCancelled:
         if getattr(cancel, "reason", "cancelled") == "timeout":
             return finish(JobOutcome("failed", result=result, error={
@@ -330,10 +350,12 @@ def register(registry: AdapterRegistry, spec: TrainSpec, adapter_dir: Path, resu
     return str(info.ref)
 
 
-def hand_over(registry: AdapterRegistry, spec: TrainSpec, ref: str) -> str:
+def hand_over(registry: AdapterRegistry, spec: TrainSpec, ref: str) -> dict[str, Any]:
     """After the gate: the first version of a name becomes ``stable`` at once; a later one
     enters promotion as a ``candidate`` (``shared.promotion``), unless promotions are off
-    (``TUNEGATE_PROMOTION_ENABLED=false``: ``stable`` moves at once). Returns what happened."""
+    (``TUNEGATE_PROMOTION_ENABLED=false``: ``stable`` moves at once). Returns how the version
+    reaches users: ``state``, ``message``, ``serving`` (what bare ``NAME`` answers with now),
+    ``waits_for`` and ``promote_by_hand`` (the admin call that skips the automatic gates)."""
     from shared.errors import Conflict
     from shared.promotion import Promotions, PromotionSettings, parse_ref
 
@@ -344,8 +366,13 @@ def hand_over(registry: AdapterRegistry, spec: TrainSpec, ref: str) -> str:
         stable = registry.resolve(f"{name}:stable").version
     except (ModelNotFound, NotFound):
         stable = None
+    by_hand = (f"POST /admin/promotions/{name}/promote {{\"to\": \"stable\"}} "
+               f"(tunegate console: Models > {name} > Promote)")
+    out: dict[str, Any] = {"model": ref, "name": name, "version": version,
+                           "waits_for": None, "promote_by_hand": None}
     if stable == version:
-        return f"it is already {name}:stable"
+        return {**out, "state": "stable", "serving": ref,
+                "message": f"it is already {name}:stable; {name!r} answers with it"}
     if settings.enabled and stable is not None and db is not None:
         try:
             Promotions(db, registry, settings).start(  # type: ignore[arg-type]
@@ -353,7 +380,18 @@ def hand_over(registry: AdapterRegistry, spec: TrainSpec, ref: str) -> str:
                 reason="passed the golden-set gate",
                 metrics=registry.get_version(name, version).manifest.get("metrics", {}))
         except Conflict as exc:
-            return f"not promoted: {exc.message}"
-        return "it entered promotion as a candidate"
+            return {**out, "state": "not_promoted", "serving": f"{name}@v{stable}",
+                    "promote_by_hand": by_hand,
+                    "message": f"not promoted: {exc.message}; {name!r} still answers with "
+                               f"{name}@v{stable}; call {ref} by its full name"}
+        waits = (f"shadow then canary traffic on {name!r}: {settings.min_samples} scored "
+                 f"samples per stage (labelled or rule-checked sampled requests)")
+        return {**out, "state": "candidate", "serving": f"{name}@v{stable}", "waits_for": waits,
+                "promote_by_hand": by_hand,
+                "message": f"it entered promotion as a candidate; {name!r} answers with "
+                           f"{name}@v{stable} until the promotion reaches stable (it waits for "
+                           f"{waits}); call {ref} by its full name now, or promote by hand: "
+                           f"{by_hand}"}
     registry.set_alias(name, "stable", version, reason=f"gate passed ({spec.job_id})")
-    return f"moved {name}:stable to it"
+    return {**out, "state": "stable", "serving": ref,
+            "message": f"moved {name}:stable to it; {name!r} answers with it"}

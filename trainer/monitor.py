@@ -280,6 +280,17 @@ async def run_tick(mc: MonitorContext, actor: str = "monitor") -> list[dict[str,
                  "action": d.action, "reason": d.reason, "evidence": ev.to_dict()}
         out.append(entry)
         if d.action == "hold":
+            since = dt.datetime.fromisoformat(p["state_since"])
+            held_s = (utcnow() - since).total_seconds()
+            if p["state"] in ("shadow", "canary") and \
+                    held_s >= mc.promotions.settings.starved_after_s:
+                entry["waiting"] = True
+                if await asyncio.to_thread(functools.partial(
+                        mc.promotions.note_waiting, p,
+                        f"{d.reason} after {held_s / 3600:.1f} h in {p['state']}",
+                        actor=actor, metrics=ev.to_dict())):
+                    log.warning("promotion %s@v%s waits for traffic in %s: %s", p["name"],
+                                p["version"], p["state"], d.reason)
             continue
         move = mc.promotions.advance if d.action == "advance" else mc.promotions.stop
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from shared.db import Database
@@ -72,11 +73,15 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
             lambda: run_job(spec, store=store, registry=ctx.get("registry"), work_dir=work_dir,
                             cancel=cancel, progress_interval_s=settings.progress_interval_s,
                             price_per_device_hour=settings.price_per_device_hour,
-                            eval_engine=eval_engine, trace=trace, metrics=metrics),
+                            eval_engine=eval_engine, trace=trace, metrics=metrics,
+                            files_dir=Path(settings.data_dir) / "files"),
         )
         try:
             outcome = await asyncio.shield(future)
             status = outcome.status
+            from trainer.memory import release
+
+            release()  # the job's model and optimizer: unreachable now, handed back to the system
             if trace is not None:
                 note(trace.span, **{"job.status": outcome.status,
                                     "fine_tuned_model": outcome.fine_tuned_model})

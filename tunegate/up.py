@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import LOCAL_KEY_FILE, StorageSettings
+from shared.settings import LOCAL_KEY_FILE, StorageSettings, default_data_dir
 
 
 class UpSettings(BaseSettings):
@@ -189,7 +189,20 @@ def run(*, host: str, port: int, engine_port: int, with_worker: bool = True) -> 
     from engine.models import pull_default_model
 
     print("tunegate up: checking the default model ...", flush=True)
-    model_dir = pull_default_model(common.default_model_dir).path
+    # A new data folder links the copy built in the default one rather than building another.
+    home_model = StorageSettings(data_dir=default_data_dir()).default_model_dir
+    from shared.progress_bar import stages_bar
+
+    pulled = pull_default_model(
+        common.default_model_dir, reuse=[home_model],
+        progress=lambda n, total, what: print(f"  {stages_bar(n, total, what)}", flush=True))
+    model_dir = pulled.path
+    if pulled.reused is not None:
+        print(f"tunegate up: using the default model already built at {pulled.reused} "
+              f"(linked from {model_dir})", flush=True)
+    elif pulled.built:
+        print(f"tunegate up: built the default model at {model_dir}"
+              + (f" ({pulled.note})" if pulled.note else ""), flush=True)
 
     sup = Supervisor(log_dir)
     # SIGINT explicitly too: a shell that starts `up` in the background leaves SIGINT ignored.

@@ -1,6 +1,7 @@
 """Admin API, promotions (admin scope):
 
-- ``GET /admin/promotions``: the active promotions
+- ``GET /admin/promotions``: the active promotions (``waiting``: what one that lacks traffic
+  for its gate waits for, set by the monitor; also the ``tunegate_promotion_waiting`` gauge)
 - ``POST /admin/promotions`` ``{version: "NAME@vN", shadow_fraction?, canary_weight?, reason?}``:
   start a promotion (state ``candidate``; 409 when the name has an active one or no ``stable``)
 - ``GET /admin/promotions/{name}``: the current (or last) promotion, its events and the latest
@@ -97,6 +98,10 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
     states = Gauge("tunegate_promotion_state",
                    "Active promotions: 1 for the candidate version's current state",
                    ["model", "version", "state"], registry=state.metrics.registry)
+    waiting = Gauge("tunegate_promotion_waiting",
+                    "1 while an active promotion holds for lack of traffic for its gate "
+                    "(PromotionSettings.starved_after_s); promote or roll back by hand",
+                    ["model", "version", "state"], registry=state.metrics.registry)
     app.state.promotions = promotions
 
     async def export_quality() -> None:
@@ -111,6 +116,10 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
                 states.clear()
                 for p in active:
                     states.labels(p["name"], f"v{p['version']}", p["state"]).set(1)
+                waiting.clear()
+                for p in active:
+                    if p["waiting"]:
+                        waiting.labels(p["name"], f"v{p['version']}", p["state"]).set(1)
             except Exception:  # keep exporting on the next round
                 log.exception("reading quality scores failed")
             await asyncio.sleep(settings.quality_refresh_s)
@@ -172,9 +181,10 @@ async def promote(name: str, key: AdminKey, state: State,
             raise Conflict(f"{cur['ref']} is {cur['state']}, not before {body.to}",
                            code="invalid_transition")
         row = promotions.advance(name, actor=f"key:{key.id}", reason=body.reason)
+        left = row["from_state"]  # the state it really left, not the last hop's
         while body.to is not None and row["state"] != body.to and row["state"] in NEXT:
             row = promotions.advance(name, actor=f"key:{key.id}", reason=body.reason)
-        return row
+        return {**row, "from_state": left}
 
     row = await to_thread.run_sync(run)
     await _changed(state)

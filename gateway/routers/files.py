@@ -5,7 +5,8 @@
   more than 2% of its lines are invalid; accepted files are kept under
   ``$TUNEGATE_DATA_DIR/files/<id>.jsonl`` (copied there in pieces, never held in memory whole;
   the body is capped at ``max_upload_bytes``).
-- ``GET /v1/files/{file_id}``.
+- ``GET /v1/files/{file_id}``; ``GET /v1/files/{file_id}/content`` (the bytes; a job's
+  ``result_files`` CSV grows while the job runs).
 
 Token lengths are checked by the trainer (it has the tokenizer); the gateway never loads torch.
 """
@@ -20,6 +21,7 @@ from typing import Annotated, Any, BinaryIO
 
 from anyio import to_thread
 from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi.responses import FileResponse
 
 from gateway.deps import State, admin_key
 from shared.data import DatasetRejected, validate_lines
@@ -94,3 +96,14 @@ async def get_file(file_id: str, state: State) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"No such file: {file_id}", param="file_id")
     return file_object(row)
+
+
+@router.get("/{file_id}/content")
+async def file_content(file_id: str, state: State) -> FileResponse:
+    row = await to_thread.run_sync(FileStore(state.db).get, file_id)
+    path = Path(row["path"]) if row else None
+    if path is None or not path.is_file() or files_dir(state).resolve() not in \
+            path.resolve().parents:
+        raise NotFound(f"No such file: {file_id}", param="file_id")
+    kind = "text/csv" if path.suffix == ".csv" else "application/jsonl"
+    return FileResponse(path, media_type=kind, filename=row["filename"] if row else None)

@@ -11,7 +11,13 @@
   ``shared.traffic_datasets``) to ``training_file``; the merged file is validated like an upload,
   stored as a file of its own, and the job trains on it (the counts are in ``tunegate.traffic``).
 - ``GET /v1/fine_tuning/jobs`` (``after``, ``limit``), ``GET .../{id}``, ``POST .../{id}/cancel``,
-  ``GET .../{id}/events`` (newest first, ``after``, ``limit``), ``GET .../{id}/checkpoints``.
+  ``GET .../{id}/events`` (newest first, ``after``, ``limit``; ``type`` = ``message`` or
+  ``metrics``, a tunegate filter), ``GET .../{id}/checkpoints``.
+
+Progress (``trainer.progress``): sparse ``metrics`` events in OpenAI's shape, a per-step CSV in
+``result_files`` (``GET /v1/files/{id}/content``), a running ``trained_tokens`` and
+``estimated_finish``; ``tunegate.progress`` is the latest step, ``tunegate.auto`` what ``"auto"``
+hyperparameters chose, ``tunegate.rollout`` how the registered version reaches users.
 
 Jobs are queued on arq (Redis) for ``tunegate trainer worker`` through the queue's contract
 (``shared.job_queue``); records live in SQL (``shared.job_records``). The base ``model`` names a
@@ -126,22 +132,33 @@ def _ts(t: Any) -> int | None:
 
 def job_object(row: dict[str, Any]) -> dict[str, Any]:
     spec = row["spec"] or {}
+    result = row["result"] or {}
+    auto = spec.get("auto_chosen") or []
     return {
         "id": row["id"], "object": "fine_tuning.job", "created_at": _ts(row["created_at"]),
         "finished_at": _ts(row["finished_at"]), "model": row["model"],
         "fine_tuned_model": row["fine_tuned_model"], "organization_id": "tunegate",
-        "result_files": [], "status": row["status"],
+        "result_files": [row["result_file"]] if row.get("result_file") else [],
+        "status": row["status"],
         "training_file": spec.get("training_file_id"),
         "validation_file": spec.get("validation_file_id"),
         "hyperparameters": {
-            "n_epochs": spec.get("n_epochs"), "batch_size": spec.get("batch_size"),
+            # "auto" until the worker has seen the data; then what auto chose (tunegate.auto).
+            "n_epochs": "auto" if spec.get("auto_epochs") and "n_epochs" not in auto
+            else spec.get("n_epochs"),
+            "batch_size": spec.get("batch_size"),
             "learning_rate_multiplier": spec.get("learning_rate", BASE_LR) / BASE_LR},
         "trained_tokens": row["trained_tokens"], "error": row["error"], "seed": spec.get("seed"),
         "metadata": spec.get("metadata") or None, "suffix": spec.get("name"),
-        "estimated_finish": None, "integrations": [],
-        "tunegate": {"result": row["result"], "golden_file": spec.get("golden_file_id"),
-                     "cost": (row["result"] or {}).get("cost"),
-                     "traffic": spec.get("traffic")},
+        "estimated_finish": _ts(row.get("estimated_finish")) if row["status"] == "running"
+        else None,
+        "integrations": [],
+        "tunegate": {"result": result, "golden_file": spec.get("golden_file_id"),
+                     "cost": result.get("cost"),
+                     "traffic": spec.get("traffic"), "progress": row.get("progress"),
+                     "auto": {k: spec.get(k) for k in auto},
+                     "total_steps": spec.get("total_steps"),
+                     "rollout": result.get("rollout")},
     }
 
 
@@ -219,6 +236,7 @@ def _create(state: Any, body: JobCreate, traceparent: str | None = None,
             max_steps=body.max_steps, max_seq_length=body.max_seq_length,
             golden_limit=body.golden_limit, evaluate_base=body.evaluate_base,
             metadata=body.metadata or {},
+            auto_epochs=hp.n_epochs == "auto",
             traceparent=traceparent,
         )
     except ValidationError as exc:  # whatever TrainSpec refuses is this request's 400
@@ -315,12 +333,13 @@ async def retrieve_job(job_id: str, state: State) -> dict[str, Any]:
 
 @router.get("/{job_id}/events")
 async def list_events(job_id: str, state: State, after: str | None = None,
-                      limit: int = Query(20, ge=1, le=1000)) -> dict[str, Any]:
+                      limit: int = Query(20, ge=1, le=1000),
+                      type: Literal["message", "metrics"] | None = None) -> dict[str, Any]:
     await _get(state, job_id)
     cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix(
         "ftevent-").isdigit() else None
     rows = await to_thread.run_sync(lambda: _jobs(state).events(
-        job_id, after=cursor, limit=limit + 1, newest_first=True))
+        job_id, after=cursor, limit=limit + 1, newest_first=True, type=type))
     data = [{"id": f"ftevent-{e['id']}", "object": "fine_tuning.job.event",
              "created_at": _ts(e["created_at"]), "level": e["level"], "message": e["message"],
              "data": e["data"], "type": e["type"]} for e in rows[:limit]]

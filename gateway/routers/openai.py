@@ -92,20 +92,24 @@ async def completions(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(key: Key, state: State) -> Response:
     """``base``, and for every adapter name this key may use: ``NAME`` (when it has a ``stable``
-    alias) and ``NAME:ALIAS`` for each alias. Versions (``NAME@vN``) are usable but not listed."""
+    alias) and ``NAME:ALIAS`` for each alias, each with ``resolves_to``: the version
+    (``NAME@vN``) it answers with now (bare ``NAME`` is ``stable``, apart from the share of
+    requests an active canary answers). Versions are usable but not listed."""
     entries: list[dict[str, Any]] = []
 
-    def add(model_id: str, parent: str | None) -> None:
+    def add(model_id: str, parent: str | None, resolves_to: str | None = None) -> None:
         entries.append({"id": model_id, "object": "model", "created": 0,
-                        "owned_by": "tunegate", "parent": parent})
+                        "owned_by": "tunegate", "parent": parent,
+                        **({"resolves_to": resolves_to} if resolves_to else {})})
 
     if key.may_use(BASE):
         add(BASE, None)
-    for name, aliases in await to_thread.run_sync(state.registry.served_names):
-        if not key.may_use(name):
+    for adapter in await to_thread.run_sync(state.registry.list_adapters):
+        name, aliases = adapter["name"], adapter["aliases"]
+        if not aliases or not key.may_use(name):
             continue
         if "stable" in aliases:
-            add(name, BASE)
-        for alias in aliases:
-            add(f"{name}:{alias}", BASE)
+            add(name, BASE, f"{name}@v{aliases['stable']}")
+        for alias, version in sorted(aliases.items()):
+            add(f"{name}:{alias}", BASE, f"{name}@v{version}")
     return json_response({"object": "list", "data": entries})

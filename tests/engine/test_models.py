@@ -62,3 +62,18 @@ def test_random_model_has_the_named_shape(default_model_dir: Path, tmp_path: Pat
     with pytest.raises(ModelBuildError, match="unknown shape"):
         models.write_random_model("llama-99b", tmp_path / "x")
     assert models.SHAPES["llama-3.1-8b"]["intermediate_size"] == 14336
+
+
+def test_a_new_data_folder_links_the_built_model(default_model_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "data" / "models" / default_model_dir.name
+    stages: list[str] = []
+    got = pull_default_model(target, reuse=[tmp_path / "nothing", default_model_dir],
+                             progress=lambda n, total, what: stages.append(what))
+    assert not got.built and got.reused == default_model_dir.resolve()
+    assert target.is_symlink() and target.resolve() == default_model_dir.resolve()
+    assert verify_model(target) is not None
+    assert stages == []  # no build stage ran
+    # A copy that fails its checksums is not reused.
+    broken = tmp_path / "broken"
+    shutil.copytree(default_model_dir, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert models.link_built_model(tmp_path / "other", [broken]) is None

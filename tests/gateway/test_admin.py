@@ -28,7 +28,7 @@ def admin(records: Records) -> str:
 # Everything else in the route table needs the admin scope (a new user-facing route must be
 # added here on purpose, or this test fails).
 PUBLIC = {"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json",
-          "/docs/oauth2-redirect"}
+          "/docs/oauth2-redirect", "/console", "/console/static/{name}"}  # the page, no data
 USER = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/generate", "/v1/feedback"}
 
 

@@ -42,6 +42,7 @@ def test_promotion_by_hand(client: tuple[TestClient, Records]) -> None:
                   headers=admin).json()["error"]["code"] == "promotion_active"
     r = c.post("/admin/promotions/rt/promote", json={"to": "canary"}, headers=admin)
     assert r.json()["state"] == "canary"
+    assert r.json()["from_state"] == "candidate"  # the state it left, not the last hop's
     assert c.app.state.tg.promotions.routes["rt"].canary_weight == 0.5  # type: ignore[attr-defined]
     r = c.post("/admin/promotions/rt/promote", json={"to": "shadow"}, headers=admin)
     assert r.status_code == 409 and r.json()["error"]["code"] == "invalid_transition"

@@ -101,6 +101,13 @@ def test_job_lifecycle_through_the_sdk(system: dict[str, Any]) -> None:
     assert events[0].message.startswith("Job succeeded")  # newest first
     steps = [e.data["step"] for e in events if e.type == "metrics"]
     assert sorted(steps) == [1, 2]
+    assert all({"step", "train_loss", "total_steps"} <= set(e.data or {})
+               for e in events if e.type == "metrics")
+    assert done.estimated_finish is None and len(done.result_files) == 1
+    csv = client.files.content(done.result_files[0]).text.splitlines()
+    assert csv[0].startswith("step,train_loss,learning_rate,tokens_per_s")
+    assert [r.split(",")[0] for r in csv[1:]] == ["1", "2"]
+    assert done.hyperparameters.n_epochs == 1  # given, not auto
     listed = client.fine_tuning.jobs.list(limit=10).data
     assert job.id in [j.id for j in listed]
     ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
@@ -127,6 +134,14 @@ def test_job_lifecycle_through_the_sdk(system: dict[str, Any]) -> None:
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id).data):
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    running = client.fine_tuning.jobs.retrieve(long.id)
+    # "auto" epochs for 120 examples: 3 (OpenAI's rule), and the job says so.
+    assert running.hyperparameters.n_epochs == 3
+    assert (running.model_extra or {})["tunegate"]["auto"] == {"n_epochs": 3}
+    if running.status == "running":
+        assert running.trained_tokens and running.estimated_finish
+    page = client.fine_tuning.jobs.list_events(long.id).data  # default page: milestones visible
+    assert any(e.message.startswith("Training with the") for e in page)
     client.fine_tuning.jobs.cancel(long.id)
     ended = wait_status(client, long.id, {"succeeded", "failed", "cancelled"}, 120)
     assert ended.status == "cancelled" and ended.fine_tuned_model is None

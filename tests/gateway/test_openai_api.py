@@ -98,8 +98,11 @@ def test_adapter_by_name_alias_and_version(gw: str, user_key: str, records: Reco
                                                                  "content": "x"}])
         assert resp.model == ref
         assert resp.choices[0].message.content.startswith(f"r1|{ref}|")
-    ids = {m.id for m in c.models.list()}
-    assert {"base", "support", "support:stable", "support:latest"} <= ids
+    listed = {m.id: m for m in c.models.list()}
+    assert {"base", "support", "support:stable", "support:latest"} <= set(listed)
+    # what each name and alias answers with now
+    assert (listed["support"].model_extra or {})["resolves_to"] == ref
+    assert (listed["support:latest"].model_extra or {})["resolves_to"] == ref
 
 
 def test_models_list_respects_allowed_models(gw: str, records: Records) -> None:

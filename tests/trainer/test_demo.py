@@ -33,8 +33,8 @@ def ev(i: int, message: str, type_: str = "message", **data: Any) -> Any:
 
 
 def test_follow_prints_each_event_once_in_order_until_the_job_ends() -> None:
-    step = {"step": 1, "total_steps": 2, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0,
-            "eta_s": 3.0}
+    step = {"step": 1, "total_steps": 2, "train_loss": 1.5, "learning_rate": 1e-3,
+            "tokens_per_s": 100.0, "eta_s": 3.0}  # OpenAI's metrics shape
     e1, e2 = ev(1, "Validated"), ev(2, "Step 1", "metrics", **step)
     e3 = ev(3, "Job succeeded")
     jobs = ScriptedJobs([("running", [e1]), ("running", [e2, e1]), ("succeeded", [e3, e2, e1])])
@@ -43,7 +43,7 @@ def test_follow_prints_each_event_once_in_order_until_the_job_ends() -> None:
     job = follow(client, "ftjob-1", timeout_s=60, poll_s=0, echo=lines.append)
     assert job.status == "succeeded" and not jobs.cancelled
     assert lines == ["  Validated",
-                     "  step 1/2  loss 1.500  lr 1.00e-03  100 tok/s  eta 3 s",
+                     "  [" + "#" * 15 + "." * 15 + "] 1/2 loss 1.5000 100 tok/s ETA 3 s",
                      "  Job succeeded"]
     assert _extra(job) == {"eval": {"score": 0.9}}
 

@@ -104,6 +104,25 @@ def test_tick_rolls_back_on_errors_and_promotes_a_good_canary(mc: MonitorContext
     assert mc.registry.get_adapter("rt")["aliases"]["stable"] == 2
 
 
+def test_a_promotion_without_traffic_says_so_once(mc: MonitorContext) -> None:
+    mc.promotions.start("rt", 2, actor="op", reason="r")
+    mc.promotions.advance("rt", actor="op", reason="r")
+    [entry] = asyncio.run(run_tick(mc))
+    assert entry["action"] == "hold" and "waiting" not in entry  # not starved yet
+    mc.promotions.settings.starved_after_s = 1e-6
+    for _ in range(2):
+        [entry] = asyncio.run(run_tick(mc))
+        assert entry["action"] == "hold" and entry["waiting"] is True
+    got = mc.promotions.get("rt")
+    waits = [e for e in got["events"] if e["from_state"] == e["to_state"] == "shadow"]
+    assert len(waits) == 1  # once per state, not every tick
+    assert "waiting for traffic" in waits[0]["reason"]
+    assert "/admin/promotions/rt/promote" in waits[0]["reason"]
+    assert got["waiting"] == waits[0]["reason"]
+    row = mc.promotions.advance("rt", actor="op", reason="by hand")
+    assert row["from_state"] == "shadow" and mc.promotions.get("rt")["waiting"] is None
+
+
 def test_cron_times() -> None:
     assert cron_times(0) is None
     assert cron_times(15) == {"second": {0, 15, 30, 45}}

@@ -48,7 +48,7 @@ def submit(env: dict[str, Any], job_id: str, training_file: Path, **kw: Any) -> 
     env["store"].create(job_id, model="SmolLM2-135M-Instruct", name="rt", spec=spec.model_dump())
     return run_job(spec, store=env["store"], registry=env["registry"],
                    work_dir=env["root"] / "work" / job_id, cancel=threading.Event(),
-                   progress_interval_s=0.0)
+                   progress_interval_s=0.0, files_dir=env["root"] / "files")
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,19 @@ def test_real_tune_raises_golden_accuracy_and_registers(
     assert manifest["lora"]["r"] == 16 and manifest["base_model_sha256"]
     job = env["store"].get("ftjob-real")
     assert job["status"] == "succeeded" and job["trained_tokens"] > 0
+    assert job["trained_tokens"] == tuned.result["train"]["tokens"]
+    assert job["progress"]["step"] == STEPS and job["estimated_finish"] is None
     metrics = [e for e in env["store"].events("ftjob-real") if e["type"] == "metrics"]
-    assert metrics[-1]["data"]["step"] == STEPS
-    assert {"loss", "lr", "tokens_per_s", "eta_s"} <= set(metrics[-1]["data"])
+    assert metrics[-1]["data"]["step"] == STEPS  # OpenAI's metrics shape
+    assert {"step", "train_loss", "total_steps", "learning_rate", "tokens_per_s", "eta_s"} <= \
+        set(metrics[-1]["data"])
+    assert len(metrics) < STEPS  # sparse: milestones stay visible
+    rows = (env["root"] / "files" / f"{job['result_file']}.csv").read_text().splitlines()
+    assert rows[0].startswith("step,train_loss,learning_rate,tokens_per_s")
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
+    last = env["store"].events("ftjob-real", newest_first=True, limit=2)
+    assert last[0]["message"].startswith("Job succeeded: rt@v1; moved rt:stable to it")
+    assert last[0]["data"]["serving"] == "rt@v1"
     assert not (env["root"] / "work" / "ftjob-real").exists()  # private work folder cleaned
 
 

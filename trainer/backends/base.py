@@ -30,8 +30,9 @@ class StepInfo:
     loss: float  # mean cross-entropy per supervised token of this step (nats)
     lr: float
     tokens_per_s: float  # input tokens (padding excluded) per second, whole run so far
-    eta_s: float
+    eta_s: float  # seconds of training left (see ``trainer.backends.loop.Eta``)
     elapsed_s: float
+    tokens: int = 0  # input tokens trained on so far (padding excluded)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

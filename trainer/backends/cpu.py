@@ -61,6 +61,18 @@ def supervised_forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any,
 class CpuBackend:
     name = "cpu"
 
+    def __init__(self, trim_every_steps: int | None = None) -> None:
+        from trainer.memory import TRIM_EVERY_STEPS
+
+        # 0: never hand freed heap pages back (the behaviour before trainer.memory existed)
+        self.trim_every = TRIM_EVERY_STEPS if trim_every_steps is None else trim_every_steps
+
+    def _after_step(self, step: int) -> None:
+        from trainer.memory import trim
+
+        if self.trim_every and step % self.trim_every == 0:
+            trim()
+
     def train(
         self, spec: TrainSpec, examples: list[list[Message]], out_dir: Path, hooks: Hooks
     ) -> TrainResult:
@@ -105,6 +117,7 @@ class CpuBackend:
             seed=spec.seed,
             forward_sum=supervised_forward_sum,
             hooks=hooks,
+            after_step=self._after_step,
         )
         hooks.check_cancelled()
         manifest = adapter_manifest(spec, backend=self.name, steps=result.steps, extra={})

@@ -80,6 +80,35 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError)
 
 
+class Eta:
+    """Seconds of training left, from the work left rather than the steps left.
+
+    Length-grouped batches differ a lot in cost (a batch of long examples takes several times a
+    batch of short ones), and the first step pays one-time costs (allocator warm-up, kernel
+    selection), so ``elapsed / steps * steps_left`` misjudges early on. A step's cost is taken as
+    its padded tokens (rows x longest row, what the forward pass computes over); the rate is
+    measured from the end of the first step on.
+    """
+
+    def __init__(self, step_costs: Sequence[int]) -> None:
+        self.costs = list(step_costs)
+        self.left = sum(self.costs)
+        self._first_end: float | None = None
+        self._after_first = 0
+
+    def update(self, step: int, now: float, start: float) -> float:
+        """Record that step ``step`` (1-based) ended at ``now``; returns seconds left."""
+        self.left -= self.costs[step - 1]
+        if step == 1 or self._first_end is None:
+            self._first_end = now
+            done = self.costs[0]
+            rate = done / max(now - start, 1e-6)
+        else:
+            self._after_first += self.costs[step - 1]
+            rate = self._after_first / max(now - self._first_end, 1e-6)
+        return self.left / rate if rate > 0 else 0.0
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -104,6 +133,7 @@ def run_loop(
     hooks: Hooks,
     max_grad_norm: float = 1.0,
     on_oom: Callable[[], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> LoopResult:
     import torch
 
@@ -113,6 +143,7 @@ def run_loop(
     steps_per_epoch = max(1, math.ceil(len(encoded) / batch_size))
     total = min(len(batches), max_steps) if max_steps else len(batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(total, warmup_ratio))
+    eta = Eta([len(b) * max(len(encoded[i].input_ids) for i in b) for b in batches[:total]])
     micro = min(micro_batch_size or batch_size, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
@@ -155,7 +186,12 @@ def run_loop(
         scheduler.step()
         tokens += sum(len(t.input_ids) for t in items)
         losses.append(total_loss / max(1, n_sup))
-        elapsed = time.monotonic() - start
+        now = time.monotonic()
+        elapsed = now - start
+        eta_s = eta.update(step + 1, now, start)
+        del items, loss_sum  # no tensor of this step is kept alive into the next
+        if after_step is not None:
+            after_step(step + 1)
         hooks.on_step(
             StepInfo(
                 step=step + 1,
@@ -164,8 +200,9 @@ def run_loop(
                 loss=losses[-1],
                 lr=lr,
                 tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-                eta_s=elapsed / (step + 1) * (total - step - 1),
+                eta_s=eta_s,
                 elapsed_s=elapsed,
+                tokens=tokens,
             )
         )
     return LoopResult(total, tokens, losses, micro, math.ceil(batch_size / micro))
