@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from shared.db import Database, database_url
 from tests.gateway.conftest import Records, auth, fake_replica, gateway
-from tests.gateway.test_sampling import sampling_env
+from tests.gateway.test_traffic_sampler import sampling_env
 from trainer.traffic_ingest import Ingester
 
 

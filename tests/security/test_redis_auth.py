@@ -25,7 +25,7 @@ from arq.worker import func
 
 from shared.queue import arq_options, redis_settings
 from tests.gateway.conftest import Records, auth, fake_replica, gateway
-from tests.gateway.test_sampling import sampling_env
+from tests.gateway.test_traffic_sampler import sampling_env
 from tests.procs import free_port, stop
 from trainer.settings import TrainerSettings
 from trainer.worker import create_worker
