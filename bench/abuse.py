@@ -50,6 +50,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import mixed_quota_request  # noqa: E402
 from shared.settings import StorageSettings  # noqa: E402
 from tests.gateway.conftest import Records, auth, gateway  # noqa: E402
 from tests.procs import free_port, redis_server, run_server  # noqa: E402
@@ -148,42 +149,6 @@ def run_anon_bodies(engine: str) -> dict[str, Any]:
 
 
 # ---- quota overrun -------------------------------------------------------------------------------
-async def _one(client: httpx.AsyncClient, base: str, key: str, rng: random.Random,
-               ) -> tuple[int, int]:
-    kind = rng.randrange(5)
-    stream = rng.random() < 0.5
-    body: dict[str, Any] = {"model": "base", "stream": stream}
-    path = "/v1/chat/completions"
-    if kind == 0:
-        body.update(max_tokens=1, max_completion_tokens=rng.randrange(50, 400))
-    elif kind == 1:
-        body.update(max_tokens=rng.randrange(50, 400))
-    elif kind == 3:
-        body.update(max_completion_tokens=rng.randrange(50, 400))
-    if kind == 4:
-        path = "/v1/completions"
-        body["prompt"] = [rng.randrange(1000) for _ in range(rng.randrange(1, 300))]
-        if rng.random() < 0.5:
-            body["max_tokens"] = rng.randrange(1, 300)
-    else:
-        body["messages"] = [{"role": "user", "content": "é" * rng.randrange(1, 200)}]
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    async with client.stream("POST", base + path, headers=auth(key), json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return r.status_code, 0
-        if not stream:
-            return 200, int(json.loads(await r.aread())["usage"]["total_tokens"])
-        served = 0
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    served = int(usage["total_tokens"])
-        return 200, served
-
-
 def run_quota(engine: str, redis_url: str, seconds: float) -> dict[str, Any]:
     import redis
 
@@ -208,7 +173,8 @@ def run_quota(engine: str, redis_url: str, seconds: float) -> dict[str, Any]:
                     j = 0
                     while time.monotonic() < deadline:
                         k = (i + j) % len(keys)
-                        status, tokens = await _one(client, (g1, g2)[j % 2], keys[k], rng)
+                        status, tokens = await mixed_quota_request(
+                            client, (g1, g2)[j % 2], auth(keys[k]), rng)
                         out.append((k, status, tokens))
                         j += 1
 

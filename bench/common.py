@@ -177,3 +177,44 @@ def load_adapters(base_url: str, adapters: dict[str, Path]) -> None:
                        json={"lora_name": name, "lora_path": str(path)}, timeout=120)
         if r.status_code != 200:
             raise RuntimeError(f"loading {name}: HTTP {r.status_code}: {r.text[:300]}")
+
+
+async def mixed_quota_request(client: httpx.AsyncClient, base: str, headers: dict[str, str],
+                              rng: Any, most: int = 400) -> tuple[int, int]:
+    """One request of a random kind for a token-quota load, the kinds a quota must not be
+    bypassed by: ``max_tokens=1`` beside a larger ``max_completion_tokens``, either alone,
+    neither (the engine may run to its context), or a token-id prompt on ``/v1/completions``;
+    streamed or not. ``most``: the largest token limit asked (prompts scale with it). Returns
+    (status, tokens served as the answer's usage says)."""
+    kind = rng.randrange(5)
+    stream = rng.random() < 0.5
+    body: dict[str, Any] = {"model": "base", "stream": stream}
+    path = "/v1/chat/completions"
+    if kind == 0:
+        body.update(max_tokens=1, max_completion_tokens=rng.randrange(50, most))
+    elif kind == 1:
+        body.update(max_tokens=rng.randrange(50, most))
+    elif kind == 3:
+        body.update(max_completion_tokens=rng.randrange(50, most))
+    if kind == 4:
+        path = "/v1/completions"
+        body["prompt"] = [rng.randrange(1000) for _ in range(rng.randrange(1, most * 3 // 4))]
+        if rng.random() < 0.5:
+            body["max_tokens"] = rng.randrange(1, most * 3 // 4)
+    else:
+        body["messages"] = [{"role": "user", "content": "é" * rng.randrange(1, most // 2)}]
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    async with client.stream("POST", base + path, headers=headers, json=body) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, 0
+        if not stream:
+            return 200, int(json.loads(await r.aread())["usage"]["total_tokens"])
+        served = 0
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                usage = json.loads(line[6:]).get("usage")
+                if usage:
+                    served = int(usage["total_tokens"])
+        return 200, served

@@ -7,14 +7,13 @@ than its tpm in a window. The replica reports usage as an engine running to its 
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import uuid
 from pathlib import Path
-from typing import Any
 
 import httpx
 
+from bench.common import mixed_quota_request
 from gateway.auth import KeyInfo
 from gateway.metrics import Metrics
 from gateway.quotas import Quotas, Reservation
@@ -40,45 +39,6 @@ def test_max_completion_tokens_is_reserved(engine: str, data_dir: Path, redis_ur
         assert r.status_code == 429 and r.json()["error"]["code"] == "tokens_exceed_limit"
 
 
-async def _one(client: httpx.AsyncClient, base: str, key: str, rng: random.Random,
-               ) -> tuple[int, int]:
-    """One request of a random kind; returns (status, tokens served)."""
-    kind = rng.randrange(5)
-    stream = rng.random() < 0.5
-    body: dict[str, Any] = {"model": "base", "stream": stream}
-    path = "/v1/chat/completions"
-    if kind == 0:
-        body.update(max_tokens=1, max_completion_tokens=rng.randrange(50, 300))
-    elif kind == 1:
-        body.update(max_tokens=rng.randrange(50, 300))
-    elif kind == 2:
-        pass  # neither: the engine may run to its context
-    elif kind == 3:
-        body.update(max_completion_tokens=rng.randrange(50, 300))
-    if kind == 4:
-        path = "/v1/completions"
-        body.update(prompt=[rng.randrange(1000) for _ in range(rng.randrange(1, 200))])
-        if rng.random() < 0.5:
-            body["max_tokens"] = rng.randrange(1, 200)
-    else:
-        body["messages"] = [{"role": "user", "content": "é" * rng.randrange(1, 100)}]
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    async with client.stream("POST", base + path, headers=auth(key), json=body) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return r.status_code, 0
-        if not stream:
-            return 200, int(json.loads(await r.aread())["usage"]["total_tokens"])
-        served = 0
-        async for line in r.aiter_lines():
-            if line.startswith("data: {") and '"usage"' in line:
-                usage = json.loads(line[6:]).get("usage")
-                if usage:
-                    served = int(usage["total_tokens"])
-        return 200, served
-
-
 def test_mixed_load_over_two_gateways_never_exceeds_tpm(engine: str, data_dir: Path,
                                                          redis_url: str,
                                                          records: Records) -> None:
@@ -94,7 +54,8 @@ def test_mixed_load_over_two_gateways_never_exceeds_tpm(engine: str, data_dir: P
                 async def worker(i: int) -> None:
                     rng = random.Random(i)
                     for j in range(8):
-                        results.append(await _one(client, (g1, g2)[(i + j) % 2], key, rng))
+                        results.append(await mixed_quota_request(
+                            client, (g1, g2)[(i + j) % 2], auth(key), rng, most=300))
 
                 await asyncio.gather(*(worker(i) for i in range(50)))
             return results
