@@ -16,10 +16,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete
 
 from shared.db import ConsoleSession, Database, utcnow
+from shared.errors import AuthenticationFailed
 
 COOKIE = "tunegate_console"
 CSRF_HEADER = "x-csrf-token"
@@ -73,3 +75,19 @@ class SessionStore:
     def end(self, token: str) -> None:
         with self.db.session() as s:
             s.execute(delete(ConsoleSession).where(ConsoleSession.id == _digest(token)))
+
+
+async def session_key(sessions: SessionStore, keys: Any, token: str) -> tuple[Session, Any]:
+    """The live session of ``token`` and its key (``keys``: the gateway's key store); 401
+    ``session_expired`` when the session ended or its key was revoked."""
+    from anyio import to_thread
+
+    session = await to_thread.run_sync(sessions.get, token)
+    if session is None:
+        raise AuthenticationFailed("The console session ended; sign in again.",
+                                   code="session_expired")
+    info = await keys.authenticate(session.key_hash)
+    if info is None:
+        raise AuthenticationFailed("The key of this console session was revoked.",
+                                   code="session_expired")
+    return session, info

@@ -15,9 +15,15 @@ from gateway.auth import (
     replica_only,
     unknown_key,
 )
-from gateway.console_sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SessionStore
+from gateway.console_sessions import (
+    COOKIE,
+    CSRF_HEADER,
+    SAFE_METHODS,
+    SessionStore,
+    session_key,
+)
 from gateway.state import GatewayState
-from shared.errors import AuthenticationFailed, PermissionDenied
+from shared.errors import PermissionDenied
 
 
 async def get_state(request: Request) -> GatewayState:
@@ -57,16 +63,8 @@ async def current_key(request: Request) -> KeyInfo:
 
 
 async def _session_key(request: Request, sessions: SessionStore) -> KeyInfo:
-    from anyio import to_thread
-
-    session = await to_thread.run_sync(sessions.get, request.cookies[COOKIE])
-    if session is None:
-        raise AuthenticationFailed("The console session ended; sign in again.",
-                                   code="session_expired")
-    info = await request.app.state.tg.keys.authenticate(session.key_hash)
-    if info is None:
-        raise AuthenticationFailed("The key of this console session was revoked.",
-                                   code="session_expired")
+    session, info = await session_key(sessions, request.app.state.tg.keys,
+                                      request.cookies[COOKIE])
     if request.method not in SAFE_METHODS and not session.csrf_ok(
             request.headers.get(CSRF_HEADER)):
         raise PermissionDenied("Missing or wrong X-CSRF-Token for this console session.",

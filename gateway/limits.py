@@ -27,7 +27,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from gateway.auth import bearer_secret, hash_key, unknown_key
-from gateway.console_sessions import COOKIE
+from gateway.console_sessions import COOKIE, session_key
 from gateway.tracing import span as trace_span
 from shared.errors import AuthenticationFailed, InvalidRequest, error_body
 
@@ -107,14 +107,11 @@ class Guard:
 
 
 async def _session_key(scope: Scope, token: str) -> Any:
-    """The key of a live console session, or None."""
-    from anyio import to_thread
-
+    """The key of a live console session (401 ``session_expired`` otherwise)."""
     sessions = getattr(scope["app"].state, "console_sessions", None)
-    found = await to_thread.run_sync(sessions.get, token) if sessions is not None else None
-    if found is None:
+    if sessions is None:
         return None
-    return await scope["app"].state.tg.keys.authenticate(found.key_hash)
+    return (await session_key(sessions, scope["app"].state.tg.keys, token))[1]
 
 
 async def _too_large(send: Any, limit: int) -> None:

@@ -60,8 +60,8 @@ async def test_leaving_early_aborts(engine: AsyncEngine) -> None:
         break
     await gen.aclose()
     for _ in range(100):
-        if not engine.embedded.scheduler.has_work():
+        if not engine.scheduler.has_work():
             break
         await asyncio.sleep(0.02)
-    assert not engine.embedded.scheduler.has_work()
-    assert len(engine.embedded.runner.kv[0]) < 5_000  # stopped long before its 10 000 tokens
+    assert not engine.scheduler.has_work()
+    assert len(engine.runner.kv[0]) < 5_000  # stopped long before its 10 000 tokens

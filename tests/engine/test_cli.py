@@ -25,7 +25,7 @@ def test_vllm_kind_calls_the_launcher(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert calls == [{
         "model": tmp_path, "host": "0.0.0.0", "port": 9123, "served_model_name": "base",
         "max_loras": 3, "max_lora_rank": 32, "max_model_len": 4096, "max_num_seqs": 64,
-        "extra_args": ["--enforce-eager"], "api_key": None,
+        "extra_args": ["--enforce-eager"], "api_key": None, "drain": None,
     }]
 
 
