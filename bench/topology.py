@@ -291,8 +291,7 @@ def _run(
     (data / "models").mkdir(parents=True)
     (data / "models" / model_dir.name).symlink_to(model_dir, target_is_directory=True)
     db_url = database_url(data, pg_url) + f"?options=-csearch_path%3D{schema}"
-    db = Database(db_url)
-    db.create_all()
+    db = Database(db_url, auto_migrate=True)  # a fresh schema: migrated to head once, here
     keys = KeyStore(db)
     admin, _ = keys.create(name="topology-admin", scope="admin")
     limited, _ = keys.create(name="topology-quota", scope="user", rpm=quota_rpm)

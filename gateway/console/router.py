@@ -59,12 +59,12 @@ async def lifespan(app: FastAPI, state: Any) -> AsyncIterator[None]:
     yield
 
 
-@router.get("/console")
+@router.get("/console", include_in_schema=False)  # the page, not an API
 async def page() -> FileResponse:
     return FileResponse(STATIC / "index.html", media_type="text/html", headers=HEADERS)
 
 
-@router.get("/console/static/{name}")
+@router.get("/console/static/{name}", include_in_schema=False)
 async def static(name: str) -> FileResponse:
     if name not in FILES:
         raise NotFound(f"no console file {name!r}")

@@ -12,10 +12,11 @@ correction as the answer).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Query, Response
+from fastapi import Path as FastPath
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import or_, select, update
 
@@ -118,7 +119,8 @@ async def list_samples(
     return {"object": "list", "data": await to_thread.run_sync(run), "lanes": list(LANES)}
 
 
-@router.get("/export")
+@router.get("/export", response_class=Response, responses={200: {
+    "description": "One JSON record a line", "content": {"application/jsonl": {}}}})
 async def export(
     state: State,
     model: str = Query(min_length=1, max_length=200),
@@ -139,6 +141,10 @@ async def export(
     )
 
 
+# Row ids are 64-bit in SQL: a larger number is this request's 422, not a driver error.
+SampleId = Annotated[int, FastPath(ge=1, le=2**63 - 1)]
+
+
 async def _get(state: Any, sample_id: int) -> TrafficSample:
     def run() -> TrafficSample | None:
         with state.db.session() as s:
@@ -151,7 +157,7 @@ async def _get(state: Any, sample_id: int) -> TrafficSample:
 
 
 @router.get("/{sample_id}")
-async def get_sample(sample_id: int, state: State) -> dict[str, Any]:
+async def get_sample(sample_id: SampleId, state: State) -> dict[str, Any]:
     return _row(await _get(state, sample_id), full=True)
 
 
@@ -169,7 +175,7 @@ class AdminFeedback(BaseModel):
 
 @router.post("/{sample_id}/feedback")
 async def give_feedback(
-    sample_id: int, body: AdminFeedback, key: AdminKey, state: State
+    sample_id: SampleId, body: AdminFeedback, key: AdminKey, state: State
 ) -> dict[str, Any]:
     row = await _get(state, sample_id)
     if row.lane == "shadow":

@@ -98,7 +98,8 @@ async def get_file(file_id: str, state: State) -> dict[str, Any]:
     return file_object(row)
 
 
-@router.get("/{file_id}/content")
+@router.get("/{file_id}/content", response_class=FileResponse, responses={200: {
+    "description": "The file's bytes", "content": {"text/csv": {}, "application/jsonl": {}}}})
 async def file_content(file_id: str, state: State) -> FileResponse:
     row = await to_thread.run_sync(FileStore(state.db).get, file_id)
     path = Path(row["path"]) if row else None

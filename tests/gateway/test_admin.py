@@ -34,8 +34,8 @@ USER = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/generate",
 
 def admin_routes() -> list[tuple[str, str]]:
     """Every (method, path) of the app's route table (read through its OpenAPI schema: FastAPI's
-    public view of the table; no route of ours is hidden from it) that is neither public nor
-    a user route."""
+    public view of the table; only the console's page and files, public, are left out of it)
+    that is neither public nor a user route."""
     app = create_app(GatewaySettings(engines=["http://127.0.0.1:1"]))
     out = []
     for path, methods in app.openapi()["paths"].items():

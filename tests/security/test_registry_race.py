@@ -89,7 +89,7 @@ def pg_url() -> Iterator[str]:
     with admin.engine.begin() as c:
         c.execute(text(f"CREATE SCHEMA {schema}"))
     url = database_url(Path("."), PG_URL) + f"?options=-csearch_path%3D{schema}"
-    Database(url).dispose()
+    Database(url, auto_migrate=True).dispose()
     yield url
     with admin.engine.begin() as c:
         c.execute(text(f"DROP SCHEMA {schema} CASCADE"))

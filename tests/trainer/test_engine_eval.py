@@ -113,8 +113,7 @@ def test_registered_engine_prefers_a_vllm_replica(tmp_path: Path) -> None:
     from shared.replicas import ReplicaStore
     from trainer.engine_eval import registered_engine
 
-    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    db.create_all()
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")  # migrated to head on open
     assert registered_engine(db) is None
     replicas = ReplicaStore(db)
     replicas.register("http://127.0.0.1:9001", kind="embedded")

@@ -63,27 +63,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('traffic_samples', schema=None) as batch_op:
-        batch_op.alter_column('request_id',
-               existing_type=sa.String(length=128),
-               type_=sa.VARCHAR(length=64),
-               existing_nullable=False)
-        batch_op.drop_column('feedback_trusted')
-        batch_op.drop_column('feedback_key_id')
-        batch_op.drop_column('client_request_id')
-
-    with op.batch_alter_table('promotions', schema=None) as batch_op:
-        batch_op.drop_column('waiting')
-
-    with op.batch_alter_table('fine_tuning_jobs', schema=None) as batch_op:
-        batch_op.drop_column('result_file')
-        batch_op.drop_column('progress')
-        batch_op.drop_column('estimated_finish')
-
-    with op.batch_alter_table('api_keys', schema=None) as batch_op:
-        batch_op.drop_column('may_label')
-
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.drop_column('next_version')
-
+    # Columns are dropped in place (SQLite 3.35+ can): a batch rebuild would drop and re-create
+    # tables that others reference, which SQLite's enforced foreign keys refuse. SQLite does not
+    # enforce VARCHAR lengths, so the request id's type only changes back elsewhere.
+    if op.get_bind().dialect.name != "sqlite":
+        op.alter_column('traffic_samples', 'request_id', existing_type=sa.String(length=128),
+                        type_=sa.VARCHAR(length=64), existing_nullable=False)
+    for table, columns in (
+        ('traffic_samples', ('feedback_trusted', 'feedback_key_id', 'client_request_id')),
+        ('promotions', ('waiting',)),
+        ('fine_tuning_jobs', ('result_file', 'progress', 'estimated_finish')),
+        ('api_keys', ('may_label',)),
+        ('adapters', ('next_version',)),
+    ):
+        for column in columns:
+            op.drop_column(table, column)
     op.drop_table('console_sessions')
