@@ -4,7 +4,6 @@ Redis, SQLite in a folder of its own. Test modules import the fixtures they use.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 
 from shared.db import Database, database_url
 from tests.gateway.conftest import Records, auth, fake_replica, gateway
+from tests.gateway.test_feedback import feedback
+from tests.gateway.test_feedback import ingest as ingest_samples
 from tests.gateway.test_traffic_sampler import sampling_env
-from trainer.traffic_ingest import Ingester
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +56,5 @@ def ask(system: dict[str, Any], key: str, client_id: str | None = None,
     return resp
 
 
-def give_feedback(system: dict[str, Any], key: str, body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(system["url"] + "/v1/feedback", headers=auth(key), json=body, timeout=30)
-
-
-def ingest(system: dict[str, Any]) -> None:
-    async def run() -> None:
-        r = aioredis.Redis.from_url(system["redis_url"])
-        try:
-            await Ingester(r, system["db"], stream=system["stream"]).run_once()
-        finally:
-            await r.aclose()
-
-    asyncio.run(run())
+# The feedback call and the stream-to-SQL step are the feedback tests' own.
+give_feedback, ingest = feedback, ingest_samples
