@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.chat import IGNORE_INDEX, Tokenized
+from shared.chat import Tokenized
 from shared.data import Message
 from shared.job_spec import TrainSpec
 from trainer.backends.base import Hooks, TrainResult, adapter_manifest, save_adapter_atomically
@@ -29,8 +29,9 @@ def padded_forward_sum(pad_id: int) -> ForwardSum:
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
         batch = pad_batch(items, pad_id, next(model.parameters()).device)
-        # The model shifts labels by one: position t predicts token t+1.
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # The model shifts labels by one (position t predicts token t+1); a row's first token is
+        # never an answer token, so the host's count is the model's, without a device sync.
+        n = sum(t.n_supervised for t in items)
         out = model(**batch)
         return out.loss * n, n
 

@@ -51,16 +51,19 @@ def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str,
     import torch
 
     width = max(len(t.input_ids) for t in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, t in enumerate(items):
-        n = len(t.input_ids)
-        ids[row, :n] = torch.tensor(t.input_ids)
-        labels[row, :n] = torch.tensor(t.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}
+    # Built as one host tensor and copied once (pinned and asynchronous on CUDA), so the host
+    # prepares the next micro-batch while the device still works on this one.
+    def padded(seq: Sequence[int], fill: int) -> list[int]:
+        return [*seq, *[fill] * (width - len(seq))]
+
+    host = torch.tensor([[padded(t.input_ids, pad_id) for t in items],
+                         [padded(t.labels, IGNORE_INDEX) for t in items],
+                         [padded([1] * len(t.input_ids), 0) for t in items]], dtype=torch.long)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        host = host.pin_memory()
+    ids, labels, mask = host.to(device, non_blocking=cuda)  # three contiguous (rows, width)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def linear_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -157,12 +160,13 @@ def run_loop(
         while True:
             try:
                 optimizer.zero_grad(set_to_none=True)
-                total_loss = 0.0
+                total_loss: Any = 0.0
                 for m in range(0, len(items), micro):
                     loss_sum, _ = forward_sum(model, items[m : m + micro])
                     # Divide by the whole step's supervised tokens: the same gradient for any split.
                     (loss_sum / max(1, n_sup)).backward()
-                    total_loss += float(loss_sum.detach())
+                    # Summed on the device: one host sync a step (below), not one a micro-batch.
+                    total_loss = total_loss + loss_sum.detach()
                 break
             except Exception as exc:
                 if not is_oom(exc) or micro == 1:
@@ -185,7 +189,7 @@ def run_loop(
         optimizer.step()
         scheduler.step()
         tokens += sum(len(t.input_ids) for t in items)
-        losses.append(total_loss / max(1, n_sup))
+        losses.append(float(total_loss) / max(1, n_sup))
         now = time.monotonic()
         elapsed = now - start
         eta_s = eta.update(step + 1, now, start)
