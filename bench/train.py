@@ -81,7 +81,7 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     backend = select_backend(backend_name)  # unsloth is imported before transformers
     from shared.job_spec import TrainSpec
-    from trainer.backends.cpu import load_tokenizer
+    from trainer.backends.lora import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if name in ("speed", "hf_speed"):

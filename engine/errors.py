@@ -7,29 +7,27 @@ number; the embedded engine answers the same so the gateway treats every replica
 
 from __future__ import annotations
 
-from shared.errors import InternalError, InvalidRequest, NotFound, Overloaded
+from shared.errors import InternalError, InvalidRequest, NotFound, Overloaded, TunegateError
 
 
-class BadRequestError(InvalidRequest):
-    type = "BadRequestError"
+class VllmError(TunegateError):
+    """``code`` is the HTTP status, as a number (vLLM's)."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message, param=param)
-        self.code = 400  # type: ignore[assignment]
+        self.code = self.status  # type: ignore[assignment]
 
 
-class InvalidUserInput(BadRequestError):
+class BadRequestError(VllmError, InvalidRequest, type="BadRequestError"):
+    pass
+
+
+class InvalidUserInput(BadRequestError, type="InvalidUserInput"):
     """vLLM's type for adapter requests that make no sense (e.g. loading a name twice)."""
 
-    type = "InvalidUserInput"
 
-
-class NotFoundError(NotFound):
-    type = "NotFoundError"
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message, param=param)
-        self.code = 404  # type: ignore[assignment]
+class NotFoundError(VllmError, NotFound, type="NotFoundError"):
+    pass
 
 
 class ModelDoesNotExist(NotFoundError):
@@ -38,23 +36,13 @@ class ModelDoesNotExist(NotFoundError):
                          f"{', '.join(aliases)}.", param="model")
 
 
-class BodyInvalid(BadRequestError):
+class BodyInvalid(BadRequestError, type="Bad Request"):
     """A body that does not parse or fit the schema (vLLM's type string for these)."""
 
-    type = "Bad Request"
+
+class EngineBusy(VllmError, Overloaded, type="ServiceUnavailableError"):
+    pass
 
 
-class EngineBusy(Overloaded):
-    type = "ServiceUnavailableError"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = 503  # type: ignore[assignment]
-
-
-class EngineInternalError(InternalError):
-    type = "InternalServerError"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = 500  # type: ignore[assignment]
+class EngineInternalError(VllmError, InternalError, type="InternalServerError"):
+    pass

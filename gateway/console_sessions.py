@@ -6,7 +6,7 @@ by the page's scripts, never in localStorage); the database holds only its sha25
 has a CSRF token that the page must send as ``X-CSRF-Token`` on every request that changes
 something (``gateway.deps.any_key`` checks it); the page gets it from ``GET
 /console/session``. A session ends at sign-out, after ``ttl_s``, or as soon as its key is
-revoked (the key is looked up on every request).
+revoked (the session and its key are looked up once on every request, by the header guard).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from shared.errors import AuthenticationFailed
 COOKIE = "tunegate_console"
 CSRF_HEADER = "x-csrf-token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# ``scope["state"][SCOPE_STATE]``: the ``(session, key)`` the header guard found for a request's
+# cookie (``gateway.limits``), so that the routes' dependencies do not look it up again.
+SCOPE_STATE = "console_session"
 
 
 @dataclass(frozen=True)

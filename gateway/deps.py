@@ -19,7 +19,8 @@ from gateway.console_sessions import (
     COOKIE,
     CSRF_HEADER,
     SAFE_METHODS,
-    SessionStore,
+    SCOPE_STATE,
+    Session,
     session_key,
 )
 from gateway.state import GatewayState
@@ -40,20 +41,23 @@ async def any_key(request: Request) -> KeyInfo:
     read. Without an ``Authorization`` header, a console session cookie stands for its admin key
     (``gateway.console_sessions``): any method but GET/HEAD/OPTIONS must then carry the
     session's CSRF token."""
-    found = request.scope.get("state", {}).get("key")
-    if found is not None:
-        request.scope["state"]["key_id"] = found.id
-        return found  # type: ignore[no-any-return]
-    header = request.headers.get("authorization")
-    sessions = getattr(request.app.state, "console_sessions", None)
-    if header is None and sessions is not None and COOKIE in request.cookies:
-        info = await _session_key(request, sessions)
-    else:
-        digest = hash_key(bearer_secret(header))
-        info = await request.app.state.tg.keys.authenticate(digest)
+    rstate = request.scope.setdefault("state", {})
+    info = rstate.get("key")
+    if info is None:
+        found = await _console_session(request)
+        if found is not None:
+            session, info = found
+            if request.method not in SAFE_METHODS and not session.csrf_ok(
+                    request.headers.get(CSRF_HEADER)):
+                raise PermissionDenied("Missing or wrong X-CSRF-Token for this console session.",
+                                       code="csrf_failed")
+            info = admin_only(info)
+        else:
+            digest = hash_key(bearer_secret(request.headers.get("authorization")))
+            info = await request.app.state.tg.keys.authenticate(digest)
     if info is None:
         raise unknown_key()
-    request.scope.setdefault("state", {})["key_id"] = info.id
+    rstate["key_id"] = info.id
     return info  # type: ignore[no-any-return]
 
 
@@ -62,14 +66,24 @@ async def current_key(request: Request) -> KeyInfo:
     return not_for_engine(await any_key(request))
 
 
-async def _session_key(request: Request, sessions: SessionStore) -> KeyInfo:
-    session, info = await session_key(sessions, request.app.state.tg.keys,
-                                      request.cookies[COOKIE])
-    if request.method not in SAFE_METHODS and not session.csrf_ok(
-            request.headers.get(CSRF_HEADER)):
-        raise PermissionDenied("Missing or wrong X-CSRF-Token for this console session.",
-                               code="csrf_failed")
-    return admin_only(info)
+async def _console_session(request: Request) -> tuple[Session, KeyInfo] | None:
+    """The console session of the request's cookie and its key, as the header guard found them
+    (looked up here only where the guard did not run); None without an ``Authorization``-less
+    cookie or where the console is off."""
+    found = request.scope.get("state", {}).get(SCOPE_STATE)
+    if found is not None:
+        return found  # type: ignore[no-any-return]
+    sessions = getattr(request.app.state, "console_sessions", None)
+    if (request.headers.get("authorization") is not None or sessions is None
+            or COOKIE not in request.cookies):
+        return None
+    return await session_key(sessions, request.app.state.tg.keys, request.cookies[COOKIE])
+
+
+async def console_session(request: Request) -> Session | None:
+    """The request's live console session (None: a Bearer caller)."""
+    found = await _console_session(request)
+    return found[0] if found is not None else None
 
 
 async def admin_key(key: Annotated[KeyInfo, Depends(any_key)]) -> KeyInfo:

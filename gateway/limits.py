@@ -8,8 +8,9 @@ depth check for JSON bodies.
   a 401 from the headers alone, before a byte of the body is received. The key found is left in
   ``scope["state"]["key"]`` for the routes' dependencies (no second lookup). The console's page
   and files (``/console``, ``/console/static/...``) are public too; without an
-  ``Authorization`` header, a live console session cookie stands for its key here, and the
-  routes' dependencies check it again with its CSRF token (``gateway.deps``).
+  ``Authorization`` header, a live console session cookie stands for its key here: the session
+  and its key are left in ``scope["state"]["console_session"]``, and the routes' dependencies
+  check its CSRF token and scope (``gateway.deps``) without looking it up again.
 - Bodies are capped: ``upload_bytes`` for ``POST /v1/files`` with an admin key, ``body_bytes``
   everywhere else. A ``Content-Length`` over the cap is a 413 at once; a chunked body is counted
   as it arrives and a 413 is raised from ``receive`` when it passes the cap.
@@ -27,7 +28,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 
 from gateway.auth import bearer_secret, hash_key, unknown_key
-from gateway.console_sessions import COOKIE, session_key
+from gateway.console_sessions import COOKIE, SCOPE_STATE, session_key
 from gateway.tracing import span as trace_span
 from shared.errors import AuthenticationFailed, InvalidRequest, error_body
 
@@ -65,23 +66,27 @@ class Guard:
                 length = value
             elif name == b"cookie":
                 cookie = value
-        session = _SESSION_COOKIE.search(cookie) if authorization is None and cookie else None
+        cookie_token = _SESSION_COOKIE.search(cookie) if authorization is None and cookie else None
+        state = scope.setdefault("state", {})
         try:
-            if session is not None:
-                key = await _session_key(scope, session.group(1).decode("latin-1"))
+            if cookie_token is not None:
+                found = await _session(scope, cookie_token.group(1).decode("latin-1"))
+                key = found[1] if found is not None else None
             else:
                 digest = hash_key(bearer_secret(authorization.decode("latin-1")
                                                 if authorization is not None else None))
                 tg = scope["app"].state.tg
-                with trace_span(tg.tracing, scope.setdefault("state", {}), "auth"):
+                with trace_span(tg.tracing, state, "auth"):
                     key = await tg.keys.authenticate(digest)
             if key is None:
                 raise unknown_key()
         except AuthenticationFailed as err:
             await _reply(send, err.status, err.to_dict(), err.headers)
             return
-        if session is None:  # a session's key is checked again with its CSRF token (deps)
-            scope.setdefault("state", {})["key"] = key
+        if cookie_token is None:
+            state["key"] = key
+        else:  # the routes' dependencies check the session's CSRF token and scope
+            state[SCOPE_STATE] = found
         limit = self.body_bytes
         if scope["path"] == UPLOAD_PATH and key.is_admin:
             limit = self.upload_bytes
@@ -106,12 +111,13 @@ class Guard:
         await self.app(scope, counted, send)
 
 
-async def _session_key(scope: Scope, token: str) -> Any:
-    """The key of a live console session (401 ``session_expired`` otherwise)."""
+async def _session(scope: Scope, token: str) -> tuple[Any, Any] | None:
+    """A live console session and its key (401 ``session_expired`` when it ended); None where
+    the console is off."""
     sessions = getattr(scope["app"].state, "console_sessions", None)
     if sessions is None:
         return None
-    return (await session_key(sessions, scope["app"].state.tg.keys, token))[1]
+    return await session_key(sessions, scope["app"].state.tg.keys, token)
 
 
 async def _too_large(send: Any, limit: int) -> None:

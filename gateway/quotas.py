@@ -8,7 +8,7 @@ Semantics (documented for the README):
 - **Atomicity**: one Lua script checks both limits and increments both counters, so concurrent
   requests on several gateway processes can never overspend.
 - **Tokens: reserve, then settle.** Before the request we reserve an upper bound of what it can
-  cost (``gateway.serving.budget``): the prompt's UTF-8 bytes (no token is shorter than a byte;
+  cost (``gateway.request_body.budget``): the prompt's UTF-8 bytes (no token is shorter than a byte;
   token-id prompts count as they are) plus the most the engine is allowed to produce, which the
   gateway writes into the body it sends (the larger of ``max_tokens`` and
   ``max_completion_tokens``; with neither, the model's whole context). After the answer we

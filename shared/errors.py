@@ -11,10 +11,19 @@ from typing import Any, ClassVar
 
 
 class TunegateError(Exception):
-    """Base class. ``status`` is the HTTP status, ``type`` the OpenAI error type."""
+    """Base class. ``status`` is the HTTP status, ``type`` the OpenAI error type; a subclass
+    names them as class keywords: ``class NotFound(TunegateError, status=404, type=...)``."""
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_server_error"
+
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None,
+                          **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if status is not None:
+            cls.status = status
+        if type is not None:
+            cls.type = type
 
     def __init__(
         self,
@@ -34,9 +43,8 @@ class TunegateError(Exception):
         return error_body(self.message, self.type, param=self.param, code=self.code)
 
 
-class InvalidRequest(TunegateError):
-    status = 400
-    type = "invalid_request_error"
+class InvalidRequest(TunegateError, status=400, type="invalid_request_error"):
+    pass
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -46,19 +54,16 @@ class ContextLengthExceeded(InvalidRequest):
         super().__init__(message, param=param, code="context_length_exceeded")
 
 
-class AuthenticationFailed(TunegateError):
-    status = 401
-    type = "authentication_error"
+class AuthenticationFailed(TunegateError, status=401, type="authentication_error"):
+    pass
 
 
-class PermissionDenied(TunegateError):
-    status = 403
-    type = "permission_error"
+class PermissionDenied(TunegateError, status=403, type="permission_error"):
+    pass
 
 
-class NotFound(TunegateError):
-    status = 404
-    type = "not_found_error"
+class NotFound(TunegateError, status=404, type="not_found_error"):
+    pass
 
 
 class ModelNotFound(NotFound):
@@ -68,35 +73,26 @@ class ModelNotFound(NotFound):
         )
 
 
-class Conflict(TunegateError):
-    status = 409
-    type = "conflict_error"
+class Conflict(TunegateError, status=409, type="conflict_error"):
+    pass
 
 
-class RateLimited(TunegateError):
-    status = 429
-    type = "rate_limit_error"
-
+class RateLimited(TunegateError, status=429, type="rate_limit_error"):
     def __init__(self, message: str, *, retry_after_s: int, code: str = "rate_limit_exceeded"):
         super().__init__(message, code=code, headers={"Retry-After": str(max(1, retry_after_s))})
         self.retry_after_s = retry_after_s
 
 
-class Overloaded(TunegateError):
-    status = 503
-    type = "service_unavailable"
+class Overloaded(TunegateError, status=503, type="service_unavailable"):
+    pass
 
 
-class UpstreamError(TunegateError):
+class UpstreamError(TunegateError, status=502, type="upstream_error"):
     """An engine replica failed or could not be reached."""
 
-    status = 502
-    type = "upstream_error"
 
-
-class InternalError(TunegateError):
-    status = 500
-    type = "internal_server_error"
+class InternalError(TunegateError, status=500, type="internal_server_error"):
+    pass
 
 
 def error_body(

@@ -62,7 +62,7 @@ class JobOutcome:
 
 def _count_tokens_fn(base_model: str) -> Any:
     from shared.chat import count_tokens
-    from trainer.backends.cpu import load_tokenizer
+    from trainer.backends.lora import load_tokenizer
 
     tok = load_tokenizer(base_model)
     return lambda messages: count_tokens(tok, messages)

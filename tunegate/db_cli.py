@@ -6,9 +6,10 @@ unless ``--url`` names another. See docs/migrations.md for rolling a deployment.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec
 
@@ -49,6 +50,23 @@ def _database(url: str | None) -> Database:
 
     settings = StorageSettings()
     return Database(database_url(settings.data_dir, url) if url else settings.db_url, create=False)
+
+
+@contextlib.contextmanager
+def _url_or_scratch(url: str | None) -> Iterator[Database]:
+    """The database at ``url``, else a scratch SQLite database at head; disposed afterwards."""
+    from shared.db import Database
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = (
+            _database(url)
+            if url
+            else Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True)
+        )
+        try:
+            yield db
+        finally:
+            db.dispose()
 
 
 @app.command()
@@ -128,24 +146,14 @@ def revision(
     autogenerate misses renames and data moves; keep it expand/contract (docs/migrations.md)."""
     from alembic import command
 
-    from shared.db import Database
     from shared.migrate import alembic_config, target_metadata
 
-    with tempfile.TemporaryDirectory() as tmp:
-        db = (
-            _database(url)
-            if url
-            else Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True)
+    with _url_or_scratch(url) as db, db.engine.begin() as conn:
+        script = command.revision(
+            alembic_config(conn, target_metadata()),
+            message=message,
+            autogenerate=autogenerate,
         )
-        try:
-            with db.engine.begin() as conn:
-                script = command.revision(
-                    alembic_config(conn, target_metadata()),
-                    message=message,
-                    autogenerate=autogenerate,
-                )
-        finally:
-            db.dispose()
     scripts = script if isinstance(script, list) else [script]
     for s in scripts:
         if s is not None:
@@ -160,19 +168,10 @@ def check(
     ),
 ) -> None:
     """Exit 1 when the models differ from the head revision (a model change without one)."""
-    from shared.db import Database
     from shared.migrate import differences
 
-    with tempfile.TemporaryDirectory() as tmp:
-        db = (
-            _database(url)
-            if url
-            else Database(f"sqlite:///{Path(tmp) / 'scratch.db'}", auto_migrate=True)
-        )
-        try:
-            diffs = differences(db.engine)
-        finally:
-            db.dispose()
+    with _url_or_scratch(url) as db:
+        diffs = differences(db.engine)
     for d in diffs:
         typer.echo(repr(d))
     if diffs:

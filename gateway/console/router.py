@@ -32,7 +32,7 @@ from sqlalchemy import select
 from gateway.auth import admin_only, bearer_secret, hash_key, unknown_key
 from gateway.console import traffic
 from gateway.console_sessions import COOKIE, SessionStore
-from gateway.deps import AdminKey, State, admin_key
+from gateway.deps import AdminKey, State, admin_key, console_session
 from shared.db import utcnow
 from shared.errors import NotFound
 from shared.promotion import EvalRun
@@ -100,8 +100,7 @@ async def sign_in(request: Request, state: State) -> JSONResponse:
 
 @router.get("/console/session")
 async def who(request: Request, key: AdminKey) -> dict[str, Any]:
-    sessions: SessionStore = request.app.state.console_sessions
-    session = await to_thread.run_sync(sessions.get, request.cookies.get(COOKIE, ""))
+    session = await console_session(request)
     if session is None:  # a Bearer caller: nothing to sign out of
         raise NotFound("no console session", code="no_session")
     return _session_body(key, session.csrf)

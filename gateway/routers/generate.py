@@ -19,14 +19,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.deps import Key, State
-from gateway.serving import (
-    ANSWER_OR_STREAM,
-    complete_json,
-    json_response,
-    open_stream,
-    prepare,
-    prompt_size,
-)
+from gateway.request_body import prompt_size
+from gateway.serving import ANSWER_OR_STREAM, complete_json, json_response, open_stream, prepare
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
 

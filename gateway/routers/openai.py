@@ -11,16 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.deps import Key, State, current_key
-from gateway.serving import (
-    ANSWER_OR_STREAM,
-    check_fields,
-    complete_json,
-    json_response,
-    open_stream,
-    parse_body,
-    prepare,
-    prompt_size,
-)
+from gateway.request_body import check_fields, parse_body, prompt_size
+from gateway.serving import ANSWER_OR_STREAM, complete_json, json_response, open_stream, prepare
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
 from shared.registry import BASE

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -107,36 +108,27 @@ def _drain_and_watch(
     signal_target.wait(60)
 
 
+def _engine_registered(
+    gw: str, admin: str, args: list[str], port: int, env: dict[str, str], log: Path
+) -> AbstractContextManager[tuple[str, subprocess.Popen[bytes]]]:
+    """``tunegate engine serve ARGS --port PORT --register GW``, the admin key in the
+    environment as `tunegate up` passes secrets (never on a command line)."""
+    return run_server(
+        ["-m", "tunegate", "engine", "serve", *args, "--port", str(port), "--register", gw],
+        port=port, env={"TUNEGATE_ENGINE_REGISTER_KEY": admin, "TUNEGATE_ENGINE_DRAIN_GRACE_S": "1",
+                        "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60", **env},
+        timeout_s=240, log=log)
+
+
 def test_embedded_engine_drains_on_sigterm(
     gw: str, admin: str, default_model_dir: Path, tmp_path: Path
 ) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {"TUNEGATE_ENGINE_DRAIN_GRACE_S": "1", "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60"}
     log = tmp_path / "engine.log"
-    with run_server(
-        [
-            "-m",
-            "tunegate",
-            "engine",
-            "serve",
-            "--model",
-            str(default_model_dir),
-            "--port",
-            str(port),
-            "--max-model-len",
-            "512",
-            "--max-num-seqs",
-            "4",
-            "--register",
-            gw,
-            "--admin-key",
-            admin,
-        ],
-        port=port,
-        env=env,
-        timeout_s=240,
-        log=log,
+    with _engine_registered(
+        gw, admin, ["--model", str(default_model_dir), "--max-model-len", "512",
+                    "--max-num-seqs", "4"], port, {}, log,
     ) as (_, proc):
         _drain_and_watch(gw, admin, url, proc)
     text = log.read_text()
@@ -157,34 +149,11 @@ def test_vllm_kind_launcher_drains_its_server(
     python.chmod(0o755)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {
-        "TUNEGATE_VLLM_PYTHON": str(python),
-        "TUNEGATE_VLLM_DEVICE": "cpu",
-        "TUNEGATE_ENGINE_REGISTER_KEY": admin,
-        "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": "1",
-        "TUNEGATE_ENGINE_DRAIN_GRACE_S": "1",
-        "TUNEGATE_ENGINE_DRAIN_TIMEOUT_S": "60",
-    }
+    env = {"TUNEGATE_VLLM_PYTHON": str(python), "TUNEGATE_VLLM_DEVICE": "cpu",
+           "TUNEGATE_ENGINE_REGISTER_INTERVAL_S": "1"}
     log = tmp_path / "launcher.log"
-    with run_server(
-        [
-            "-m",
-            "tunegate",
-            "engine",
-            "serve",
-            "--kind",
-            "vllm",
-            "--model",
-            str(default_model_dir),
-            "--port",
-            str(port),
-            "--register",
-            gw,
-        ],
-        port=port,
-        env=env,
-        timeout_s=240,
-        log=log,
+    with _engine_registered(
+        gw, admin, ["--kind", "vllm", "--model", str(default_model_dir)], port, env, log,
     ) as (_, proc):
         _drain_and_watch(gw, admin, url, proc)
         assert proc.returncode is not None

@@ -162,8 +162,9 @@ def test_embedded_engine_registers_and_deregisters(gw: str, admin: str, default_
     log = tmp_path / "engine.log"
     with run_server(["-m", "tunegate", "engine", "serve", "--model", str(default_model_dir),
                      "--host", "0.0.0.0", "--port", str(port), "--max-model-len", "512",
-                     "--max-num-seqs", "4", "--register", gw, "--admin-key", admin],
-                    port=port, timeout_s=240, log=log) as (_, proc):
+                     "--max-num-seqs", "4", "--register", gw],
+                    env={"TUNEGATE_ENGINE_REGISTER_KEY": admin}, port=port, timeout_s=240,
+                    log=log) as (_, proc):
         eventually(lambda: replicas(gw, admin).get(url, {}).get("healthy") is True)
         assert replicas(gw, admin)[url]["kind"] == "embedded"
         r = chat(gw, admin, max_tokens=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -66,6 +67,36 @@ def test_sign_in_csrf_and_sign_out(client: tuple[TestClient, Records]) -> None:
     assert c.delete("/console/session").status_code == 403
     assert c.delete("/console/session", headers={"X-CSRF-Token": csrf}).status_code == 204
     assert c.get("/admin/keys").status_code == 401
+
+
+def test_a_console_request_looks_its_session_up_once(
+    client: tuple[TestClient, Records], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header guard finds the session and its key; the routes' dependencies (and ``GET
+    /console/session``) use what it found instead of asking SQL again."""
+    c, records = client
+    csrf = sign_in(c, records.key("admin"))
+    sessions, keys = c.app.state.console_sessions, c.app.state.tg.keys
+    seen: list[str] = []
+    get, authenticate = sessions.get, keys.authenticate
+
+    def counted_get(token: str) -> Any:
+        seen.append("session")
+        return get(token)
+
+    async def counted_authenticate(digest: str) -> Any:
+        seen.append("key")
+        return await authenticate(digest)
+
+    monkeypatch.setattr(sessions, "get", counted_get)
+    monkeypatch.setattr(keys, "authenticate", counted_authenticate)
+    for method, path, status in (("GET", "/admin/keys", 200), ("GET", "/console/session", 200),
+                                 ("POST", "/admin/keys", 201)):
+        seen.clear()
+        r = c.request(method, path, headers={"X-CSRF-Token": csrf},
+                      json={"name": "once"} if method == "POST" else None)
+        assert r.status_code == status, r.text
+        assert seen == ["session", "key"], (path, seen)
 
 
 def test_revoking_the_key_ends_its_sessions(client: tuple[TestClient, Records]) -> None:

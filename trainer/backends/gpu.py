@@ -1,5 +1,5 @@
-"""What the two GPU backends share: padded, length-grouped micro-batches and the loop around a
-4-bit model.
+"""What the two GPU backends share: padded, length-grouped micro-batches, 8-bit AdamW, CUDA
+seeds, OOM recovery and the peak memory in the manifest, around a 4-bit model.
 
 Micro-batches are right-padded rows of examples of similar length (``loop.length_grouped_batches``
 groups them, so little padding is wasted), with an ``attention_mask`` that hides the padding and
@@ -10,16 +10,13 @@ labels only on the answer tokens. Every example is its own row: no example ever 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from shared.chat import Tokenized
-from shared.data import Message
 from shared.job_spec import TrainSpec
-from trainer.backends.base import Hooks, TrainResult, adapter_manifest, save_adapter_atomically
-from trainer.backends.loop import ForwardSum, pad_batch, run_loop
+from trainer.backends.loop import ForwardSum, pad_batch
+from trainer.backends.lora import LoraBackend
 
 
 def padded_forward_sum(pad_id: int) -> ForwardSum:
@@ -38,44 +35,33 @@ def padded_forward_sum(pad_id: int) -> ForwardSum:
     return forward_sum
 
 
-def train_4bit(
-    backend: str, model: Any, tokenizer: Any, spec: TrainSpec,
-    examples: list[list[Message]], out_dir: Path, hooks: Hooks, t0: float,
-) -> TrainResult:
-    """The loop for a prepared 4-bit peft model: 8-bit AdamW, linear warm-up, OOM recovery."""
-    import bitsandbytes as bnb
-    import torch
+class Gpu4bitBackend(LoraBackend):
+    """A 4-bit QLoRA backend on one CUDA device; subclasses load the model and add LoRA."""
 
-    from trainer.backends.cpu import encode_all
+    def where(self) -> str:
+        import torch
 
-    torch.manual_seed(spec.seed)
-    torch.cuda.manual_seed_all(spec.seed)
-    encoded = encode_all(tokenizer, examples, spec.max_seq_length)
-    hooks.on_event(
-        f"{backend}: {len(encoded)} examples on {torch.cuda.get_device_name(0)}",
-        {"examples": len(encoded),
-         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)},
-    )
-    optimizer = bnb.optim.AdamW8bit(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=spec.learning_rate, weight_decay=spec.weight_decay,
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    torch.cuda.reset_peak_memory_stats()
-    result = run_loop(
-        model=model, optimizer=optimizer, encoded=encoded, batch_size=spec.batch_size,
-        micro_batch_size=spec.micro_batch_size, n_epochs=spec.n_epochs, max_steps=spec.max_steps,
-        warmup_ratio=spec.warmup_ratio, seed=spec.seed, forward_sum=padded_forward_sum(pad_id),
-        hooks=hooks, on_oom=torch.cuda.empty_cache,
-    )
-    hooks.check_cancelled()
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    manifest = adapter_manifest(spec, backend=backend, steps=result.steps,
-                                extra={"peak_gib": round(peak_gib, 2)})
-    save_adapter_atomically(model, out_dir, manifest)
-    return TrainResult(
-        backend=backend, steps=result.steps, train_s=time.monotonic() - t0, tokens=result.tokens,
-        final_loss=result.losses[-1] if result.losses else float("nan"),
-        micro_batch_size=result.micro_batch_size, grad_accum=result.grad_accum,
-        adapter_dir=out_dir, losses=result.losses,
-    )
+        return str(torch.cuda.get_device_name(0))
+
+    def optimizer(self, params: list[Any], spec: TrainSpec) -> Any:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+    def before_loop(self, spec: TrainSpec) -> None:
+        import torch
+
+        torch.manual_seed(spec.seed)
+        torch.cuda.manual_seed_all(spec.seed)
+        torch.cuda.reset_peak_memory_stats()
+
+    def loop_options(self, tokenizer: Any) -> dict[str, Any]:
+        import torch
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return {"forward_sum": padded_forward_sum(pad_id), "on_oom": torch.cuda.empty_cache}
+
+    def manifest_extra(self) -> dict[str, Any]:
+        import torch
+
+        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}

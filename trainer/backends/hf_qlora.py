@@ -5,29 +5,21 @@ against Unsloth's 10,301 tok/s at 6.8 GiB), but needs only the common libraries.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from typing import Any
 
-from shared.data import Message
 from shared.job_spec import TrainSpec
-from trainer.backends.base import Hooks, TrainResult
+from trainer.backends.gpu import Gpu4bitBackend
+from trainer.backends.lora import lora_config
 
 
-class HfQloraBackend:
+class HfQloraBackend(Gpu4bitBackend):
     name = "hf_qlora"
 
-    def train(
-        self, spec: TrainSpec, examples: list[list[Message]], out_dir: Path, hooks: Hooks
-    ) -> TrainResult:
+    def load_base(self, spec: TrainSpec, tokenizer: Any) -> Any:
         import torch
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        from trainer.backends.cpu import load_tokenizer
-        from trainer.backends.gpu import train_4bit
-
-        t0 = time.monotonic()
-        torch.manual_seed(spec.seed)
         quant = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -38,14 +30,12 @@ class HfQloraBackend:
             str(spec.base_model), quantization_config=quant, dtype=torch.bfloat16,
             device_map={"": torch.cuda.current_device()}, local_files_only=True,
         )
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=True,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        hooks.check_cancelled()
-        peft_model = get_peft_model(model, LoraConfig(
-            r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-            target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM",
-        ))
-        tokenizer = load_tokenizer(spec.base_model)
-        return train_4bit(self.name, peft_model, tokenizer, spec, examples, out_dir, hooks, t0)
+
+    def add_lora(self, base: Any, spec: TrainSpec) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(base, lora_config(spec))

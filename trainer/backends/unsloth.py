@@ -4,32 +4,24 @@ r 16, alpha 32, dropout 0, all seven projections (the spec's defaults), gradient
 "unsloth" (offloads activations; the memory saving that keeps 8B under 8 GiB), 8-bit AdamW,
 lr 2e-4 with a linear schedule and warm-up, padded length-grouped micro-batches (see ``gpu.py``).
 Unsloth patches transformers when imported, so it must be imported first: ``select_backend``
-imports it when it picks this backend (call it before anything loads a tokenizer).
+imports it when it picks this backend (call it before anything loads a tokenizer). The tokenizer
+is tunegate's own from the model folder (the chat template the engines use), not Unsloth's.
 Runs only where CUDA and Unsloth are installed (the ``gpu`` extra).
 """
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+from typing import Any
 
-from shared.data import Message
 from shared.job_spec import TrainSpec
-from trainer.backends.base import Hooks, TrainResult
+from trainer.backends.gpu import Gpu4bitBackend
 
 
-class UnslothBackend:
+class UnslothBackend(Gpu4bitBackend):
     name = "unsloth"
 
-    def train(
-        self, spec: TrainSpec, examples: list[list[Message]], out_dir: Path, hooks: Hooks
-    ) -> TrainResult:
-        t0 = time.monotonic()
-        # Unsloth patches transformers when imported; import it before building the model.
+    def load_base(self, spec: TrainSpec, tokenizer: Any) -> Any:
         from unsloth import FastLanguageModel
-
-        from trainer.backends.cpu import load_tokenizer
-        from trainer.backends.gpu import train_4bit
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=str(spec.base_model),
@@ -37,9 +29,13 @@ class UnslothBackend:
             load_in_4bit=True,
             dtype=None,  # bf16 where supported
         )
-        hooks.check_cancelled()
-        model = FastLanguageModel.get_peft_model(
-            model,
+        return model
+
+    def add_lora(self, base: Any, spec: TrainSpec) -> Any:
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            base,
             r=spec.lora.r,
             lora_alpha=spec.lora.alpha,
             lora_dropout=spec.lora.dropout,
@@ -48,6 +44,3 @@ class UnslothBackend:
             use_gradient_checkpointing="unsloth",
             random_state=spec.seed,
         )
-        # Our tokenizer from the model folder: the same chat template the engines use.
-        tokenizer = load_tokenizer(spec.base_model)
-        return train_4bit(self.name, model, tokenizer, spec, examples, out_dir, hooks, t0)

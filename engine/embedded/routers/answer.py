@@ -1,5 +1,6 @@
-"""The ending both inference routes share: an SSE stream of chunks, or the whole answer collected
-into one JSON body (499 when the client left before it was done)."""
+"""What both inference routes share: the start (the prompt prepared, the caller's trace
+continued, the fields every chunk carries) and the ending (an SSE stream of chunks, or the whole
+answer collected into one JSON body; 499 when the client left before it was done)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.embedded.scheduler import StepOutput
 from engine.embedded.serving import OpenAIServing, Prepared, Result
-from engine.protocol import SamplingFields
+from engine.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+async def begin(serving: OpenAIServing, body: ChatCompletionRequest | CompletionRequest,
+                request: Request, object_: str) -> tuple[Prepared, dict[str, Any]]:
+    """The prepared request and the fields every chunk of its answer carries (``object_``: the
+    chunk's ``object``)."""
+    p = await serving.prepare(body, request.headers.get("x-request-id"))
+    serving.continue_trace(p, request.headers)
+    return p, {"id": p.request_id, "object": object_, "created": p.created, "model": p.model}
 
 
 async def answer(serving: OpenAIServing, p: Prepared, body: SamplingFields, request: Request, *,

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from engine.embedded.routers.answer import answer
+from engine.embedded.routers.answer import answer, begin
 from engine.embedded.routers.deps import ServingDep
 from engine.embedded.scheduler import StepOutput
 from engine.embedded.serving import SYSTEM_FINGERPRINT, Result, usage
@@ -19,10 +19,7 @@ router = APIRouter()
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  serving: ServingDep) -> Response:
-    p = await serving.prepare(body, request.headers.get("x-request-id"))
-    serving.continue_trace(p, request.headers)
-    base = {"id": p.request_id, "object": "chat.completion.chunk", "created": p.created,
-            "model": p.model}
+    p, base = await begin(serving, body, request, "chat.completion.chunk")
     first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}],
              "prompt_token_ids": None, "prompt_text": None}
