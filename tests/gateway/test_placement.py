@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import re
 import sys
 import time
 import uuid
@@ -15,25 +14,10 @@ from pathlib import Path
 
 import httpx
 
+from bench.topology_parts import unreachable_count
 from tests.gateway.conftest import FAKE, Records, auth, chat, fake_replica, gateway
+from tests.gateway.test_routing import served_by, stats
 from tests.procs import run_server
-
-
-def served_by(resp: httpx.Response) -> str:
-    assert resp.status_code == 200, resp.text
-    return str(resp.json()["choices"][0]["message"]["content"].split("|")[0])
-
-
-def stats(url: str) -> dict:  # type: ignore[type-arg]
-    return httpx.get(url + "/fake/stats").json()  # type: ignore[no-any-return]
-
-
-def unreachable_count(gw: str, replica: str) -> float:
-    """The gateway's failed attempts to reach ``replica`` from the request path."""
-    text = httpx.get(gw + "/metrics").text
-    m = re.search(r'tunegate_gateway_upstream_errors_total\{kind="unreachable",replica="'
-                  + re.escape(replica) + r'"\} ([0-9.]+)', text)
-    return float(m.group(1)) if m else 0.0
 
 
 def healthy(gw: str, admin: str) -> dict[str, bool]:
