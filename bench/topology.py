@@ -27,225 +27,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
-import random
-import socket
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "k8s" / "base"
+sys.path.insert(0, str(ROOT))  # run as a script: bench.* and tests.protocol_checks
+
+from bench.common import percentile  # noqa: E402
+from bench.topology_parts import (  # noqa: E402
+    Load,
+    down_since,
+    engine_desired,
+    fine_tune,
+    free_ports,
+    held_by,
+    queue_desired,
+    quota_burst,
+    registered,
+    start_prometheus,
+    unreachable_count,
+    wait_for,
+)
+
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TTFT_WINDOW_S = 120  # the [2m] of the TTFT trigger's rate()
-
-
-# ---- KEDA, as its scalers compute (kedacore/keda pkg/scalers) --------------------------------
-def scaled_object(name: str) -> dict[str, Any]:
-    for path in K8S.glob("*.yaml"):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc["kind"] == "ScaledObject" and doc["metadata"]["name"] == name:
-                return doc
-    raise KeyError(name)
-
-
-def prom_value(prom: str, query: str) -> float:
-    """KEDA's prometheus scaler: one sample; an empty result, NaN or Inf counts as 0
-    (ignoreNullValues, its default)."""
-    r = httpx.get(f"{prom}/api/v1/query", params={"query": query}, timeout=10).json()
-    result = r["data"]["result"]
-    if not result:
-        return 0.0
-    v = float(result[0]["value"][1])
-    return 0.0 if math.isnan(v) or math.isinf(v) else v
-
-
-def desired_replicas(so: dict[str, Any], values: list[float]) -> int:
-    """The HPA's count for KEDA's AverageValue targets: the largest ceil(value / threshold)
-    over triggers, within min..max; 0 when the minimum is 0 and no trigger is active."""
-    spec = so["spec"]
-    lo, hi = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
-    counts, active = [], False
-    for trig, v in zip(spec["triggers"], values, strict=True):
-        meta = trig["metadata"]
-        target = float(meta.get("threshold") or meta.get("listLength") or 5)
-        activation = float(meta.get("activationThreshold") or meta.get("activationListLength") or 0)
-        active = active or v > activation
-        counts.append(math.ceil(v / target))
-    if lo == 0 and not active:
-        return 0
-    return max(lo, min(hi, max(counts + [1])))
-
-
-def engine_desired(prom: str) -> int:
-    so = scaled_object("tunegate-engine")
-    return desired_replicas(
-        so, [prom_value(prom, t["metadata"]["query"]) for t in so["spec"]["triggers"]]
-    )
-
-
-def queue_desired(redis: Any, name: str) -> int:
-    so = scaled_object(name)
-    # KEDA's redis scaler reads a sorted set (arq's queue) with ZCARD.
-    return desired_replicas(
-        so, [float(redis.zcard(t["metadata"]["listName"])) for t in so["spec"]["triggers"]]
-    )
-
-
-# ---- load ------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    kind: str  # base | adapter | stream
-    gateway: int
-    start: float
-    end: float = 0.0
-    ok: bool = False
-    status: int | None = None
-    error: str = ""
-    clean_end: bool = True  # False: the connection broke instead of an answer or error event
-
-
-@dataclass
-class Load:
-    clients: list[openai.AsyncOpenAI]
-    adapter: str
-    dead_gateways: set[int] = field(default_factory=set)
-    results: list[Result] = field(default_factory=list)
-    issued: int = 0
-
-    async def one(self, i: int) -> None:
-        kind = random.choices(["base", "adapter", "stream"], [0.6, 0.25, 0.15])[0]
-        alive = [g for g in range(len(self.clients)) if g not in self.dead_gateways]
-        g = alive[i % len(alive)]
-        res = Result(kind, g, time.monotonic())
-        self.results.append(res)
-        client = self.clients[g]
-        model = self.adapter if kind == "adapter" else "base"
-        msgs: Any = [{"role": "user", "content": f"Say one word about the number {i}."}]
-        try:
-            if kind == "stream":
-                stream: Any = await client.chat.completions.create(
-                    model=model, messages=msgs, max_tokens=8, stream=True
-                )
-                async for _ in stream:
-                    pass
-                res.ok = True
-            else:
-                await client.chat.completions.create(model=model, messages=msgs, max_tokens=4)
-                res.ok = True
-        except openai.APIStatusError as exc:
-            res.status, res.error = exc.status_code, str(exc)[:200]
-        except openai.APIConnectionError as exc:  # the connection broke: no clean end
-            res.error = f"{type(exc).__name__}: {str(exc)[:200]}"
-            res.clean_end = False
-        except openai.APIError as exc:  # the SDK raises this at a stream's error event
-            res.error = f"{type(exc).__name__}: {str(exc)[:200]}"
-        res.end = time.monotonic()
-
-    async def run(self, n: int, concurrency: int) -> None:
-        queue = iter(range(self.issued, self.issued + n))
-        self.issued += n
-
-        async def worker() -> None:
-            for i in queue:
-                await self.one(i)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-# ---- helpers ---------------------------------------------------------------------------------
-def free_ports(n: int) -> int:
-    """A first port with the n - 1 after it free too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65535 and all(_free(base + k) for k in range(n)):
-            return base
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_for(check: Any, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what}: not within {timeout_s} s")
-        time.sleep(0.2)
-    return time.monotonic() - start
-
-
-def held_by(engine_urls: list[str], ref: str) -> list[str]:
-    out = []
-    for url in engine_urls:
-        try:
-            data = httpx.get(f"{url}/v1/models", timeout=5).json()["data"]
-        except (httpx.HTTPError, ValueError, KeyError):
-            continue
-        if any(m["id"] == ref for m in data):
-            out.append(url)
-    return out
-
-
-def registered(gateway: str, key: str) -> dict[str, bool]:
-    r = httpx.get(
-        f"{gateway}/admin/replicas", headers={"Authorization": f"Bearer {key}"}, timeout=10
-    )
-    return {d["url"]: bool(d.get("healthy")) for d in r.json()["data"]}
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    s = sorted(values)
-    return s[min(len(s) - 1, math.ceil(q * len(s)) - 1)]
-
-
-def start_prometheus(sup: Any, work: Path, engines: list[str], gateways: list[str]) -> str:
-    port = free_ports(1)
-    cfg = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {
-                "job_name": "tunegate-engine",
-                "static_configs": [{"targets": [u.split("//")[1] for u in engines]}],
-            },
-            {
-                "job_name": "tunegate-gateway",
-                "static_configs": [{"targets": [u.split("//")[1] for u in gateways]}],
-            },
-        ],
-    }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    child = sup.start(
-        "prometheus",
-        [
-            "prometheus",
-            f"--config.file={work / 'prometheus.yml'}",
-            f"--storage.tsdb.path={work / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    sup.wait_http(child, f"{url}/-/ready", 60)
-    return url
 
 
 # ---- the scenario ----------------------------------------------------------------------------
@@ -338,7 +151,7 @@ def _run(
         time.sleep(3)
         figures["keda_engine_replicas_before"] = engine_desired(prom)
 
-        figures.update(_quota(gws, limited, quota_rpm, rds))
+        figures.update(quota_burst(gws, limited, quota_rpm, rds))
         figures["requests"] += 2 * quota_rpm
 
         clients = [
@@ -354,7 +167,7 @@ def _run(
         figures["requests"] += len(load.results)
         figures["keda_engine_replicas_peak"] = max(n for _, n in keda)
 
-        figures.update(_fine_tune(topo, admin, rds, data))
+        figures.update(fine_tune(topo, admin, rds, data))
         figures["requests"] += 2
         # "After": once the TTFT trigger's window holds no request (the hand-over's two
         # requests are the last ones).
@@ -369,45 +182,6 @@ def _run(
         sup.stop_all()
         db.dispose()
     return figures
-
-
-def _quota(gws: list[str], key: str, rpm: int, rds: Any) -> dict[str, Any]:
-    # One fixed window on Redis's clock: start early in a minute (the burst takes seconds).
-    while rds.time()[0] % 60 > 40:
-        time.sleep(1)
-
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(timeout=60) as c:
-
-            async def one(i: int) -> int:
-                r = await c.post(
-                    f"{gws[i % len(gws)]}/v1/chat/completions",
-                    headers={"Authorization": f"Bearer {key}"},
-                    json={
-                        "model": "base",
-                        "max_tokens": 1,
-                        "messages": [{"role": "user", "content": "hi"}],
-                    },
-                )
-                return r.status_code
-
-            sem = asyncio.Semaphore(8)
-
-            async def limited(i: int) -> int:
-                async with sem:
-                    return await one(i)
-
-            return await asyncio.gather(*(limited(i) for i in range(2 * rpm)))
-
-    codes = asyncio.run(burst())
-    ok = codes.count(200)
-    return {
-        "quota_rpm": rpm,
-        "quota_ok": ok,
-        "quota_429": codes.count(429),
-        "quota_overrun_requests": max(0, ok - rpm),
-    }
-
 
 async def _load_phases(
     topo: Any,
@@ -444,12 +218,20 @@ async def _load_phases(
     victim = 1 if engines[1] not in out["adapter_held_by"] else 0
     phase = asyncio.create_task(load.run(third, concurrency))
     await asyncio.sleep(3.0)
-    killed_at = time.monotonic()
+    killed_at, killed_wall = time.monotonic(), time.time()
     topo.kill(f"engine-{victim}")
     in_flight = [r for r in load.results if r.start < killed_at and not r.end]
+    down = asyncio.create_task(down_since(gws, admin, engines[victim]))
     await asyncio.sleep(2.0)
     topo.start_engine(victim, wait=False)
     await phase
+    # When each gateway stopped routing to the dead replica: the one with requests on it
+    # re-sends the first of them elsewhere right then; the other hears of it through Redis.
+    by_gateway = [round(max(0.0, t - killed_wall) * 1000) for t in await down]
+    out["failover_ms_by_gateway"] = by_gateway
+    out["failover_ms_p95"] = round(percentile(by_gateway, 95))
+    out["dead_replica_failed_attempts"] = sum(
+        unreachable_count(g, engines[victim]) for g in gws)
     back = await asyncio.to_thread(
         wait_for,
         lambda: all(registered(g, admin).get(engines[victim]) for g in gws),
@@ -463,9 +245,9 @@ async def _load_phases(
     # From the replica's death to the answers, from elsewhere, of the non-streaming requests in
     # flight at that moment (those on the dead replica include their whole generation again,
     # on the survivor that now carries all the load).
-    after_death = [(r.end - killed_at) * 1000 for r in hit if r.ok]
-    out["failover_ms_p95"] = round(pct(after_death, 0.95))
-    out["failover_ms_p50"] = round(pct(after_death, 0.50))
+    after_death = [(r.end - killed_at) * 1000 for r in hit if r.ok] or [0.0]
+    out["failover_answer_ms_p95"] = round(percentile(after_death, 95))
+    out["failover_answer_ms_p50"] = round(percentile(after_death, 50))
     cut = [r for r in in_flight if r.kind == "stream" and r.error]
     out["streams_cut_with_error_event"] = len(cut)
     out["streams_cut_unclean"] = len(
@@ -524,57 +306,6 @@ async def _load_phases(
         await client.close()
     return out
 
-
-def _fine_tune(topo: Any, admin: str, rds: Any, data: Path) -> dict[str, Any]:
-    from shared.data import write_jsonl
-    from trainer.data_sources import build_splits
-
-    topo.start_gateway(1)  # back for the hand-over
-    gws = topo.gateway_urls
-    submit = openai.OpenAI(base_url=f"{gws[0]}/v1", api_key=admin, max_retries=0)
-    serve = openai.OpenAI(base_url=f"{gws[1]}/v1", api_key=admin, max_retries=0)
-    train, golden = build_splits(n_train=40, n_golden=4, seed=0)
-    with write_jsonl(data / "ft-train.jsonl", train).open("rb") as fh:
-        f_train = submit.files.create(file=fh, purpose="fine-tune")
-    with write_jsonl(data / "ft-golden.jsonl", golden).open("rb") as fh:
-        f_golden = submit.files.create(file=fh, purpose="fine-tune")
-    idle = queue_desired(rds, "tunegate-trainer")
-    job = submit.fine_tuning.jobs.create(
-        model=topo.model_dir.name,
-        training_file=f_train.id,
-        suffix="topo-ft",
-        hyperparameters={"batch_size": 4, "n_epochs": 1},
-        extra_body={"golden_file": f_golden.id, "max_steps": 2, "gate_threshold": 0.0},
-    )
-    busy = queue_desired(rds, "tunegate-trainer")
-    started = time.monotonic()
-    while (j := submit.fine_tuning.jobs.retrieve(job.id)).status not in (
-        "succeeded",
-        "failed",
-        "cancelled",
-    ):
-        if time.monotonic() - started > 900:
-            raise TimeoutError(f"fine-tuning job still {j.status}")
-        time.sleep(1)
-    assert j.status == "succeeded", j.error
-    ref = j.fine_tuned_model or ""
-    answer = serve.chat.completions.create(
-        model="topo-ft", max_tokens=2, messages=[{"role": "user", "content": "Great film"}]
-    )
-    answer2 = serve.chat.completions.create(
-        model="topo-ft", max_tokens=2, messages=[{"role": "user", "content": "Dull"}]
-    )
-    return {
-        "fine_tune_model": ref,
-        "fine_tune_served_as": answer.model,
-        "fine_tune_s": round(time.monotonic() - started, 1),
-        "fine_tune_loads": len(held_by(topo.engine_urls, ref)),
-        "fine_tune_second_answer": answer2.model,
-        "keda_trainer_replicas_idle": idle,
-        "keda_trainer_replicas_with_job": busy,
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
@@ -582,7 +313,6 @@ def main() -> None:
     p.add_argument("--pg", default=PG_URL, help="PostgreSQL URL (a fresh schema is made in it)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "topology.json")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))  # run as a script: tests.protocol_checks makes the adapter
     with tempfile.TemporaryDirectory(prefix="tg-topology-") as tmp:
         figures = run(
             Path(tmp), requests=args.requests, pg_url=args.pg, concurrency=args.concurrency

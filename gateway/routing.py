@@ -19,6 +19,9 @@
   the URLs engines registered in SQL (``registered``, in a worker thread) and adds or drops
   :class:`Replica` objects to match. A dropped replica only stops getting new requests; those
   in flight hold their own reference and finish.
+- **Across gateway processes** (with Redis, :mod:`gateway.placement`): a version's first load
+  claims one replica, which the other processes then route to; a replica this process cannot
+  reach is reported down to the others, which stop routing to it at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any
 from anyio import to_thread
 
 from gateway.metrics import Metrics
+from gateway.placement import DONE, Placement
 from gateway.upstream import Upstream, error_from_response
 from shared.errors import Overloaded, TunegateError, UpstreamError
 from shared.registry import ResolvedModel
@@ -57,6 +61,7 @@ class Replica:
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     last_error: str | None = None
     last_check: float = 0.0  # wall clock, seconds
+    down_since: float | None = None  # wall clock, seconds: when it was last marked down
     static: bool = True  # from the settings; False: registered in SQL
 
     def status(self) -> dict[str, Any]:
@@ -64,7 +69,7 @@ class Replica:
                 "healthy": self.healthy, "in_flight": self.in_flight,
                 "base_model": self.base_model, "adapters": sorted(self.adapters),
                 "loading": sorted(self.loading), "last_error": self.last_error,
-                "last_check": self.last_check}
+                "last_check": self.last_check, "down_since": self.down_since}
 
 
 class Router:
@@ -88,18 +93,24 @@ class Router:
         # The folder an engine loads a version from: for a remote artifact store the version is
         # downloaded first (blocking I/O, so in a worker thread); None: ``resolved.path`` as is.
         self.local_path = local_path
+        self.placement: Placement | None = None  # shared with the other gateway processes
         self._task: asyncio.Task[None] | None = None
+        self._reports: set[asyncio.Task[None]] = set()
 
     # ---- health ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.check_all()
         self._task = asyncio.create_task(self._loop(), name="replica-health")
+        if self.placement is not None:
+            self.placement.start(self.reported_down)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.placement is not None:
+            await self.placement.stop()
 
     async def _loop(self) -> None:
         while True:
@@ -160,9 +171,9 @@ class Router:
             status, models = await self.upstream.get_json(r.url, "/v1/models", timeout)
             if status == 200 and isinstance(models, dict):
                 self._read_models(r, models)
-            r.healthy, r.last_error = True, None
+            r.healthy, r.last_error, r.down_since = True, None, None
         except TunegateError as exc:
-            r.healthy, r.last_error = False, exc.message
+            self.mark_down(r, exc.message)
         r.last_check = time.time()
         self.metrics.replica_healthy.labels(r.url).set(1 if r.healthy else 0)
         # Read when scraped: nothing on the request path.
@@ -188,9 +199,22 @@ class Router:
             if name not in r.loading and not r.adapter_in_flight.get(name):
                 del r.adapters[name]
 
-    def mark_down(self, r: Replica, reason: str) -> None:
+    def mark_down(self, r: Replica, reason: str) -> bool:
+        """Mark ``r`` down; True when it was not down already."""
+        was_up = r.down_since is None
+        if was_up:
+            r.down_since = time.time()
         r.healthy, r.last_error = False, reason
         self.metrics.replica_healthy.labels(r.url).set(0)
+        return was_up
+
+    def reported_down(self, url: str) -> None:
+        """Another gateway process could not reach ``url``: stop routing to it here too (the
+        health check admits it again once it answers)."""
+        for r in self.replicas:
+            if r.url == url and r.healthy:
+                log.info("replica %s reported down by another gateway", url)
+                self.mark_down(r, "reported unreachable by another gateway process")
 
     def max_model_len(self) -> int | None:
         """The smallest context length the replicas report, tokens (None: none reports one)."""
@@ -205,6 +229,19 @@ class Router:
         others = sorted((r for r in healthy if ref is None or ref not in r.adapters),
                         key=lambda r: r.in_flight)
         return holders + others
+
+    async def placed(self, ref: str | None, replicas: list[Replica]) -> list[Replica]:
+        """``replicas`` (from :meth:`order`) with the one claimed for ``ref`` first, when no
+        replica is known here to hold it (its first load, as far as this process knows)."""
+        if (ref is None or self.placement is None or not replicas
+                or ref in replicas[0].adapters or ref in replicas[0].loading):
+            return replicas
+        alive = {r.url for r in replicas if r.healthy}
+        claim = await self.placement.claim(ref, replicas[0].url, alive)
+        if claim is None:
+            return replicas
+        owner = claim[0]
+        return sorted(replicas, key=lambda r: r.url != owner)  # stable: the rest keep order
 
     def upstream_model(self, r: Replica, resolved: ResolvedModel) -> str:
         """The ``model`` to send: the version's ``lora_name``, or the replica's base id."""
@@ -245,7 +282,7 @@ class Router:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         r.loading[ref] = fut
         try:
-            await self._load(r, resolved)
+            await self._load_claimed(r, resolved)
             r.adapters[ref] = time.monotonic()
             fut.set_result(None)
         except BaseException as exc:
@@ -254,6 +291,38 @@ class Router:
             raise
         finally:
             r.loading.pop(ref, None)
+
+    async def _load_claimed(self, r: Replica, resolved: ResolvedModel) -> None:
+        """Load ``resolved`` on ``r``, unless another gateway process claimed ``r`` for it: then
+        wait until ``r`` holds it (or the claim goes: that load failed, so load it here)."""
+        ref, placement = resolved.ref, self.placement
+        if placement is None:
+            await self._load(r, resolved)
+            return
+        claim = await placement.claim(ref, r.url, {x.url for x in self.replicas if x.healthy})
+        if claim is None or claim[1]:
+            try:
+                await self._load(r, resolved)
+            except BaseException:
+                if claim is not None:
+                    await placement.settle(ref, r.url, loaded=False)
+                raise
+            if claim is not None:
+                await placement.settle(ref, r.url, loaded=True)
+            return
+        deadline = time.monotonic() + self.load_timeout_s
+        while claim[0] == r.url and time.monotonic() < deadline:
+            state = await placement.claim_state(ref)
+            if state is None or state == f"{r.url}|{DONE}" or not state.startswith(r.url + "|"):
+                break  # loaded (the engine answers "already"), or the claimant's load failed
+            await asyncio.sleep(0.1)
+            await self.check(r)
+            if ref in r.adapters:
+                self.metrics.adapter_loads.labels(r.url, "already").inc()
+                return
+            if not r.healthy:
+                break
+        await self._load(r, resolved)
 
     async def _load(self, r: Replica, resolved: ResolvedModel) -> None:
         await self._evict(r)
@@ -302,7 +371,11 @@ class Router:
 
     def unreachable(self, r: Replica, exc: UpstreamError) -> None:
         self.metrics.upstream_errors.labels(r.url, "unreachable").inc()
-        self.mark_down(r, exc.message)
+        if self.mark_down(r, exc.message) and self.placement is not None:
+            # Told to the other gateway processes in the background: the retry goes on now.
+            task = asyncio.create_task(self.placement.report_down(r.url))
+            self._reports.add(task)
+            task.add_done_callback(self._reports.discard)
 
 
 def _in_flight(r: Replica) -> float:

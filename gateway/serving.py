@@ -159,7 +159,7 @@ async def _send(call: Call) -> tuple[UpstreamResponse, Callable[[], None], str]:
                "x-request-id": call.upstream_request_id or call.request_id}
     ref = None if call.resolved.is_base else call.resolved.ref
     last: TunegateError = router.no_replica()
-    for replica in router.order(ref):
+    for replica in await router.placed(ref, router.order(ref)):
         try:
             for attempt in (1, 2):
                 if tracing is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.auth import KeyStore
 from gateway.metrics import Metrics
+from gateway.placement import Placement
 from gateway.quotas import Quotas
 from gateway.resolver import Resolver
 from gateway.routing import Router
@@ -72,6 +73,13 @@ class GatewayState:
             redis = aioredis.Redis.from_url(
                 settings.redis_url, socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s)
+            # Shared with the other gateway processes: adapter placement, replicas down. The
+            # channel's client has no read timeout (it waits for messages).
+            router.placement = Placement(
+                redis, subscriber=aioredis.Redis.from_url(
+                    settings.redis_url, socket_connect_timeout=settings.redis_timeout_s),
+                claim_ttl_s=settings.load_timeout_s + 10,
+                done_ttl_s=max(10.0, 5 * settings.health_interval_s))
         else:
             log.warning("no REDIS_URL: quotas are not enforced")
         quotas = Quotas(redis, metrics, timeout_s=settings.redis_timeout_s,
