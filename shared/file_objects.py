@@ -58,10 +58,16 @@ class ObjectWriter:
         self._out.close()
 
     def abort(self) -> None:
-        """Close and remove the object, whatever was written of it."""
+        """Drop the object, whatever was written of it: an object store's unfinished multipart
+        upload is aborted (never completed), a local file closed and removed."""
         try:
-            self._out.close()
+            if self.store.is_local:
+                self._out.close()
+            else:
+                self._out.discard()
+                self._out.closed = True  # nothing left to flush
         finally:
+            self.store.fs.invalidate_cache()
             if self.store.exists(self.key):
                 self.store.remove(self.key)
 
