@@ -118,7 +118,8 @@ class Example:
 class ValidationReport:
     total: int = 0  # non-blank lines
     issues: list[LineIssue] = field(default_factory=list)
-    examples: list[Example] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # empty with keep_examples=False
+    valid: int = 0  # valid records, kept or not
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
     sha256: str = ""  # of the file's bytes: datasets are recorded by hash in adapter manifests
 
@@ -132,14 +133,14 @@ class ValidationReport:
 
     @property
     def accepted(self) -> bool:
-        return bool(self.examples) and self.invalid_fraction <= self.max_invalid_fraction
+        return self.valid > 0 and self.invalid_fraction <= self.max_invalid_fraction
 
     def summary(self, limit: int = 20) -> str:
         head = (
             f"{len(self.invalid_lines)} of {self.total} lines invalid "
             f"({self.invalid_fraction:.1%}; at most {self.max_invalid_fraction:.1%} allowed)"
         )
-        if not self.examples and not self.issues:
+        if not self.valid and not self.issues:
             head = "no records in file"
         lines = [str(i) for i in self.issues[:limit]]
         if len(self.issues) > limit:
@@ -149,7 +150,7 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
-            "valid": len(self.examples),
+            "valid": self.valid,
             "invalid": len(self.invalid_lines),
             "invalid_fraction": self.invalid_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
@@ -200,12 +201,16 @@ def validate_lines(
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
     count_tokens: Callable[[list[Message]], int] | None = None,
     max_seq_length: int | None = None,
+    keep_examples: bool = True,
 ) -> ValidationReport:
     """Validate JSONL text lines. ``count_tokens(messages)`` gives the templated length in tokens;
     with ``max_seq_length`` set, longer records are invalid (they would be truncated in training).
+    ``keep_examples=False`` (the gateway's check of an upload) only counts valid records: memory
+    stays at a few dozen bytes per record (the duplicate check's 64-bit digests), whatever the
+    file's size.
     """
     report = ValidationReport(max_invalid_fraction=max_invalid_fraction)
-    seen: dict[str, int] = {}  # canonical JSON of the messages -> first line
+    seen: dict[int, int] = {}  # 64-bit digest of the messages' canonical JSON -> first line
     digest = hashlib.sha256()
     for number, raw in enumerate(lines, start=1):
         digest.update(raw.encode() + (b"" if raw.endswith("\n") else b"\n"))
@@ -236,7 +241,8 @@ def validate_lines(
                 LineIssue(number, where, f"output is {size} characters; at most {max_output_chars}")
             )
             continue
-        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        key = int.from_bytes(hashlib.blake2b(json.dumps(
+            messages, sort_keys=True, ensure_ascii=False).encode(), digest_size=8).digest())
         if key in seen:
             report.issues.append(LineIssue(number, "", f"exact duplicate of line {seen[key]}"))
             continue
@@ -249,7 +255,9 @@ def validate_lines(
                               f"{n} tokens once templated; max_seq_length is {max_seq_length}")
                 )
                 continue
-        report.examples.append(Example(number, messages))
+        report.valid += 1
+        if keep_examples:
+            report.examples.append(Example(number, messages))
     report.sha256 = digest.hexdigest()
     return report
 

@@ -81,7 +81,7 @@ def finish_upload(writer: ObjectWriter, file_id: str, filename: str, purpose: st
         try:
             with writer.store.open(writer.key, "rb") as raw, \
                     io.TextIOWrapper(raw, encoding="utf-8", newline="") as text:
-                report = validate_lines(text)
+                report = validate_lines(text, keep_examples=False)
         except UnicodeDecodeError as exc:
             raise InvalidRequest(f"file is not UTF-8 text: {exc}", param="file") from exc
         if not report.accepted:

@@ -23,7 +23,7 @@ EXAMPLES = 30  # per operation and key (valid inputs): about 1,700 cases in all
 # Per operation and key (invalid inputs): schemathesis spends far more CPU drawing an invalid
 # case (most drawn ones are discarded), so a few each keep this lane near a minute on 2 cores;
 # bench/abuse.py draws more.
-NEGATIVE_EXAMPLES = 5
+NEGATIVE_EXAMPLES = 4
 
 
 @pytest.fixture(scope="module")
