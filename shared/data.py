@@ -114,6 +114,9 @@ class Example:
     messages: list[Message]
 
 
+ISSUES_KEPT = 100  # issues an upload's report keeps (validate_lines(keep_examples=False))
+
+
 @dataclass
 class ValidationReport:
     total: int = 0  # non-blank lines
@@ -128,8 +131,13 @@ class ValidationReport:
         return sorted({i.line for i in self.issues})
 
     @property
+    def invalid(self) -> int:
+        """Invalid records: every non-blank line is valid or has at least one issue."""
+        return self.total - self.valid
+
+    @property
     def invalid_fraction(self) -> float:
-        return len(self.invalid_lines) / self.total if self.total else 1.0
+        return self.invalid / self.total if self.total else 1.0
 
     @property
     def accepted(self) -> bool:
@@ -137,7 +145,7 @@ class ValidationReport:
 
     def summary(self, limit: int = 20) -> str:
         head = (
-            f"{len(self.invalid_lines)} of {self.total} lines invalid "
+            f"{self.invalid} of {self.total} lines invalid "
             f"({self.invalid_fraction:.1%}; at most {self.max_invalid_fraction:.1%} allowed)"
         )
         if not self.valid and not self.issues:
@@ -151,7 +159,7 @@ class ValidationReport:
         return {
             "total": self.total,
             "valid": self.valid,
-            "invalid": len(self.invalid_lines),
+            "invalid": self.invalid,
             "invalid_fraction": self.invalid_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
             "accepted": self.accepted,
@@ -205,14 +213,16 @@ def validate_lines(
 ) -> ValidationReport:
     """Validate JSONL text lines. ``count_tokens(messages)`` gives the templated length in tokens;
     with ``max_seq_length`` set, longer records are invalid (they would be truncated in training).
-    ``keep_examples=False`` (the gateway's check of an upload) only counts valid records: memory
-    stays at a few dozen bytes per record (the duplicate check's 64-bit digests), whatever the
-    file's size.
+    ``keep_examples=False`` (the gateway's check of an upload) only counts valid records and
+    keeps the first ``ISSUES_KEPT`` issues: memory stays at a few dozen bytes per record (the
+    duplicate check's 64-bit digests), whatever the file's size.
     """
     report = ValidationReport(max_invalid_fraction=max_invalid_fraction)
     seen: dict[int, int] = {}  # 64-bit digest of the messages' canonical JSON -> first line
     digest = hashlib.sha256()
     for number, raw in enumerate(lines, start=1):
+        if not keep_examples and len(report.issues) > ISSUES_KEPT:
+            del report.issues[ISSUES_KEPT:]
         digest.update(raw.encode() + (b"" if raw.endswith("\n") else b"\n"))
         text = raw.strip()
         if not text:
@@ -258,6 +268,8 @@ def validate_lines(
         report.valid += 1
         if keep_examples:
             report.examples.append(Example(number, messages))
+    if not keep_examples:
+        del report.issues[ISSUES_KEPT:]
     report.sha256 = digest.hexdigest()
     return report
 

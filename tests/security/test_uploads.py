@@ -75,8 +75,11 @@ def test_openai_sdk_upload_lands_in_the_store(gw: str, data_dir: Path, records: 
 def test_refused_file_leaves_no_object(gw: str, data_dir: Path, records: Records) -> None:
     client = openai.OpenAI(base_url=gw + "/v1", api_key=records.key("admin"), max_retries=0)
     before = objects(data_dir)
-    with pytest.raises(openai.BadRequestError):
-        client.files.create(file=("bad.jsonl", b"not json\n" * 100), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.files.create(file=("bad.jsonl", lines(10) + b"not json\n" * 5000),
+                            purpose="fine-tune")
+    # Counted in full, though only the first issues are kept (memory bounded by the file's size).
+    assert bad.value.body["message"].startswith("5000 of 5010 lines invalid")  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as err:
         client.files.create(file=("ok.jsonl", lines(10)), purpose="assistants")
     assert err.value.body["param"] == "purpose"  # type: ignore[index]
