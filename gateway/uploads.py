@@ -110,6 +110,8 @@ class _Upload:
                     raise InvalidRequest("purpose is too long", param="purpose")
         elif kind == "end" and self.part == "file":
             await self.flush()
+        elif kind == "end" and self.part == "purpose":
+            check_purpose(self.purpose)  # before a file that would be refused is streamed
 
     async def _start(self, headers: dict[bytes, bytes]) -> None:
         _, options = parse_options_header(headers.get(b"content-disposition", b""))
@@ -139,6 +141,14 @@ class _Upload:
         if self.writer is not None:
             with CancelScope(shield=True):
                 await to_thread.run_sync(self.writer.abort)
+
+
+def check_purpose(raw: bytes | None) -> str:
+    purpose = (raw or b"").decode("utf-8", "replace")
+    if purpose not in PURPOSES:
+        raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
+                             param="purpose")
+    return purpose
 
 
 def _boundary(request: Request) -> bytes:
@@ -173,10 +183,7 @@ async def receive_upload(request: Request, store: ArtifactStore, files: FileStor
                                  param="file")
         if upload.writer is None:
             raise InvalidRequest("the 'file' field is required", param="file")
-        purpose = (upload.purpose or b"").decode("utf-8", "replace")
-        if purpose not in PURPOSES:
-            raise InvalidRequest(f"purpose {purpose!r} is not supported; use 'fine-tune'",
-                                 param="purpose")
+        purpose = check_purpose(upload.purpose)
         await upload.flush()
     except ClientDisconnect:
         await upload.abort()

@@ -133,3 +133,17 @@ def test_files_of_the_older_layout_are_still_read(gw: str, data_dir: Path,
     legacy.unlink()
     with pytest.raises(openai.NotFoundError):
         client.files.content("file-legacy0001")
+
+
+def test_uploaded_files_cannot_become_an_adapter(gw: str, data_dir: Path,
+                                                  records: Records) -> None:
+    """``files/`` is the uploads' folder of the store: registering it (or a folder in it) as an
+    adapter version would move every uploaded file away."""
+    client = openai.OpenAI(base_url=gw + "/v1", api_key=records.key("admin"), max_retries=0)
+    client.files.create(file=("a.jsonl", lines(5)), purpose="fine-tune")
+    before = objects(data_dir)
+    for path in ("files", "files/", "./files"):
+        r = httpx.post(f"{gw}/admin/adapters/stolen/versions", headers=auth(records.key("admin")),
+                       json={"path": path}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+    assert objects(data_dir) == before
