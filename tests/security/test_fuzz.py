@@ -33,22 +33,16 @@ def gw(engine: str, data_dir: Path, redis_url: str) -> Iterator[str]:
 
 
 @pytest.mark.timeout(600)
-def test_fuzz_every_operation(gw: str, records: Records) -> None:
+@pytest.mark.parametrize("mode,examples,least_cases", [
+    (GenerationMode.POSITIVE, EXAMPLES, 1500),
+    (GenerationMode.NEGATIVE, NEGATIVE_EXAMPLES, 100),
+], ids=["valid_inputs", "invalid_inputs"])
+def test_fuzz_every_operation(gw: str, records: Records, mode: GenerationMode, examples: int,
+                              least_cases: int) -> None:
     keys = {"user": records.key("user"), "admin": records.key("admin")}
-    report = fuzz(gw, keys, max_examples=EXAMPLES, modes=(GenerationMode.POSITIVE,))
+    report = fuzz(gw, keys, max_examples=examples, modes=(mode,))
     assert report.operations >= 30
-    assert report.cases >= 1500
-    assert report.server_errors == 0, "\n".join(report.failures)
-    assert report.schema_violations == 0, "\n".join(report.failures)
-    assert report.bad_rejections == 0, "\n".join(report.failures)
-
-
-@pytest.mark.timeout(600)
-def test_fuzz_invalid_inputs(gw: str, records: Records) -> None:
-    keys = {"user": records.key("user"), "admin": records.key("admin")}
-    report = fuzz(gw, keys, max_examples=NEGATIVE_EXAMPLES, modes=(GenerationMode.NEGATIVE,))
-    assert report.operations >= 30
-    assert report.cases >= 100
+    assert report.cases >= least_cases
     assert report.server_errors == 0, "\n".join(report.failures)
     assert report.schema_violations == 0, "\n".join(report.failures)
     assert report.bad_rejections == 0, "\n".join(report.failures)
