@@ -7,7 +7,8 @@ Writes ``bench/results/security.json``:
 
 - ``fuzz_operations``, ``fuzz_cases``, ``fuzz_server_errors``, ``fuzz_schema_violations``: the
   fuzz lane (``tests/security/fuzz_lane.py``, schemathesis) against one gateway process in front
-  of the fake replica, with a user key and an admin key (valid inputs; invalid ones too, fewer).
+  of the fake replica, with a user key and an admin key (valid inputs; invalid ones too, fewer);
+  ``fuzz_bad_rejections``: 4xx answers outside OpenAI's error shape and invalid inputs accepted.
 - ``anon_body_peak_rss_growth_mib``: peak RSS of the gateway process over its idle RSS while two
   anonymous 60 MB JSON bodies are sent to ``/admin/keys`` at once (sampled every 5 ms).
 - ``upload_peak_rss_growth_mib``: peak RSS of the gateway process over its idle RSS while one
@@ -86,6 +87,7 @@ def run_fuzz(engine: str, redis_url: str, examples: int, negative_examples: int)
             "fuzz_cases_invalid_inputs": neg.cases,
             "fuzz_server_errors": pos.server_errors + neg.server_errors,
             "fuzz_schema_violations": pos.schema_violations + neg.schema_violations,
+            "fuzz_bad_rejections": pos.bad_rejections + neg.bad_rejections,
             "fuzz_statuses": dict(sorted(statuses.items())), "fuzz_seconds": round(seconds, 1),
             "fuzz_failures": (pos.failures + neg.failures)[:10]}
 

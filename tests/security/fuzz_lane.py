@@ -1,7 +1,9 @@
 """The fuzz lane: schemathesis (v4) generates requests for every operation of the gateway's
 OpenAPI schema (valid and invalid ones), sends each with every given key to a running gateway, and
-collects responses that are 5xx or do not match the schema. Used by ``test_fuzz.py`` and by
-``bench/abuse.py``.
+collects responses that are 5xx or do not match the schema (``server_errors``,
+``schema_violations``), and 4xx answers outside OpenAI's error shape or invalid inputs that were
+not refused (``bad_rejections``; schemathesis' ``negative_data_rejection`` decides which generated
+cases are truly invalid once serialized). Used by ``test_fuzz.py`` and by ``bench/abuse.py``.
 
 The schema is the app's own (``create_app(...).openapi()``, read in-process: a production gateway
 does not serve ``/openapi.json``). Cases are not shrunk: a failure is recorded as it was sent.
