@@ -7,9 +7,15 @@ Writes ``bench/results/security.json``:
 
 - ``fuzz_operations``, ``fuzz_cases``, ``fuzz_server_errors``, ``fuzz_schema_violations``: the
   fuzz lane (``tests/security/fuzz_lane.py``, schemathesis) against one gateway process in front
-  of the fake replica, with a user key and an admin key (valid inputs; invalid ones too, fewer).
+  of the fake replica, with a user key and an admin key (valid inputs; invalid ones too, fewer);
+  ``fuzz_bad_rejections``: 4xx answers outside OpenAI's error shape and invalid inputs accepted.
 - ``anon_body_peak_rss_growth_mib``: peak RSS of the gateway process over its idle RSS while two
   anonymous 60 MB JSON bodies are sent to ``/admin/keys`` at once (sampled every 5 ms).
+- ``upload_peak_rss_growth_mib``: peak RSS of the gateway process over its idle RSS while one
+  ``--upload-mib`` MiB training file (distinct ~1 KiB records) is uploaded (chunked) and
+  validated; it streams into the local artifact store (``upload_mib``, ``upload_records``,
+  ``upload_status``, ``upload_seconds``). Validation keeps a 64-bit digest per record for the
+  duplicate check, so the growth scales with records, not bytes.
 - ``quota_overrun_tokens``: 50 concurrent clients over 2 gateway processes (streaming or not,
   ``max_tokens`` or ``max_completion_tokens`` or neither, token-id prompts), three keys with
   ``tpm`` limits, inside one quota window; tokens served (the replica reports usage as an engine
@@ -81,6 +87,7 @@ def run_fuzz(engine: str, redis_url: str, examples: int, negative_examples: int)
             "fuzz_cases_invalid_inputs": neg.cases,
             "fuzz_server_errors": pos.server_errors + neg.server_errors,
             "fuzz_schema_violations": pos.schema_violations + neg.schema_violations,
+            "fuzz_bad_rejections": pos.bad_rejections + neg.bad_rejections,
             "fuzz_statuses": dict(sorted(statuses.items())), "fuzz_seconds": round(seconds, 1),
             "fuzz_failures": (pos.failures + neg.failures)[:10]}
 
@@ -115,25 +122,35 @@ def _gateway_rss(port: int) -> int:
     raise RuntimeError(f"no process listens on {port}")
 
 
+@contextlib.contextmanager
+def peak_rss(gw: str) -> Iterator[dict[str, int]]:
+    """``{"idle": ..., "peak": ...}``: the gateway process's RSS before, and at most while, the
+    block runs (sampled every 5 ms), bytes."""
+    port = int(gw.rsplit(":", 1)[1])
+    pid_rss = _gateway_rss(port)
+    proc = next(p for p in psutil.process_iter() if p.memory_info().rss == pid_rss)
+    found = {"idle": proc.memory_info().rss, "peak": proc.memory_info().rss}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            found["peak"] = max(found["peak"], proc.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield found
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        sampler.join()
+
+
 def run_anon_bodies(engine: str) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="abuse-anon-"))
     Records(data)
-    with gateway(data, [engine]) as gw:
-        port = int(gw.rsplit(":", 1)[1])
-        pid_rss = _gateway_rss(port)
-        proc = next(p for p in psutil.process_iter() if p.memory_info().rss == pid_rss)
-        idle = proc.memory_info().rss
-        peak = idle
-        stop = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not stop.is_set():
-                peak = max(peak, proc.memory_info().rss)
-                time.sleep(0.005)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
+    with gateway(data, [engine]) as gw, peak_rss(gw) as rss:
         statuses: list[int] = []
         senders = [threading.Thread(target=lambda: statuses.append(_send_anonymous(gw, 60 * MIB)))
                    for _ in range(2)]
@@ -141,11 +158,51 @@ def run_anon_bodies(engine: str) -> dict[str, Any]:
             t.start()
         for t in senders:
             t.join()
-        time.sleep(0.2)
-        stop.set()
-        sampler.join()
-    return {"anon_body_peak_rss_growth_mib": round((peak - idle) / MIB, 2),
-            "anon_body_idle_rss_mib": round(idle / MIB, 1), "anon_body_statuses": statuses}
+    return {"anon_body_peak_rss_growth_mib": round((rss["peak"] - rss["idle"]) / MIB, 2),
+            "anon_body_idle_rss_mib": round(rss["idle"] / MIB, 1), "anon_body_statuses": statuses}
+
+
+# ---- a large upload ------------------------------------------------------------------------------
+def run_upload(engine: str, mib: int) -> dict[str, Any]:
+    """One ``mib`` MiB training file (valid JSONL) uploaded by an admin key, streamed into the
+    local artifact store: the gateway's peak RSS growth while it arrives and is validated."""
+    data = Path(tempfile.mkdtemp(prefix="abuse-upload-"))
+    admin = Records(data).key("admin")
+    records = 0
+
+    def piece() -> bytes:  # 1 MiB of distinct ~1 KiB records (duplicates would be refused)
+        nonlocal records
+        out = bytearray()
+        while len(out) < MIB - 1100:
+            records += 1
+            out += (json.dumps({"messages": [
+                {"role": "user", "content": f"question {records}: " + "q" * 500},
+                {"role": "assistant", "content": f"answer {records}: " + "a" * 450}]})
+                + "\n").encode()
+        return bytes(out)
+
+    sent = 0
+    boundary = "abuse-b0undary"
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+               f'fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+               f'filename="big.jsonl"\r\n\r\n').encode()
+        for _ in range(mib):
+            block = piece()
+            sent += len(block)
+            yield block
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    with gateway(data, [engine]) as gw, peak_rss(gw) as rss:
+        t0 = time.perf_counter()
+        r = httpx.post(gw + "/v1/files", content=body(), timeout=600, headers={
+            **auth(admin), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        seconds = time.perf_counter() - t0
+    return {"upload_peak_rss_growth_mib": round((rss["peak"] - rss["idle"]) / MIB, 2),
+            "upload_mib": round(sent / MIB, 1), "upload_records": records,
+            "upload_status": r.status_code, "upload_seconds": round(seconds, 1)}
 
 
 # ---- quota overrun -------------------------------------------------------------------------------
@@ -287,8 +344,9 @@ def main() -> None:
     ap.add_argument("--fuzz-examples", type=int, default=40)
     ap.add_argument("--fuzz-negative-examples", type=int, default=4)
     ap.add_argument("--quota-seconds", type=float, default=20.0)
+    ap.add_argument("--upload-mib", type=int, default=100)
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["fuzz", "anon", "quota", "feedback", "engine"])
+                    choices=["fuzz", "anon", "upload", "quota", "feedback", "engine"])
     args = ap.parse_args()
     previous = json.loads(OUT.read_text()) if OUT.exists() else {}
     out: dict[str, Any] = dict(previous)
@@ -299,6 +357,8 @@ def main() -> None:
                                 args.fuzz_negative_examples))
         if "anon" not in args.skip:
             out.update(run_anon_bodies(engine))
+        if "upload" not in args.skip:
+            out.update(run_upload(engine, args.upload_mib))
         if "quota" not in args.skip:
             out.update(run_quota(engine, redis_url, args.quota_seconds))
         if "feedback" not in args.skip:

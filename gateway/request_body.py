@@ -86,16 +86,17 @@ def prompt_size(value: Any, field: str) -> tuple[int, list[int]]:
         return len(value), [len(value)]
     chars, out = 0, list[int]()
     for v in value:
-        if isinstance(v, str):
+        if isinstance(v, str) and v:
             c, t = _text_tokens(v)
             chars += c
             out.append(t + 2)
-        elif isinstance(v, list):
+        elif isinstance(v, list) and v and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in v):
             chars += len(v)
             out.append(len(v))
         else:
-            raise InvalidRequest("`prompt` must be a string, token ids, or a list of either",
-                                 param="prompt")
+            raise InvalidRequest("`prompt` must be a string, token ids, or a list of either "
+                                 "(none empty)", param="prompt")
     return chars, out or [2]
 
 

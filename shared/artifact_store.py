@@ -39,6 +39,7 @@ from shared.errors import InvalidRequest, TunegateError
 
 MANIFEST_FILE = "tunegate-manifest.json"
 ADAPTERS_DIR = "adapters"
+FILES_DIR = "files"  # uploaded files (``shared.file_objects``), one object each
 
 
 class ArtifactCorrupt(TunegateError):
@@ -91,6 +92,12 @@ class ArtifactStore:
     def remove(self, rel: str) -> None:
         self.fs.rm(self.path(rel))
 
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        """A file object of ``rel`` (fsspec's: written piece by piece, read in blocks)."""
+        if "w" in mode and self.is_local:
+            self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+        return self.fs.open(self.path(rel), mode)
+
     def write_json(self, rel: str, data: dict[str, Any]) -> None:
         with self.fs.open(self.path(rel), "w") as f:
             json.dump(data, f, indent=2, sort_keys=True, default=str)
@@ -124,16 +131,17 @@ class ArtifactStore:
 
     def inside(self, rel: str) -> str:
         """Normalise a client-given folder path and check it stays inside the store and outside
-        ``adapters/`` (the registry's own); returns it relative. Absolute paths, ``..``
-        segments, URLs and missing folders are refused (400)."""
+        ``adapters/`` and ``files/`` (the registry's and the uploads'); returns it relative.
+        Absolute paths, ``..`` segments, URLs and missing folders are refused (400)."""
         if not rel or rel.startswith(("/", "\\")) or "://" in rel or "\x00" in rel:
             raise InvalidRequest("path must be relative to the artifact store", param="path")
         parts = rel.replace("\\", "/").split("/")
         if any(p == ".." for p in parts):
             raise InvalidRequest("path must not contain '..'", param="path")
         norm = posixpath.normpath("/".join(parts))
-        if norm in (".", "") or norm.split("/")[0] == ADAPTERS_DIR:
-            raise InvalidRequest("path must name a folder outside adapters/", param="path")
+        if norm in (".", "") or norm.split("/")[0] in (ADAPTERS_DIR, FILES_DIR):
+            raise InvalidRequest("path must name a folder outside adapters/ and files/",
+                                 param="path")
         if not self.fs.isdir(self.path(norm)):
             raise InvalidRequest(f"no folder {norm!r} in the artifact store", param="path")
         self._no_symlinks(norm)

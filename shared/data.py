@@ -114,11 +114,15 @@ class Example:
     messages: list[Message]
 
 
+ISSUES_KEPT = 100  # issues an upload's report keeps (validate_lines(keep_examples=False))
+
+
 @dataclass
 class ValidationReport:
     total: int = 0  # non-blank lines
     issues: list[LineIssue] = field(default_factory=list)
-    examples: list[Example] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)  # empty with keep_examples=False
+    valid: int = 0  # valid records, kept or not
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION
     sha256: str = ""  # of the file's bytes: datasets are recorded by hash in adapter manifests
 
@@ -127,19 +131,24 @@ class ValidationReport:
         return sorted({i.line for i in self.issues})
 
     @property
+    def invalid(self) -> int:
+        """Invalid records: every non-blank line is valid or has at least one issue."""
+        return self.total - self.valid
+
+    @property
     def invalid_fraction(self) -> float:
-        return len(self.invalid_lines) / self.total if self.total else 1.0
+        return self.invalid / self.total if self.total else 1.0
 
     @property
     def accepted(self) -> bool:
-        return bool(self.examples) and self.invalid_fraction <= self.max_invalid_fraction
+        return self.valid > 0 and self.invalid_fraction <= self.max_invalid_fraction
 
     def summary(self, limit: int = 20) -> str:
         head = (
-            f"{len(self.invalid_lines)} of {self.total} lines invalid "
+            f"{self.invalid} of {self.total} lines invalid "
             f"({self.invalid_fraction:.1%}; at most {self.max_invalid_fraction:.1%} allowed)"
         )
-        if not self.examples and not self.issues:
+        if not self.valid and not self.issues:
             head = "no records in file"
         lines = [str(i) for i in self.issues[:limit]]
         if len(self.issues) > limit:
@@ -149,8 +158,8 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
-            "valid": len(self.examples),
-            "invalid": len(self.invalid_lines),
+            "valid": self.valid,
+            "invalid": self.invalid,
             "invalid_fraction": self.invalid_fraction,
             "max_invalid_fraction": self.max_invalid_fraction,
             "accepted": self.accepted,
@@ -200,14 +209,20 @@ def validate_lines(
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
     count_tokens: Callable[[list[Message]], int] | None = None,
     max_seq_length: int | None = None,
+    keep_examples: bool = True,
 ) -> ValidationReport:
     """Validate JSONL text lines. ``count_tokens(messages)`` gives the templated length in tokens;
     with ``max_seq_length`` set, longer records are invalid (they would be truncated in training).
+    ``keep_examples=False`` (the gateway's check of an upload) only counts valid records and
+    keeps the first ``ISSUES_KEPT`` issues: memory stays at a few dozen bytes per record (the
+    duplicate check's 64-bit digests), whatever the file's size.
     """
     report = ValidationReport(max_invalid_fraction=max_invalid_fraction)
-    seen: dict[str, int] = {}  # canonical JSON of the messages -> first line
+    seen: dict[int, int] = {}  # 64-bit digest of the messages' canonical JSON -> first line
     digest = hashlib.sha256()
     for number, raw in enumerate(lines, start=1):
+        if not keep_examples and len(report.issues) > ISSUES_KEPT:
+            del report.issues[ISSUES_KEPT:]
         digest.update(raw.encode() + (b"" if raw.endswith("\n") else b"\n"))
         text = raw.strip()
         if not text:
@@ -236,7 +251,8 @@ def validate_lines(
                 LineIssue(number, where, f"output is {size} characters; at most {max_output_chars}")
             )
             continue
-        key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
+        key = int.from_bytes(hashlib.blake2b(json.dumps(
+            messages, sort_keys=True, ensure_ascii=False).encode(), digest_size=8).digest())
         if key in seen:
             report.issues.append(LineIssue(number, "", f"exact duplicate of line {seen[key]}"))
             continue
@@ -249,7 +265,11 @@ def validate_lines(
                               f"{n} tokens once templated; max_seq_length is {max_seq_length}")
                 )
                 continue
-        report.examples.append(Example(number, messages))
+        report.valid += 1
+        if keep_examples:
+            report.examples.append(Example(number, messages))
+    if not keep_examples:
+        del report.issues[ISSUES_KEPT:]
     report.sha256 = digest.hexdigest()
     return report
 

@@ -63,7 +63,10 @@ class FineTuningEvent(Base):
 
 
 class FileRecord(Base):
-    """An uploaded file (``POST /v1/files``); its bytes live at ``path`` under the data folder."""
+    """An uploaded file (``POST /v1/files``) or a job's CSV. ``path``: its object's key in the
+    artifact store (``files/<id>.jsonl``), or, for rows written before files moved into the store
+    (and CSVs of a running job with a remote store), an absolute local path
+    (``shared.file_objects``)."""
 
     __tablename__ = "files"
 
@@ -88,9 +91,11 @@ class FileStore:
             s.flush()
             return {c.name: getattr(row, c.name) for c in FileRecord.__table__.columns}
 
-    def set_bytes(self, file_id: str, size: int) -> None:
+    def set_bytes(self, file_id: str, size: int, path: str | None = None) -> None:
+        """The file's final size (and its new place, when it moved)."""
+        values: dict[str, Any] = {"bytes": size} if path is None else {"bytes": size, "path": path}
         with self.db.session() as s:
-            s.execute(update(FileRecord).where(FileRecord.id == file_id).values(bytes=size))
+            s.execute(update(FileRecord).where(FileRecord.id == file_id).values(**values))
 
     def get(self, file_id: str) -> dict[str, Any] | None:
         with self.db.session() as s:

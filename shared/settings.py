@@ -34,8 +34,8 @@ class StorageSettings(BaseSettings):
     data_dir: Path = Field(
         default_factory=default_data_dir,
         validation_alias=AliasChoices("data_dir", "TUNEGATE_DATA_DIR"),
-        description="The data folder: models, the SQLite database, artifacts, uploaded files, "
-                    "job folders, logs.")
+        description="The data folder: models, the SQLite database, the local artifact store "
+                    "(adapters, uploaded files), job folders, logs.")
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("database_url", "TUNEGATE_DATABASE_URL"),
         description="SQLAlchemy URL of the records (keys, adapters, jobs, traffic); "
@@ -49,8 +49,8 @@ class StorageSettings(BaseSettings):
         "false: never.")
     artifact_store: str | None = Field(
         default=None, validation_alias=AliasChoices("artifact_store", "TUNEGATE_ARTIFACT_STORE"),
-        description="Where adapter versions live: a local path or an fsspec URL "
-                    "(s3://bucket/prefix). Unset: <data_dir>/artifacts.")
+        description="Where adapter versions and uploaded files (files/) live: a local path or "
+                    "an fsspec URL (s3://bucket/prefix). Unset: <data_dir>/artifacts.")
     artifact_store_options: dict[str, Any] = Field(
         default_factory=dict,
         validation_alias=AliasChoices("artifact_store_options",

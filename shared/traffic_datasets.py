@@ -23,7 +23,6 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -155,15 +154,14 @@ def prompt_key(rec: dict[str, Any]) -> str:
     return json.dumps(parse_record(rec)[:-1], sort_keys=True, ensure_ascii=False)
 
 
-def file_keys(path: str | Path) -> set[str]:
-    """:func:`record_key` of every valid record of a JSONL file."""
+def file_keys(lines: Iterable[str]) -> set[str]:
+    """:func:`record_key` of every valid record of a JSONL file's lines."""
     keys = set()
-    with Path(path).open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                keys.add(record_key(json.loads(line)))
-            except (ValueError, TypeError, AttributeError):
-                continue
+    for line in lines:
+        try:
+            keys.add(record_key(json.loads(line)))
+        except (ValueError, TypeError, AttributeError):
+            continue
     return keys
 
 

@@ -20,13 +20,14 @@ from typing import Any, Protocol
 from shared.artifact_store import ArtifactStore
 from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
-from shared.job_records import FileStore, JobStore, worker_lost_error
+from shared.job_records import JobStore, worker_lost_error
 from shared.job_spec import TrainSpec, auto_epochs
 from trainer.backends import select_backend
 from trainer.backends.base import JobCancelled
 from trainer.cost import CostMeter, cost_message
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
-from trainer.progress import CSV_HEADER, JobHooks
+from trainer.job_files import ResultFile, fetch_inputs
+from trainer.progress import JobHooks
 from trainer.tracing import JobTrace, note, phase
 
 HEARTBEAT_S = 15.0  # seconds between a running job's heartbeats
@@ -150,19 +151,6 @@ def resolve_auto(spec: TrainSpec, n_examples: int, store: JobStore) -> TrainSpec
     return spec
 
 
-def open_result_file(store: JobStore, job_id: str, files_dir: Path) -> tuple[str, Path]:
-    """The job's per-step CSV (``trainer.progress``), registered as a file like uploads are."""
-    file_id = f"file-{job_id.removeprefix('ftjob-')}"
-    path = files_dir / f"{file_id}.csv"
-    files_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(CSV_HEADER, encoding="utf-8")
-    FileStore(store.db).add(id=file_id, filename=f"{job_id}-results.csv",
-                            purpose="fine-tune-results", bytes=len(CSV_HEADER), sha256="",
-                            path=str(path), report=None)
-    store.set_result_file(job_id, file_id)
-    return file_id, path
-
-
 def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | None, work_dir: Path,
             cancel: threading.Event, progress_interval_s: float = 2.0,
             files_dir: Path | None = None, price_per_device_hour: float = 0.0,
@@ -171,8 +159,9 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
     """``files_dir``: where the per-step CSV goes (``result_files``); ``trace``: spans for the
     phases (trainer.tracing); ``metrics``: the worker's gauges."""
     job_id = spec.job_id
+    artifacts = registry.store if registry is not None else None
     meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
-    results: tuple[str, Path] | None = None
+    results: ResultFile | None = None
     result: dict[str, Any] = {}
 
     beating = threading.Event()
@@ -188,7 +177,8 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         beating.set()
         meter.stop()
         if results is not None:
-            FileStore(store.db).set_bytes(results[0], results[1].stat().st_size)
+            with contextlib.suppress(OSError):  # the store may be down: keep the outcome
+                results.close(store)
         trained = outcome.result.get("train", {}).get("tokens")
         if trained is None and hooks.last_step is not None:
             trained = hooks.last_step.tokens  # cancelled or failed mid-training
@@ -210,15 +200,16 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         return JobOutcome(current["status"] if current else "failed")  # cancelled meanwhile
     threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True).start()
     if files_dir is not None:
-        results = open_result_file(store, job_id, files_dir)
+        results = ResultFile.open(store, job_id, files_dir, artifacts)
     hooks = JobHooks(store, job_id, cancel, progress_interval_s,
-                     results_path=results[1] if results else None, metrics=metrics)
+                     results_path=results.path if results else None, metrics=metrics)
     try:
         meter.enter("validate")
         with phase(trace, "validate") as sp:
             # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
             backend = select_backend(spec.backend)
             count = _count_tokens_fn(spec.base_model)
+            spec = fetch_inputs(spec, artifacts, work_dir)
             report = validate_training(spec, spec.training_file, count)
             result["validation"] = report.to_dict()
             store.add_event(job_id, f"Validated training file: {len(report.examples)} of "

@@ -41,6 +41,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from gateway.deps import State, admin_key
 from shared.errors import InvalidRequest, NotFound, Overloaded
+from shared.file_objects import open_file, public_path, store_file
 from shared.job_queue import cancel_training, enqueue_training, new_job_id
 from shared.job_records import TERMINAL, FileStore, JobStore
 from shared.job_spec import ALL_PROJECTIONS, LoraSpec, TrainSpec
@@ -177,7 +178,7 @@ def _file_path(state: Any, file_id: str | None, param: str) -> str | None:
     if row is None:
         raise InvalidRequest(f"file {file_id!r} does not exist", param=param,
                              code="file_not_found")
-    return str(row["path"])
+    return public_path(state.registry.store, str(row["path"]))
 
 
 def registered_base(models_dir: Path, name: str) -> Path:
@@ -216,7 +217,7 @@ def _create(state: Any, body: JobCreate, traceparent: str | None = None,
     training = _file_path(state, body.training_file, "training_file") or ""
     traffic = None
     if body.traffic is not None:
-        training, traffic = _with_traffic(state, training, body.traffic)
+        training, traffic = _with_traffic(state, body.training_file, body.traffic)
     hp = body.hyperparameters
     try:
         spec = TrainSpec(
@@ -251,28 +252,31 @@ def _create(state: Any, body: JobCreate, traceparent: str | None = None,
     return spec, row
 
 
-def _with_traffic(state: Any, base_path: str,
-                  src: TrafficSource) -> tuple[str, dict[str, Any]]:
+def _with_traffic(state: Any, base_id: str, src: TrafficSource) -> tuple[str, dict[str, Any]]:
     """The base training file plus the labelled traffic of ``src``, stored as a new file
     (validated as uploads are); returns its path and what was added."""
-    from gateway.routers.files import files_dir, store_upload
+    from gateway.routers.files import legacy_files_dir
     from shared.traffic_datasets import file_keys, traffic_data
 
-    data = traffic_data(state.db, src.model, src.since, src.until, exclude=file_keys(base_path))
+    files, store = FileStore(state.db), state.registry.store
+    with open_file(store, files.get(base_id) or {"id": base_id, "path": ""},
+                   legacy_files_dir(state)) as f:
+        base = f.read()
+    data = traffic_data(state.db, src.model, src.since, src.until,
+                        exclude=file_keys(io.StringIO(base.decode("utf-8", "replace"))))
     if not data.records:
         raise InvalidRequest(
             f"no labelled traffic of {src.model!r} since {src.since.isoformat()} "
             f"({data.samples} labelled samples, {data.skipped} not usable as records)",
             param="traffic", code="no_traffic_data")
-    base = Path(base_path).read_bytes()
     if base and not base.endswith(b"\n"):
         base += b"\n"
     merged = base + ("\n".join(data.lines()) + "\n").encode()
-    row = store_upload(io.BytesIO(merged), f"traffic-{src.model}.jsonl", "fine-tune",
-                       files_dir(state), FileStore(state.db))
-    return str(row["path"]), {"model": src.model, "since": src.since.isoformat(),
-                              "until": src.until.isoformat() if src.until else None,
-                              "merged_file_id": row["id"], **data.summary()}
+    row = store_file(io.BytesIO(merged), f"traffic-{src.model}.jsonl", "fine-tune", store, files)
+    return public_path(store, str(row["path"])), {
+        "model": src.model, "since": src.since.isoformat(),
+        "until": src.until.isoformat() if src.until else None,
+        "merged_file_id": row["id"], **data.summary()}
 
 
 def _queue(request: Request) -> Any:

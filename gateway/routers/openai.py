@@ -1,6 +1,7 @@
 """The OpenAI inference surface: ``POST /v1/chat/completions``, ``POST /v1/completions``,
-``GET /v1/models``. Bodies are passed to the engine as they are, after the few checks the gateway
-needs (model, stream, max_tokens, the prompt field); the engine validates the rest."""
+``GET /v1/models``. Bodies are passed to the engine as they are, after the checks of the fields
+the gateway needs or documents (model, stream, max_tokens, max_completion_tokens, n,
+temperature, the messages' roles and contents, the prompt); the engine validates the rest."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from gateway.deps import Key, State, current_key
-from gateway.request_body import check_fields, parse_body, prompt_size
+from gateway.request_body import MAX_TOKENS_FIELD, check_fields, parse_body, prompt_size
 from gateway.serving import ANSWER_OR_STREAM, complete_json, json_response, open_stream, prepare
 from gateway.sse import SSEResponse
 from shared.errors import InvalidRequest, TunegateError
@@ -19,20 +20,43 @@ from shared.registry import BASE
 
 router = APIRouter(tags=["openai"])
 
-# For the OpenAPI schema only (docs and the fuzz lane): the handlers read the body themselves and
-# pass everything but these few fields on to the engine, which validates the rest.
+# For the OpenAPI schema (docs and the fuzz lane): the handlers read the body themselves, check
+# these fields as documented here (``_check_documented`` and ``gateway.serving``), and pass the
+# body on to the engine, which validates the rest.
 _COMMON: dict[str, Any] = {
     "model": {"type": "string", "maxLength": 256}, "stream": {"type": "boolean"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number"}, "n": {"type": "integer", "minimum": 1},
+    "max_tokens": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS_FIELD},
+    "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1,
+                              "maximum": MAX_TOKENS_FIELD},
+    "temperature": {"type": ["number", "null"]},
+    "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
 }
+# Roles are the engine's (its chat template's) to accept: system, user, assistant, tool, ...
 _MESSAGES = {"type": "array", "minItems": 1, "items": {
-    "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                   "content": {"type": "string"}}}}
-_PROMPT = {"anyOf": [{"type": "string", "minLength": 1},
-                     {"type": "array", "minItems": 1, "items": {"type": "integer"}}]}
+    "type": "object", "required": ["role"],
+    "properties": {"role": {"type": "string"},
+                   "content": {"type": ["string", "array", "null"]}}}}
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+_PROMPT = {"anyOf": [{"type": "string", "minLength": 1}, _TOKENS,
+                     {"type": "array", "minItems": 1, "items": {"anyOf": [
+                         {"type": "string", "minLength": 1}, _TOKENS]}}]}
+
+
+def _check_documented(body: dict[str, Any], field: str, value: Any) -> None:
+    """400 for the documented fields the other checks leave to the engine (a fake or lenient
+    engine must not make an invalid request a 200)."""
+    t = body.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float)):
+        raise InvalidRequest("`temperature` must be a number", param="temperature")
+    if field != "messages":
+        return
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise InvalidRequest("each message must be an object with a string `role`",
+                                 param=f"messages.{i}")
+        if not isinstance(m.get("content"), str | list | None):
+            raise InvalidRequest("a message's `content` must be a string, a list of parts or "
+                                 "null", param=f"messages.{i}.content")
 
 
 def _doc(field: str, value: dict[str, Any]) -> dict[str, Any]:
@@ -51,6 +75,7 @@ async def _proxy(request: Request, key: Any, state: Any, route: str, field: str)
         raise InvalidRequest("`messages` must be a non-empty list", param="messages")
     if field == "prompt" and (not isinstance(value, str | list) or not value):
         raise InvalidRequest("`prompt` must be a non-empty string or list", param="prompt")
+    _check_documented(body, field, value)
     chars, prompts = prompt_size(value, field)
     if chars > settings.max_prompt_chars:
         raise InvalidRequest(f"the prompt is longer than {settings.max_prompt_chars} characters",

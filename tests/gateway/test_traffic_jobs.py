@@ -69,8 +69,10 @@ def test_job_trains_on_base_file_plus_labelled_traffic(system: dict[str, Any]) -
     db = system["records"].db
     spec = JobStore(db).get(job["id"])["spec"]  # type: ignore[index]
     merged = FileStore(db).get(traffic["merged_file_id"])
-    assert merged is not None and spec["training_file"] == merged["path"]
-    report = validate_file(merged["path"])
+    # The merged file is an object of the (local) artifact store; the spec names its path.
+    stored = system["records"].registry.store.path(merged["path"]) if merged else None
+    assert merged is not None and spec["training_file"] == stored
+    report = validate_file(stored)
     assert report.accepted and len(report.examples) == 23 and not report.issues
     assert report.examples[-1].messages == [{"role": "user", "content": "bad"},
                                             {"role": "assistant", "content": "rotten"}]

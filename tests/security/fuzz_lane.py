@@ -1,7 +1,9 @@
 """The fuzz lane: schemathesis (v4) generates requests for every operation of the gateway's
 OpenAPI schema (valid and invalid ones), sends each with every given key to a running gateway, and
-collects responses that are 5xx or do not match the schema. Used by ``test_fuzz.py`` and by
-``bench/abuse.py``.
+collects responses that are 5xx or do not match the schema (``server_errors``,
+``schema_violations``), and 4xx answers outside OpenAI's error shape or invalid inputs that were
+not refused (``bad_rejections``; schemathesis' ``negative_data_rejection`` decides which generated
+cases are truly invalid once serialized). Used by ``test_fuzz.py`` and by ``bench/abuse.py``.
 
 The schema is the app's own (``create_app(...).openapi()``, read in-process: a production gateway
 does not serve ``/openapi.json``). Cases are not shrunk: a failure is recorded as it was sent.
@@ -22,6 +24,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
+    negative_data_rejection,
     response_schema_conformance,
 )
 
@@ -37,6 +40,7 @@ class FuzzReport:
     cases: int = 0
     server_errors: int = 0
     schema_violations: int = 0
+    bad_rejections: int = 0  # a 4xx not in OpenAI's error shape, or invalid input accepted
     failures: list[str] = field(default_factory=list)  # the first few, for the assertion message
     statuses: dict[int, int] = field(default_factory=dict)  # status -> responses
 
@@ -96,9 +100,35 @@ def _run(operation: Any, role: str, key: str, mode: GenerationMode, base_url: st
             report.schema_violations += 1
             _note(report, f"{operation.label} [{role}] schema: {_first_line(exc)} <- "
                           f"{case.as_curl_command()[:300]}")
+            return
+        if 400 <= response.status_code < 500 and not _openai_error(response):
+            report.bad_rejections += 1
+            _note(report, f"{operation.label} [{role}] {response.status_code} not in OpenAI's "
+                          f"error shape: {response.text[:200]} <- {case.as_curl_command()[:300]}")
+            return
+        if mode is GenerationMode.NEGATIVE:
+            try:  # invalid input must be refused (4xx); schemathesis knows which are truly invalid
+                case.validate_response(response, checks=[negative_data_rejection])
+            except (Exception, BaseExceptionGroup) as exc:
+                report.bad_rejections += 1
+                _note(report, f"{operation.label} [{role}] invalid input got "
+                              f"{response.status_code}: {_first_line(exc)} <- "
+                              f"{case.as_curl_command()[:300]}")
 
     with contextlib.suppress(Unsatisfiable):  # nothing left to generate for this operation
         one()
+
+
+def _openai_error(response: requests.Response) -> bool:
+    """A 4xx whose body is OpenAI's error shape: ``{"error": {"message": str, "type": str}}``."""
+    if not 400 <= response.status_code < 500:
+        return False
+    try:
+        error = response.json().get("error")
+    except ValueError:
+        return False
+    return isinstance(error, dict) and isinstance(error.get("message"), str) and \
+        isinstance(error.get("type"), str)
 
 
 def _has_inputs(operation: Any) -> bool:

@@ -84,7 +84,9 @@ def test_real_tune_raises_golden_accuracy_and_registers(
     assert {"step", "train_loss", "total_steps", "learning_rate", "tokens_per_s", "eta_s"} <= \
         set(metrics[-1]["data"])
     assert len(metrics) < STEPS  # sparse: milestones stay visible
-    rows = (env["root"] / "files" / f"{job['result_file']}.csv").read_text().splitlines()
+    # The CSV lives in the (local) artifact store, as uploads do.
+    rows = (env["root"] / "artifacts" / "files" / f"{job['result_file']}.csv").read_text(
+    ).splitlines()
     assert rows[0].startswith("step,train_loss,learning_rate,tokens_per_s")
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, STEPS + 1))
     last = env["store"].events("ftjob-real", newest_first=True, limit=2)
