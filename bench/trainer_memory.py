@@ -92,12 +92,13 @@ async def run_job(ctx: dict[str, Any], steps: int, seed: int) -> dict[str, Any]:
             rss_by_step[step] = rss
         if job["status"] in TERMINAL:
             break
-    if job["status"] != "succeeded":
+    gate_failed = (job.get("error") or {}).get("code") == "evaluation_gate_failed"
+    if job["status"] != "succeeded" and not gate_failed:  # a refusing gate: trained all the same
         raise RuntimeError(f"job {spec.job_id} ended {job['status']}: {job.get('error')}")
     last = max(at_step)
     train_end = at_step[last]["finish"]  # the last step's row: now + ~0 s
     job_end = _ts(job["finished_at"])
-    out: dict[str, Any] = {"job_id": spec.job_id, "steps": last,
+    out: dict[str, Any] = {"job_id": spec.job_id, "status": job["status"], "steps": last,
                            "seconds": round(job_end - t0, 1),
                            "train_end_to_job_end_s": round(job_end - train_end, 1)}
     for k in ETA_STEPS:
