@@ -9,7 +9,7 @@ in width), and the worker runs each job in a thread, whose ``malloc`` arena keep
 resident until ``malloc_trim`` hands their pages back. :func:`trim` is called every
 ``TRIM_EVERY_STEPS`` steps by the CPU backend and :func:`release` (a garbage collection for
 objects held in reference cycles, then a trim) after every job by the worker.
-``bench/trainer_memory.py`` measures resident memory per step with and without trimming.
+``bench/trainer_memory.py`` samples a real worker's resident memory over two jobs.
 """
 
 from __future__ import annotations

@@ -156,3 +156,26 @@ def test_cpu_worker_preloads_nothing() -> None:
     assert importlib.util.find_spec("unsloth") is None
     assert preload_backend("auto") is None
     assert preload_backend("cpu") is None
+
+
+async def test_second_job_does_not_grow_resident_memory(system: dict[str, Any]) -> None:
+    """Two real jobs in one worker: resident memory after the second is within 400 MiB of what
+    it was after the first. A job's model or optimizer kept alive past its job (SmolLM2-135M
+    in float32 is 517 MiB) or freed heap pages never handed back would exceed that."""
+    from trainer.memory import rss_bytes
+
+    run = asyncio.create_task(system["worker"].async_run())
+    rss: list[float] = []
+    try:
+        for _ in range(2):
+            spec = spec_for(system, max_steps=4)
+            job = await enqueue_training(system["pool"], spec,
+                                         queue_name=system["settings"].queue_name)
+            assert job is not None
+            result = await job.result(timeout=600, poll_delay=0.5)
+            assert result["status"] == "succeeded", result
+            rss.append(rss_bytes() / 2**20)
+    finally:
+        run.cancel()
+    assert rss[0] > 0
+    assert rss[1] - rss[0] <= 400, f"resident memory after each job, MiB: {rss}"
