@@ -46,6 +46,40 @@ def test_eta_after_five_steps_is_within_30_percent_of_the_truth() -> None:
     assert abs(naive - truth) / truth > 0.3  # what the old estimate said was far off
 
 
+def test_eta_sees_through_a_warm_up_of_several_slow_steps() -> None:
+    """The timeline of a fresh worker's first job (bench/trainer_memory.py): steps 1 to 3 took
+    14.5, 15.2 and 46.7 s, then about 0.6 s each; an average since the first step said 4.7 times
+    the truth at step 5."""
+    rng = random.Random(1)
+    costs = [2 * rng.choice([40, 60, 90, 120]) for _ in range(300)]
+    mean_cost = sum(costs) / len(costs)
+    warm = {0: 14.5, 1: 15.2, 2: 46.7}
+    ends, t = [], 0.0
+    for i, c in enumerate(costs):
+        t += warm.get(i, 0.6 * c / mean_cost * rng.uniform(0.85, 1.15))
+        ends.append(t)
+    eta = Eta(costs)
+    for step in range(1, len(costs) + 1):
+        left = eta.update(step, ends[step - 1], 0.0)
+        truth = ends[-1] - ends[step - 1]
+        if 5 <= step < len(costs) - 20:  # near the end a few seconds are a large share
+            assert abs(left - truth) / truth < 0.3, (step, left, truth)
+    averaged = (ends[4] - ends[0]) / sum(costs[1:5]) * sum(costs[5:])
+    assert averaged / (ends[-1] - ends[4]) > 3  # what the estimate since the first step said
+
+
+def test_eta_follows_a_lasting_change_of_pace() -> None:
+    costs = [100] * 200
+    ends, t = [], 0.0
+    for i in range(200):
+        t += 1.0 if i < 100 else 2.0  # the machine gets busy halfway
+        ends.append(t)
+    eta = Eta(costs)
+    for step in range(1, 111):
+        left = eta.update(step, ends[step - 1], 0.0)
+    assert left == pytest.approx(ends[-1] - ends[109], rel=0.05)
+
+
 @pytest.mark.parametrize(
     ("n", "epochs"),
     [
