@@ -155,3 +155,39 @@ def test_gpu_micro_batches_are_padded_rows_that_keep_examples_apart() -> None:
     # micro-batch gives exactly the sum of the examples' losses computed one by one.
     assert n == 3 and [k for _, k in alone] == [2, 1]
     assert torch.allclose(together, alone[0][0] + alone[1][0], atol=1e-5)
+
+
+def test_output_layer_at_answer_tokens_only_gives_the_models_loss_and_gradients() -> None:
+    """The loss that applies the output layer only where a label is (both backends' default)
+    equals the model's own loss over every position, summed, and so do the LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.backends.gpu import answer_forward_sum, padded_forward_sum
+    from trainer.backends.loop import supervised_positions
+
+    a = Tokenized([5, 6, 7, 8, 9], [-100, -100, 7, 8, -100])
+    b = Tokenized([9, 10, 11], [-100, 10, 11])
+    pos, tgt = supervised_positions([a, b], 5, "cpu")
+    # Row 0 predicts tokens 2 and 3 from positions 1 and 2; row 1 (offset 5) tokens 1 and 2.
+    assert pos.tolist() == [1, 2, 5, 6] and tgt.tolist() == [7, 8, 10, 11]
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                            init_lora_weights=False))
+
+    def loss_and_grads(fwd: Any) -> tuple[Any, int, list[Any]]:
+        model.zero_grad(set_to_none=True)
+        loss, n = fwd(model, [a, b])
+        loss.backward()
+        return loss.detach(), n, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    whole = padded_forward_sum(0)
+    l1, n1, g1 = loss_and_grads(whole)
+    l2, n2, g2 = loss_and_grads(answer_forward_sum(0, fallback=whole))
+    assert n1 == n2 == 4
+    assert torch.allclose(l1, l2, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2, strict=True))

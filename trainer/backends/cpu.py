@@ -12,26 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shared.chat import IGNORE_INDEX, Tokenized
+from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
-from trainer.backends.loop import pad_batch
 from trainer.backends.lora import LoraBackend, lora_config
+from trainer.backends.supervised import supervised_loss_sum
 
 
 def supervised_forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
     """Summed cross-entropy over the answer tokens, computing logits only where labelled."""
-    import torch.nn.functional as F
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    batch = pad_batch(items, inner.config.pad_token_id or 0, next(model.parameters()).device)
-    hidden = inner.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    # Position t predicts token t+1.
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = inner.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum())
+    return supervised_loss_sum(model, items, inner.config.pad_token_id or 0)
 
 
 class CpuBackend(LoraBackend):

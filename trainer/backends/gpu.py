@@ -17,12 +17,14 @@ from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
 from trainer.backends.loop import ForwardSum, pad_batch
 from trainer.backends.lora import LoraBackend
+from trainer.backends.supervised import plain_output_layer, supervised_loss_sum
 
 
 def padded_forward_sum(pad_id: int) -> ForwardSum:
-    """``forward_sum`` for right-padded micro-batches: the summed loss over the answer tokens.
-    The model's own loss (Unsloth's fused cross-entropy) is a mean over the supervised positions,
-    so it is scaled back to a sum; the loop divides by the whole step's count."""
+    """``forward_sum`` through the model's own loss (Unsloth's fused cross-entropy over every
+    position), for models whose logits are transformed after the output layer. That loss is a
+    mean over the supervised positions, so it is scaled back to a sum; the loop divides by the
+    whole step's count."""
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
         batch = pad_batch(items, pad_id, next(model.parameters()).device)
@@ -35,8 +37,31 @@ def padded_forward_sum(pad_id: int) -> ForwardSum:
     return forward_sum
 
 
+def answer_forward_sum(pad_id: int, fallback: ForwardSum) -> ForwardSum:
+    """``forward_sum`` with the output layer only at the answer tokens
+    (``trainer.backends.supervised``); ``fallback`` for models whose logits are transformed
+    after the output layer."""
+
+    def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
+        # Unsloth's decoder reads this flag (set by its causal-LM forward, which this path does
+        # not call) to treat a batch as unlabelled; a gate evaluation in the same worker leaves
+        # it set. These batches are labelled.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not plain_output_layer(inner.config):
+            return fallback(model, items)
+        inner.get_decoder()._has_no_labels = False
+        return supervised_loss_sum(model, items, pad_id)
+
+    return forward_sum
+
+
 class Gpu4bitBackend(LoraBackend):
-    """A 4-bit QLoRA backend on one CUDA device; subclasses load the model and add LoRA."""
+    """A 4-bit QLoRA backend on one CUDA device; subclasses load the model and add LoRA.
+
+    ``answer_logits_only`` (the default) applies the output layer at the answer tokens only;
+    False keeps the model's own loss over every position (benchmarks compare the two)."""
+
+    answer_logits_only = True
 
     def where(self) -> str:
         import torch
@@ -59,7 +84,9 @@ class Gpu4bitBackend(LoraBackend):
         import torch
 
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return {"forward_sum": padded_forward_sum(pad_id), "on_oom": torch.cuda.empty_cache}
+        whole = padded_forward_sum(pad_id)
+        forward = answer_forward_sum(pad_id, fallback=whole) if self.answer_logits_only else whole
+        return {"forward_sum": forward, "on_oom": torch.cuda.empty_cache}
 
     def manifest_extra(self) -> dict[str, Any]:
         import torch

@@ -59,11 +59,34 @@ def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str,
     host = torch.tensor([[padded(t.input_ids, pad_id) for t in items],
                          [padded(t.labels, IGNORE_INDEX) for t in items],
                          [padded([1] * len(t.input_ids), 0) for t in items]], dtype=torch.long)
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        host = host.pin_memory()
-    ids, labels, mask = host.to(device, non_blocking=cuda)  # three contiguous (rows, width)
+    ids, labels, mask = _to_device(host, device)  # three contiguous (rows, width)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def supervised_positions(items: Sequence[Tokenized], width: int, device: Any) -> tuple[Any, Any]:
+    """Where the answer tokens are predicted, computed on the host: the flat positions
+    ``row * width + t`` whose next token ``t + 1`` is labelled, and those labels. Indexing the
+    hidden states with them needs no device-to-host sync (a boolean mask on the device would)."""
+    import torch
+
+    positions: list[int] = []
+    targets: list[int] = []
+    for row, t in enumerate(items):
+        base = row * width - 1
+        for i, label in enumerate(t.labels):
+            if i > 0 and label != IGNORE_INDEX:
+                positions.append(base + i)
+                targets.append(label)
+    pos, tgt = _to_device(torch.tensor([positions, targets], dtype=torch.long), device)
+    return pos, tgt
+
+
+def _to_device(host: Any, device: Any) -> Any:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def linear_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:

@@ -20,6 +20,12 @@ from trainer.backends.gpu import Gpu4bitBackend
 class UnslothBackend(Gpu4bitBackend):
     name = "unsloth"
 
+    def __init__(self, checkpointing: str = "unsloth", answer_logits_only: bool = True) -> None:
+        # "unsloth": checkpoints offloaded to host memory; "gpu": kept on the device (Unsloth's
+        # plain checkpointing). Benchmarks compare them.
+        self.checkpointing: str | bool = True if checkpointing == "gpu" else checkpointing
+        self.answer_logits_only = answer_logits_only
+
     def load_base(self, spec: TrainSpec, tokenizer: Any) -> Any:
         from unsloth import FastLanguageModel
 
@@ -41,6 +47,6 @@ class UnslothBackend(Gpu4bitBackend):
             lora_dropout=spec.lora.dropout,
             target_modules=list(spec.lora.target_modules),
             bias="none",
-            use_gradient_checkpointing="unsloth",
+            use_gradient_checkpointing=self.checkpointing,
             random_state=spec.seed,
         )
