@@ -47,6 +47,18 @@ def test_processes_on_postgresql_behind_refuse_until_migrated(tmp_path: Path) ->
         up = _tunegate(["up", "--port", str(free_port()), "--engine-port", str(free_port())], env)
         assert up.returncode == 2 and "tunegate db upgrade" in up.stderr
         assert not (tmp_path / "redis").exists()  # refused before starting anything
+        ports = ["--port", str(free_port()), "--engine-port", str(free_port())]
+        distributed = _tunegate(["up", "--distributed", *ports], env)
+        assert distributed.returncode == 2 and "tunegate db upgrade" in distributed.stderr
+        assert not (tmp_path / "redis").exists() and not (tmp_path / "models").exists()
+        # An engine-side tool reading the registry (parity resolves NAME:alias) refuses too.
+        golden = tmp_path / "golden.jsonl"
+        golden.write_text(
+            '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "yes"}]}\n'
+        )
+        parity = _tunegate(["parity", "sent:stable", "--golden", str(golden)], env)
+        assert parity.returncode == 2 and "tunegate db upgrade" in parity.stderr
         current = _tunegate(["db", "current"], env)
         assert current.returncode == 1 and "before schema migrations" in current.stdout
 
