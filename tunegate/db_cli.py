@@ -28,16 +28,18 @@ URL_HELP = "Database URL; default: TUNEGATE_DATABASE_URL, else SQLite in TUNEGAT
 
 
 def _reporting(command: Callable[P, None]) -> Callable[P, None]:
-    """A wrong revision id, URL or unreachable server ends the command with one line, exit 2."""
+    """A wrong revision id, URL or unreachable server, or data a revision cannot convert (a
+    downgrade to a narrower column, say; PostgreSQL rolls the whole step back) ends the command
+    with one line, exit 2."""
 
     @functools.wraps(command)
     def run(*args: P.args, **kwargs: P.kwargs) -> None:
         from alembic.util import CommandError
-        from sqlalchemy.exc import ArgumentError, OperationalError
+        from sqlalchemy.exc import ArgumentError, DBAPIError
 
         try:
             command(*args, **kwargs)
-        except (CommandError, ArgumentError, OperationalError) as exc:
+        except (CommandError, ArgumentError, DBAPIError) as exc:
             typer.echo(f"tunegate db: {str(exc).splitlines()[0]}", err=True)
             raise typer.Exit(2) from None
 

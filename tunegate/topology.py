@@ -172,6 +172,11 @@ def run_distributed(cfg: TopologyConfig) -> int:
     if busy:
         print(f"tunegate up: ports in use: {busy}", file=sys.stderr)
         return 2
+    from shared.db import Database
+
+    # The schema before anything starts: a database behind stops here with the command to run
+    # (or is upgraded, with TUNEGATE_DATABASE_AUTO_MIGRATE=true).
+    Database.from_settings(common).dispose()
     from engine.models import pull_default_model
 
     model_dir = pull_default_model(common.default_model_dir).path

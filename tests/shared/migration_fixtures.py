@@ -239,6 +239,14 @@ def previous_database(url: str, *, first_release: bool = False) -> dict[str, lis
         for table in frozen.sorted_tables:
             if table.name in rows:
                 conn.execute(sa.insert(table), rows[table.name])
+                serial = "id" in table.c and isinstance(table.c.id.type, sa.Integer)
+                if engine.dialect.name == "postgresql" and serial and rows[table.name]:
+                    # Rows carry their ids: move each serial past them, as inserts through
+                    # the code would have, so that new rows get fresh ids.
+                    conn.execute(sa.text(
+                        f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), "
+                        f"(SELECT max(id) FROM {table.name}))"
+                    ))
     engine.dispose()
     return snapshot(url, rows)
 

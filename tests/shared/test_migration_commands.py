@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from shared import migrate
 from shared.db import database_url
 from tests.procs import free_port
-from tests.shared.migration_fixtures import ROOT, pg_schema, previous_database
+from tests.shared.migration_fixtures import ROOT, T0, pg_schema, previous_database
 
 
 def _tunegate(
@@ -47,6 +47,18 @@ def test_processes_on_postgresql_behind_refuse_until_migrated(tmp_path: Path) ->
         up = _tunegate(["up", "--port", str(free_port()), "--engine-port", str(free_port())], env)
         assert up.returncode == 2 and "tunegate db upgrade" in up.stderr
         assert not (tmp_path / "redis").exists()  # refused before starting anything
+        ports = ["--port", str(free_port()), "--engine-port", str(free_port())]
+        distributed = _tunegate(["up", "--distributed", *ports], env)
+        assert distributed.returncode == 2 and "tunegate db upgrade" in distributed.stderr
+        assert not (tmp_path / "redis").exists() and not (tmp_path / "models").exists()
+        # An engine-side tool reading the registry (parity resolves NAME:alias) refuses too.
+        golden = tmp_path / "golden.jsonl"
+        golden.write_text(
+            '{"messages": [{"role": "user", "content": "hi"}, '
+            '{"role": "assistant", "content": "yes"}]}\n'
+        )
+        parity = _tunegate(["parity", "sent:stable", "--golden", str(golden)], env)
+        assert parity.returncode == 2 and "tunegate db upgrade" in parity.stderr
         current = _tunegate(["db", "current"], env)
         assert current.returncode == 1 and "before schema migrations" in current.stdout
 
@@ -56,6 +68,27 @@ def test_processes_on_postgresql_behind_refuse_until_migrated(tmp_path: Path) ->
         assert allowed.returncode == 0, allowed.stderr
         assert "key-0" in allowed.stdout
         assert _tunegate(["db", "current"], env).returncode == 0
+
+
+def test_downgrade_refused_by_the_data_changes_nothing(tmp_path: Path) -> None:
+    """A request id longer than the previous revision's 64 characters: `tunegate db downgrade`
+    on PostgreSQL says so in one line, exit 2, and the database stays at head."""
+    with pg_schema() as pg:
+        env = {"TUNEGATE_DATA_DIR": str(tmp_path), "TUNEGATE_DATABASE_URL": pg}
+        assert _tunegate(["db", "upgrade"], env).returncode == 0
+        engine = sa.create_engine(pg)
+        with engine.begin() as conn:
+            conn.execute(sa.insert(migrate.first_schema().tables["traffic_samples"]), [dict(
+                request_id="r" * 100, route="/v1/chat/completions", model="m", name="m",
+                lane="live", request={}, output="", status=200, latency_ms=1.0,
+                created_at=T0,
+            )])
+        previous = migrate.script().get_revision(migrate.head_revision()).down_revision
+        done = _tunegate(["db", "downgrade", str(previous)], env)
+        assert done.returncode == 2 and done.stderr.startswith("tunegate db: "), done.stderr
+        assert "too long" in done.stderr and "Traceback" not in done.stderr
+        assert migrate.status(engine).at_head
+        engine.dispose()
 
 
 def test_db_commands_on_sqlite(tmp_path: Path) -> None:

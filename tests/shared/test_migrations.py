@@ -104,6 +104,34 @@ def test_previous_schema_is_adopted_rows_kept_down_and_up(url: str, tmp_path: Pa
     db.dispose()
 
 
+def test_previous_release_database_upgraded_rows_kept(url: str, tmp_path: Path) -> None:
+    """A filled database at the previous release's head (versioned, one revision behind): a
+    process of this release upgrades SQLite, refuses PostgreSQL naming the revision it found, and
+    every row survives; the version counter added since never hands out a number in use."""
+    before = previous_database(url)
+    previous = migrate.script().get_revision(migrate.head_revision()).down_revision
+    assert isinstance(previous, str)
+    engine = sa.create_engine(url)
+    migrate.upgrade(engine, previous)
+    assert migrate.status(engine).current == previous
+    engine.dispose()
+    if url.startswith("postgresql"):
+        with pytest.raises(SchemaOutOfDate, match=rf"it has revision {previous}, this code"):
+            Database(url)
+    db = _open(url)
+    assert migrate.status(db.engine).at_head
+    assert snapshot(url, before) == before
+    assert migrate.differences(db.engine) == []
+    reg = Registry(db, str(tmp_path / "store"))
+    staged = Path(reg.store.root) / "staging" / "new"
+    staged.mkdir(parents=True)
+    (staged / "adapter_config.json").write_text("{}")
+    (staged / "adapter_model.safetensors").write_text("weights")
+    assert reg.register_version("sent", "staging/new", {}).ref == "sent@v4"  # v1-v3 existed
+    assert reg.resolve("sent:stable").ref == "sent@v2"
+    db.dispose()
+
+
 def test_first_release_database_gains_columns_and_tables(url: str) -> None:
     before = previous_database(url, first_release=True)
     db = _open(url)
