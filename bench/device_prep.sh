@@ -33,10 +33,11 @@ if ! compgen -G ".whl/*.whl" > /dev/null; then
   for n in 24 26 27 28 31 34 35; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
   # What the gateway, the registry and the trainer's shared code import and the device image
   # lacks (it has torch, transformers, peft, numpy, httpx); uvloop and httptools are what
-  # uvicorn[standard] adds, as in the README's install.
+  # uvicorn[standard] adds, as in the README's install; openai is the pipeline bench's client.
   python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
     "${plat[@]}" -d .whl fastapi "uvicorn>=0.30" uvloop httptools pydantic pydantic-settings sqlalchemy \
-    prometheus-client aiohttp fsspec typer redis arq python-multipart
+    prometheus-client aiohttp fsspec typer redis arq python-multipart alembic openai \
+    opentelemetry-api opentelemetry-sdk opentelemetry-exporter-otlp-proto-http
 fi
 if [ ! -f .device/tok/tokenizer.json ]; then
   model=$(.venv/bin/python -c "from shared.settings import StorageSettings; print(StorageSettings().default_model_dir)")

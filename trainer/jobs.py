@@ -155,9 +155,10 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
             cancel: threading.Event, progress_interval_s: float = 2.0,
             files_dir: Path | None = None, price_per_device_hour: float = 0.0,
             eval_engine: str | None = None, trace: JobTrace | None = None,
-            metrics: Any = None) -> JobOutcome:
+            metrics: Any = None, checkpointing: str = "offload") -> JobOutcome:
     """``files_dir``: where the per-step CSV goes (``result_files``); ``trace``: spans for the
-    phases (trainer.tracing); ``metrics``: the worker's gauges."""
+    phases (trainer.tracing); ``metrics``: the worker's gauges; ``checkpointing``: the
+    settings' ``gradient_checkpointing``."""
     job_id = spec.job_id
     artifacts = registry.store if registry is not None else None
     meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
@@ -207,7 +208,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         meter.enter("validate")
         with phase(trace, "validate") as sp:
             # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
-            backend = select_backend(spec.backend)
+            backend = select_backend(spec.backend, checkpointing)
             count = _count_tokens_fn(spec.base_model)
             spec = fetch_inputs(spec, artifacts, work_dir)
             report = validate_training(spec, spec.training_file, count)

@@ -74,6 +74,7 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
                             cancel=cancel, progress_interval_s=settings.progress_interval_s,
                             price_per_device_hour=settings.price_per_device_hour,
                             eval_engine=eval_engine, trace=trace, metrics=metrics,
+                            checkpointing=settings.gradient_checkpointing,
                             files_dir=Path(settings.data_dir) / "files"),
         )
         try:

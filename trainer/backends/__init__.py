@@ -15,7 +15,9 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def select_backend(name: str = "auto") -> TrainingBackend:
+def select_backend(name: str = "auto", checkpointing: str = "offload") -> TrainingBackend:
+    """The backend called ``name`` (``auto``: by the hardware); ``checkpointing`` is
+    ``TrainerSettings.gradient_checkpointing`` (Unsloth only)."""
     if name == "auto":
         if not cuda_available():
             name = "cpu"
@@ -34,7 +36,7 @@ def select_backend(name: str = "auto") -> TrainingBackend:
 
         from trainer.backends.unsloth import UnslothBackend
 
-        return UnslothBackend()
+        return UnslothBackend(checkpointing="gpu" if checkpointing == "device" else "unsloth")
     if name == "hf_qlora":
         from trainer.backends.hf_qlora import HfQloraBackend
 
