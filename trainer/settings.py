@@ -41,8 +41,8 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
     # imports it at start (trainer.worker.preload_backend), not in its first job.
     backend: str = "auto"
     # Unsloth's activation checkpoints: "offload" keeps them in host memory (the least GPU
-    # memory: 8B trains under 8 GiB); "device" keeps them on the GPU (no copies each way, about
-    # 1 GiB more per 4k tokens of micro-batch at the 8B shape).
+    # memory: 8B trains under 8 GiB); "device" keeps them on the GPU (no copies each way; about
+    # 0.8 GiB more per 4k tokens of micro-batch at the 8B shape).
     gradient_checkpointing: Literal["offload", "device"] = "offload"
     # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
     # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of
