@@ -40,8 +40,12 @@ Figures (``bench/results/gateway_overhead.json``), all from the same run:
   (``--no-otel-rev``, extracted with ``git archive``; the API itself cannot be left out, since
   FastAPI imports it), the current one with tracing configured off (no ``OTEL_*``), and
   one tracing 100% of requests (``OTEL_TRACES_SAMPLER=always_on``) to an OTLP/HTTP collector in
-  this process (``tests/otlp.py``, here only counting what arrives). Each figure is the median
-  over rounds of p50(that gateway) - p50(no OpenTelemetry). ``tracing`` holds the rounds, the
+  this process (``tests/otlp.py``, here only counting what arrives). Each figure is
+  p50(that gateway) - p50(no OpenTelemetry) over ``--tracing-requests`` sequential requests to
+  each, sent in turn to the three (``bench/loadgen.py --interleave``: every variant sees the same
+  moments of the machine); the paced rounds' median differences are kept as
+  ``paced_*_added_ms_p50`` (they swing by tenths of a millisecond on a shared machine).
+  ``tracing`` holds the rounds, the
   exports received, the CPU per request of each gateway in a closed-loop run (the figure that
   holds on a busy machine) and the load average before and after (the machine may be shared).
   ``--tracing-only`` runs just this and merges its keys into the existing JSON, leaving the
@@ -213,6 +217,12 @@ def _tracing_runs(env: dict[str, str], key: str, a: argparse.Namespace,
                            "off_added_ms": round(p50["off"] - p50["no_otel"], 3),
                            "on_added_ms": round(p50["on"] - p50["no_otel"], 3)})
             print("tracing round", json.dumps(rounds[-1]), file=sys.stderr)
+        # The figures: one request at a time, in turn to each gateway (bench/loadgen.py
+        # --interleave), medians over --tracing-requests each; the paced rounds above swing by
+        # tenths of a millisecond from run to run on a shared 2-core machine.
+        seq = run_load(urls["off"], key, interleave=",".join(urls[n] for n in order),
+                       requests=a.tracing_requests, model="base")
+        seq_p50 = {n: seq[urls[n]]["p50_ms"] for n in order}
         # CPU per request of each in a closed-loop run: unlike latency, it hardly moves when
         # other processes share the cores.
         cpu_ms, sat_rps = {}, {}
@@ -225,8 +235,12 @@ def _tracing_runs(env: dict[str, str], key: str, a: argparse.Namespace,
         time.sleep(6.0)  # the last batches of spans reach the collector (5 s batching)
         exports, exported_bytes = col.requests, col.bytes
     return {
-        "off_added_ms_p50": round(statistics.median(r["off_added_ms"] for r in rounds), 3),
-        "on_added_ms_p50": round(statistics.median(r["on_added_ms"] for r in rounds), 3),
+        "off_added_ms_p50": round(seq_p50["off"] - seq_p50["no_otel"], 4),
+        "on_added_ms_p50": round(seq_p50["on"] - seq_p50["no_otel"], 4),
+        "sequential_p50_ms": seq_p50,
+        "sequential_requests_each": a.tracing_requests,
+        "paced_off_added_ms_p50": round(statistics.median(r["off_added_ms"] for r in rounds), 3),
+        "paced_on_added_ms_p50": round(statistics.median(r["on_added_ms"] for r in rounds), 3),
         "rounds": rounds,
         "no_otel_rev": rev,
         "exports_received": exports,
@@ -254,6 +268,8 @@ def main() -> None:
     ap.add_argument("--no-otel-rev", default=None,
                     help="the git rev serving as 'no OpenTelemetry at all' (default: the parent "
                          "of the commit that added gateway/tracing.py)")
+    ap.add_argument("--tracing-requests", type=int, default=4000,
+                    help="sequential requests to each tracing variant, interleaved")
     ap.add_argument("--tracing-only", action="store_true",
                     help="measure only the tracing figures; merge them into --out")
     ap.add_argument("--out", type=Path, default=OUT)

@@ -1,7 +1,9 @@
 """The load generator of ``bench/gateway_overhead.py``, in its own process: ``--clients``
 keep-alive connections (raw asyncio streams on uvloop) sending the same chat request to ``--url``
 for ``--seconds``, back to back or paced to an aggregate ``--rate``; prints one JSON line of
-latency percentiles (to the whole body, or to the first SSE event with ``--stream``).
+latency percentiles (to the whole body, or to the first SSE event with ``--stream``). With
+``--interleave URL,URL,...``: ``--requests`` requests one at a time, in turn to each URL, and
+each URL's percentiles (the low-noise comparison of gateway variants).
 
     .venv/bin/python bench/loadgen.py --url http://127.0.0.1:8000 --key tg-... --rate 300
 """
@@ -101,6 +103,36 @@ async def _loadgen(url: str, key: str, clients: int, seconds: float, rate: float
             "p99_ms": pct(0.99), "errors": len(errors), "first_error": errors[:1]}
 
 
+async def _interleaved(urls: list[str], key: str, requests: int, model: str) -> dict[str, Any]:
+    """One request at a time, in turn to each of ``urls`` (one keep-alive connection each), so
+    every gateway sees the same moments of the machine: drift and other people's load fall on
+    all of them alike. Returns each URL's median and the pairwise medians' differences' inputs."""
+    conns = []
+    for url in urls:
+        host, port = url.removeprefix("http://").split(":")
+        r, w = await asyncio.open_connection(host, int(port))
+        conns.append((r, w, _request(host, int(port), key, False, model)))
+    lat: list[list[float]] = [[] for _ in urls]
+    try:
+        for i in range(requests + 50 * len(urls)):  # the first 50 rounds warm up
+            k = i % len(urls)
+            r, w, req = conns[k]
+            t0 = time.perf_counter()
+            w.write(req)
+            took = await _read_response(r, t0)
+            if i >= 50 * len(urls):
+                lat[k].append(took)
+    finally:
+        for _, w, _ in conns:
+            w.close()
+    out = {}
+    for url, xs in zip(urls, lat, strict=True):
+        xs.sort()
+        out[url] = {"requests": len(xs), "p50_ms": round(xs[len(xs) // 2] * 1000, 4),
+                    "p90_ms": round(xs[int(0.9 * len(xs))] * 1000, 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", required=True)
@@ -111,8 +143,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--model", default="base")
+    ap.add_argument("--interleave", default="",
+                    help="comma-separated URLs: --requests sequential requests, in turn to each")
+    ap.add_argument("--requests", type=int, default=3000)
     a = ap.parse_args(argv)
     import uvloop
+
+    if a.interleave:
+        print(json.dumps(uvloop.run(_interleaved(a.interleave.split(","), a.key, a.requests,
+                                                 a.model))))
+        return
 
     res = uvloop.run(_loadgen(a.url, a.key, a.clients, a.seconds, a.rate or None, a.stream,
                               a.warmup, a.model))
