@@ -2,7 +2,8 @@
 
 One thread owns the runner and the scheduler and loops: run queued commands (new requests,
 aborts, adapter loads and unloads), then one scheduler step, then hand that step's outputs to the
-event loop in one ``call_soon_threadsafe``. The event loop never waits on torch; the thread never
+event loop in one ``call_soon_threadsafe`` (new requests' first tokens go sooner, straight after
+their prefill). The event loop never waits on torch; the thread never
 touches asyncio objects directly.
 """
 
@@ -32,8 +33,10 @@ IDLE_WAIT_S = 0.5  # how long the idle thread blocks on its command queue per tu
 class AsyncEngine:
     def __init__(self, runner: Any, *, max_num_seqs: int, max_model_len: int, max_loras: int,
                  max_lora_rank: int, base_names: list[str],
-                 decode: Callable[[list[int]], str], metrics: Any = None) -> None:
+                 decode: Callable[[list[int]], str], metrics: Any = None,
+                 threads: int | None = None) -> None:
         self.runner = runner
+        self.threads = threads  # torch threads of the engine thread (None: torch's default)
         self.scheduler = Scheduler(runner, max_num_seqs=max_num_seqs,
                                    max_model_len=max_model_len, decode=decode)
         self.max_model_len = max_model_len
@@ -70,6 +73,11 @@ class AsyncEngine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            # OpenMP's thread count is per calling thread: set it where the forwards run.
+            torch.set_num_threads(self.threads)
         while not self._stopping:
             try:
                 self._turn()
@@ -83,7 +91,7 @@ class AsyncEngine:
             return
         outputs: list[StepOutput | tuple[str, BaseException]]
         try:
-            outputs = list(self.scheduler.step())
+            outputs = list(self.scheduler.step(emit=self._emit))
         except Exception as exc:  # a failed forward fails its batch, not the server
             log.exception("engine step failed")
             outputs = [(s.request_id, exc) for s in
@@ -94,6 +102,11 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._dispatch, outputs)
         if self._pending_unloads:
             self._unload_idle()
+
+    def _emit(self, outputs: list[StepOutput]) -> None:
+        """Hand outputs produced mid-step (first tokens from a prefill) to the event loop now."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, list(outputs))
 
     def _drain(self, *, block: bool) -> None:
         try:

@@ -82,10 +82,15 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
     from engine.embedded.runner import ModelRunner
     from engine.embedded.serving import OpenAIServing
 
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     config = AutoConfig.from_pretrained(settings.model)
     max_model_len = settings.max_model_len or int(config.max_position_embeddings)
     runner = ModelRunner(settings.model, max_num_seqs=settings.max_num_seqs,
-                         max_model_len=max_model_len, dtype=settings.dtype, impl=settings.impl)
+                         max_model_len=max_model_len, dtype=settings.resolved_dtype,
+                         impl=settings.impl)
     tokenizer = runner.tokenizer
     metrics = EngineMetrics(settings.model_name)
     engine = AsyncEngine(
@@ -93,7 +98,7 @@ def _build(settings: EngineSettings) -> dict[str, Any]:
         max_loras=settings.max_loras, max_lora_rank=settings.max_lora_rank,
         base_names=[settings.model.name, settings.model_name],
         decode=lambda ids: str(tokenizer.decode(ids, skip_special_tokens=True)),
-        metrics=metrics,
+        metrics=metrics, threads=settings.threads,
     )
     tracing = setup_tracing("tunegate-engine")  # None unless OTEL_* configures it
     if tracing is not None:
