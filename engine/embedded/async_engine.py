@@ -28,6 +28,7 @@ from engine.errors import BadRequestError, EngineInternalError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_WAIT_S = 0.5  # how long the idle thread blocks on its command queue per turn
+HANDOVER_WAIT_S = 0.005  # most the engine thread waits for the event loop to send a step's output
 
 
 class AsyncEngine:
@@ -99,14 +100,26 @@ class AsyncEngine:
             self.scheduler.running.clear()
             self.scheduler.waiting.clear()
         if outputs and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._hand_over(outputs)
         if self._pending_unloads:
             self._unload_idle()
 
     def _emit(self, outputs: list[StepOutput]) -> None:
         """Hand outputs produced mid-step (first tokens from a prefill) to the event loop now."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch, list(outputs))
+            self._hand_over(list(outputs))
+
+    def _hand_over(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+        """Give ``outputs`` to the event loop and wait (briefly) until it has sent them on.
+
+        The wait keeps the event loop's per-token work (waking streams, encoding and writing SSE
+        chunks) out of the next forward: on a machine with as many cores as torch threads, a
+        core taken by the event loop mid-matmul stalls the whole OpenMP team until it gets the
+        core back."""
+        assert self._loop is not None
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(self._dispatch, outputs, done)
+        done.wait(HANDOVER_WAIT_S)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -133,7 +146,8 @@ class AsyncEngine:
         else:
             self.runner.unload_adapter(key)
 
-    def _dispatch(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+    def _dispatch(self, outputs: list[StepOutput | tuple[str, BaseException]],
+                  done: threading.Event | None = None) -> None:
         for out in outputs:
             item: StepOutput | BaseException
             if isinstance(out, tuple):
@@ -143,6 +157,11 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is not None:
                 stream.put_nowait(item)
+        if done is not None:
+            # The streams woken above run before callbacks queued after them; two turns let
+            # each write its chunk (uvicorn writes to the socket within the turn) first.
+            assert self._loop is not None
+            self._loop.call_soon(self._loop.call_soon, done.set)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps and return its result."""
