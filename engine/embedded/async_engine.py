@@ -2,7 +2,8 @@
 
 One thread owns the runner and the scheduler and loops: run queued commands (new requests,
 aborts, adapter loads and unloads), then one scheduler step, then hand that step's outputs to the
-event loop in one ``call_soon_threadsafe``. The event loop never waits on torch; the thread never
+event loop in one ``call_soon_threadsafe`` (new requests' first tokens go sooner, straight after
+their prefill). The event loop never waits on torch; the thread never
 touches asyncio objects directly.
 """
 
@@ -27,13 +28,16 @@ from engine.errors import BadRequestError, EngineInternalError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_WAIT_S = 0.5  # how long the idle thread blocks on its command queue per turn
+HANDOVER_WAIT_S = 0.005  # most the engine thread waits for the event loop to send a step's output
 
 
 class AsyncEngine:
     def __init__(self, runner: Any, *, max_num_seqs: int, max_model_len: int, max_loras: int,
                  max_lora_rank: int, base_names: list[str],
-                 decode: Callable[[list[int]], str], metrics: Any = None) -> None:
+                 decode: Callable[[list[int]], str], metrics: Any = None,
+                 threads: int | None = None) -> None:
         self.runner = runner
+        self.threads = threads  # torch threads of the engine thread (None: torch's default)
         self.scheduler = Scheduler(runner, max_num_seqs=max_num_seqs,
                                    max_model_len=max_model_len, decode=decode)
         self.max_model_len = max_model_len
@@ -70,6 +74,11 @@ class AsyncEngine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            import torch
+
+            # OpenMP's thread count is per calling thread: set it where the forwards run.
+            torch.set_num_threads(self.threads)
         while not self._stopping:
             try:
                 self._turn()
@@ -83,7 +92,7 @@ class AsyncEngine:
             return
         outputs: list[StepOutput | tuple[str, BaseException]]
         try:
-            outputs = list(self.scheduler.step())
+            outputs = list(self.scheduler.step(emit=self._emit))
         except Exception as exc:  # a failed forward fails its batch, not the server
             log.exception("engine step failed")
             outputs = [(s.request_id, exc) for s in
@@ -91,9 +100,26 @@ class AsyncEngine:
             self.scheduler.running.clear()
             self.scheduler.waiting.clear()
         if outputs and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            self._hand_over(outputs)
         if self._pending_unloads:
             self._unload_idle()
+
+    def _emit(self, outputs: list[StepOutput]) -> None:
+        """Hand outputs produced mid-step (first tokens from a prefill) to the event loop now."""
+        if self._loop is not None:
+            self._hand_over(list(outputs))
+
+    def _hand_over(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+        """Give ``outputs`` to the event loop and wait (briefly) until it has sent them on.
+
+        The wait keeps the event loop's per-token work (waking streams, encoding and writing SSE
+        chunks) out of the next forward: on a machine with as many cores as torch threads, a
+        core taken by the event loop mid-matmul stalls the whole OpenMP team until it gets the
+        core back."""
+        assert self._loop is not None
+        done = threading.Event()
+        self._loop.call_soon_threadsafe(self._dispatch, outputs, done)
+        done.wait(HANDOVER_WAIT_S)
 
     def _drain(self, *, block: bool) -> None:
         try:
@@ -120,7 +146,8 @@ class AsyncEngine:
         else:
             self.runner.unload_adapter(key)
 
-    def _dispatch(self, outputs: list[StepOutput | tuple[str, BaseException]]) -> None:
+    def _dispatch(self, outputs: list[StepOutput | tuple[str, BaseException]],
+                  done: threading.Event | None = None) -> None:
         for out in outputs:
             item: StepOutput | BaseException
             if isinstance(out, tuple):
@@ -130,6 +157,11 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is not None:
                 stream.put_nowait(item)
+        if done is not None:
+            # The streams woken above run before callbacks queued after them; two turns let
+            # each write its chunk (uvicorn writes to the socket within the turn) first.
+            assert self._loop is not None
+            self._loop.call_soon(self._loop.call_soon, done.set)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps and return its result."""

@@ -8,6 +8,12 @@ matmul that also adds the residual, one gate|up matmul, SiLU-and-multiply and a 
 matmul that adds the residual; LoRA adds three small ops per projection when a batch uses
 adapters (:mod:`engine.embedded.fast_lora`).
 
+Precision: the weights (and so the matmuls) are in the model's dtype; with bfloat16 weights the
+residual stream, the norms, RoPE, the KV cache, attention and LoRA stay float32 (bfloat16 there
+was both lossy and slower on this CPU: a one-row bfloat16 attention matmul took 46 us against
+about 5 in float32), and only the matmul inputs are cast down. With float32 weights every cast
+is a no-op.
+
 The fused q|k|v and gate|up matrices are built once; the transformers modules' weights are then
 re-pointed at row slices of them (views, no second copy), so the reference path (transformers +
 peft) keeps working on the same memory. Keys and values go into the :class:`SlotCache` in the
@@ -117,17 +123,18 @@ class FastLlama:
         self.eps = float(cfg.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
         self.embed = inner.embed_tokens.weight
-        self.norm = inner.norm.weight
-        self.dtype = self.embed.dtype
+        self.dtype = self.embed.dtype  # the weights' (matmul inputs and outputs)
+        self.act = torch.float32  # residual stream, norms, RoPE, attention, KV cache, LoRA
+        self.norm = inner.norm.weight.detach().to(self.act)
         self.pack_rows = pack_min_rows(model) if pack else None
         self.layers = []
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                in_norm=layer.input_layernorm.weight,
+                in_norm=layer.input_layernorm.weight.detach().to(self.act),
                 qkv=self._prep(_fuse([att.q_proj, att.k_proj, att.v_proj])),
                 o=self._prep(att.o_proj.weight.detach()),
-                post_norm=layer.post_attention_layernorm.weight,
+                post_norm=layer.post_attention_layernorm.weight.detach().to(self.act),
                 gate_up=self._prep(_fuse([mlp.gate_proj, mlp.up_proj])),
                 down=self._prep(mlp.down_proj.weight.detach()),
             ))
@@ -138,9 +145,9 @@ class FastLlama:
         with torch.inference_mode():
             cos, sin = inner.rotary_emb(self.embed[:1], torch.arange(max_len)[None])
         half = self.head_dim // 2
-        self.cos = cos[0].to(self.dtype).contiguous()
-        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.dtype)
-        self.lora = LoraBank(len(self.layers), self.dtype)
+        self.cos = cos[0].to(self.act).contiguous()
+        self.sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1).to(self.act)
+        self.lora = LoraBank(len(self.layers), self.act)
         self.part_out = {
             "q_proj": self.heads * self.head_dim, "k_proj": self.kv_heads * self.head_dim,
             "v_proj": self.kv_heads * self.head_dim, "o_proj": self.hidden,
@@ -166,9 +173,11 @@ class FastLlama:
         return F.linear(x, w.plain)
 
     def _linear_add(self, x: Any, w: _Weight, residual: Any) -> Any:
-        """``residual + x @ w^T`` in one op."""
+        """``residual + x @ w^T`` (in one op where the residual is in the weights' dtype)."""
         import torch
 
+        if residual.dtype != self.dtype:
+            return residual + self._linear(x, w)
         if w.packed is not None and x.shape[0] >= self.pack_rows:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w.packed, None, "add")
         return torch.addmm(residual, x, w.plain.t())
@@ -176,6 +185,7 @@ class FastLlama:
     # -- shared pieces ---------------------------------------------------------------------------
 
     def _rms(self, x: Any, w: Any) -> Any:
+        """RMSNorm of the float32 residual ``x``, in float32."""
         import torch.nn.functional as F
 
         return F.rms_norm(x, (self.hidden,), w, self.eps)
@@ -183,11 +193,11 @@ class FastLlama:
     def _qkv(self, i: int, lay: _Layer, x: Any, cos: Any, sin: Any, mask: Any
              ) -> tuple[Any, Any, Any]:
         """Norm, q|k|v projection (+ LoRA) and RoPE for ``x`` ``[t, hidden]``: q ``[t, heads,
-        dim]``, k and v ``[t, kv_heads, dim]``."""
+        dim]``, k and v ``[t, kv_heads, dim]``, all float32."""
         import torch
 
         h = self._rms(x, lay.in_norm)
-        qkv = self._linear(h, lay.qkv)
+        qkv = self._linear(h.to(self.dtype), lay.qkv).to(self.act)
         if mask is not None:
             self.lora.apply(i, "qkv", h, qkv, mask)
         t, d, qk_heads = x.shape[0], self.head_dim, self.heads + self.kv_heads
@@ -197,15 +207,18 @@ class FastLlama:
         return qk[:, : self.heads], qk[:, self.heads:], v
 
     def _out_and_mlp(self, i: int, lay: _Layer, x: Any, att: Any, mask: Any) -> Any:
-        """o-projection plus residual, then the MLP block plus residual; returns the new ``x``."""
+        """o-projection plus residual, then the MLP block plus residual; returns the new ``x``
+        (``x`` and ``att`` float32)."""
         import torch.nn.functional as F
 
-        x = self._linear_add(att, lay.o, x)
+        x = self._linear_add(att.to(self.dtype), lay.o, x)
         if mask is not None:
             self.lora.apply(i, "o", att, x, mask)
         h = self._rms(x, lay.post_norm)
-        gu = self._linear(h, lay.gate_up)
+        gu = self._linear(h.to(self.dtype), lay.gate_up)
         if mask is not None:
+            # Added in the weights' dtype, so a base row (delta exactly 0) stays bit for bit
+            # what a batch without adapters gives it.
             self.lora.apply(i, "gate_up", h, gu, mask)
         act = F.silu(gu[:, : self.inter]) * gu[:, self.inter:]
         x = self._linear_add(act, lay.down, x)
@@ -214,7 +227,7 @@ class FastLlama:
         return x
 
     def _logits(self, x: Any) -> Any:
-        return self._linear(self._rms(x, self.norm), self.lm_head)
+        return self._linear(self._rms(x, self.norm).to(self.dtype), self.lm_head)
 
     # -- forwards --------------------------------------------------------------------------------
 
@@ -228,12 +241,12 @@ class FastLlama:
         n, kvh, d = tokens.shape[0], self.kv_heads, self.head_dim
         groups = self.heads // kvh
         cap = self.cache.capacity
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens, self.embed).to(self.act)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         # Additive mask over the cached positions, one row per (slot, kv head): 0 up to each
         # row's own position, -inf past it (stale or zero-filled cache entries).
         past = torch.arange(kv_len)[None, :] > positions[:, None]
-        att_mask = torch.zeros((n, kv_len), dtype=self.dtype).masked_fill_(past, float("-inf"))
+        att_mask = torch.zeros((n, kv_len), dtype=self.act).masked_fill_(past, float("-inf"))
         att_mask = att_mask.repeat_interleave(kvh, dim=0)[:, None]  # [n * kvh, 1, kv_len]
         # Where each (slot, kv head) writes its new value, and each (slot, kv head, dim) its new
         # key, in a layer's flat cache (keys are stored transposed, see engine.embedded.kv_cache).
@@ -254,7 +267,7 @@ class FastLlama:
             values = v_cache[:n, :, :kv_len].reshape(n * kvh, kv_len, d)
             scores = torch.bmm(q.reshape(n * kvh, groups, d), keys_t)
             scores.mul_(self.scale).add_(att_mask)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            probs = torch.softmax(scores, dim=-1)
             att = torch.bmm(probs, values).view(n, self.heads * d)
             x = self._out_and_mlp(i, lay, x, att, mask)
         return self._logits(x)
@@ -269,7 +282,7 @@ class FastLlama:
 
         m, w = input_ids.shape
         kvh, d = self.kv_heads, self.head_dim
-        x = F.embedding(input_ids.reshape(-1), self.embed)  # [m * w, hidden]
+        x = F.embedding(input_ids.reshape(-1), self.embed).to(self.act)  # [m * w, hidden]
         flat_pos = positions.reshape(-1)
         cos, sin = self.cos[flat_pos][:, None], self.sin[flat_pos][:, None]
         real = key_ok.reshape(-1).nonzero().squeeze(1)  # token rows that go into the cache

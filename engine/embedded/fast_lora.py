@@ -156,12 +156,16 @@ class LoraBank:
         return mask.repeat_interleave(repeat, dim=0) if repeat > 1 else mask
 
     def apply(self, layer: int, group: str, x: Any, out: Any, mask: Any) -> None:
-        """``out += ((x @ A^T) * mask) @ B`` in place, for ``group`` of ``layer``."""
+        """``out += ((x @ A^T) * mask) @ B`` in place, for ``group`` of ``layer``; the delta is
+        computed in the bank's dtype whatever ``x`` and ``out`` are in."""
         import torch.nn.functional as F
 
         pair = self.stacks[layer][group]
         if pair is None:
             return
-        t = F.linear(x, pair[0])
+        t = F.linear(x.to(self.dtype), pair[0])
         t.mul_(mask)
-        out.addmm_(t, pair[1])
+        if out.dtype == self.dtype:
+            out.addmm_(t, pair[1])
+        else:
+            out.add_(t @ pair[1])

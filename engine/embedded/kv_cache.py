@@ -107,10 +107,11 @@ class SlotCache:
                 v_cache[slot, :, :length] = value_states[row, :, pad:]
             return key_states, value_states
         rows = torch.arange(self._n)
-        k_cache[rows, :, :, self._positions] = key_states[:, :, 0]
-        v_cache[rows, :, self._positions] = value_states[:, :, 0]
-        return (k_cache[: self._n, ..., : self._kv_len].transpose(-1, -2),
-                v_cache[: self._n, :, : self._kv_len])
+        k_cache[rows, :, :, self._positions] = key_states[:, :, 0].to(self.dtype)
+        v_cache[rows, :, self._positions] = value_states[:, :, 0].to(self.dtype)
+        # A model in another dtype (bfloat16 over the float32 cache) gets copies in its own.
+        return (k_cache[: self._n, ..., : self._kv_len].transpose(-1, -2).to(key_states.dtype),
+                v_cache[: self._n, :, : self._kv_len].to(value_states.dtype))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len

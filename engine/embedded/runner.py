@@ -104,9 +104,11 @@ class ModelRunner:
         self.vocab_size = int(cfg.vocab_size)
         self.pad_id = int(self.tokenizer.pad_token_id or next(iter(ids), 0))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # The cache is float32 whatever the weights: bfloat16 keys and values made attention
+        # both slower and lossier on CPU (see engine.embedded.fast_llama).
         self.cache = SlotCache(
             layers=cfg.num_hidden_layers, slots=max_num_seqs, kv_heads=cfg.num_key_value_heads,
-            head_dim=head_dim, max_len=max_model_len, dtype=getattr(torch, dtype),
+            head_dim=head_dim, max_len=max_model_len, dtype=torch.float32,
         )
         self.module_names = {name for name, _ in model.named_modules()}
         self.fast: Any = None
@@ -181,7 +183,7 @@ class ModelRunner:
                 return self.fast.decode(torch.tensor(tokens, dtype=torch.long), pos, kv_len,
                                         adapters)
         # Additive mask (0 or -inf), made once per step for all layers.
-        mask = torch.zeros((n, kv_len), dtype=self.cache.dtype).masked_fill_(
+        mask = torch.zeros((n, kv_len), dtype=self.base_model.dtype).masked_fill_(
             torch.arange(kv_len)[None, :] > pos[:, None], float("-inf"))
         self.cache.decode_mode(n, pos, kv_len)
         with torch.inference_mode():
@@ -223,7 +225,7 @@ class ModelRunner:
 
         try:
             weights = extract_adapter(self.model, key, layers=len(self.fast.layers),
-                                      part_out=self.fast.part_out, dtype=self.fast.dtype)
+                                      part_out=self.fast.part_out, dtype=self.fast.act)
         except UnsupportedAdapter as exc:
             log.warning("adapter %s: %s; the transformers path serves while it is loaded",
                         key, exc)

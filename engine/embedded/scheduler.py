@@ -3,7 +3,8 @@
 Each :meth:`Scheduler.step` is one iteration: drop aborted sequences, admit waiting ones into free
 slots (up to ``max_num_seqs``) and prefill them together, then run one decode step for every
 running sequence, sample, detokenize, check the stop conditions and free finished sequences. A
-request thus joins and leaves the batch between any two tokens.
+request thus joins and leaves the batch between any two tokens. A new request's first token comes
+from its prefill and is handed out at once (``emit``), not after the decode step that follows.
 
 Running sequences always sit in slots ``0..n-1`` in list order; freeing one moves the last into its
 slot (see :mod:`.kv_cache`). The scheduler is plain Python over a :class:`Runner`, so its unit
@@ -100,7 +101,10 @@ class Scheduler:
 
     # -- one iteration -------------------------------------------------------------------------
 
-    def step(self) -> list[StepOutput]:
+    def step(self, emit: Callable[[list[StepOutput]], None] | None = None) -> list[StepOutput]:
+        """One iteration; returns its outputs. With ``emit``, the prefill's outputs (new
+        requests' first tokens) go to ``emit`` as soon as they exist, before the decode step
+        (a whole decode step sooner to the client), and the return value holds the rest."""
         outputs: list[StepOutput] = []
         finished: list[Sequence] = []
         if self._aborted:
@@ -110,6 +114,9 @@ class Scheduler:
             logits = self.runner.prefill([(slot, s.prompt_ids, s.adapter) for slot, s in admitted])
             self._advance([s for _, s in admitted], logits)
             self._report(outputs, finished)
+            if emit is not None and outputs:
+                emit(outputs)
+                outputs = []
         if self.running:
             # Slots 0..n-1 are exactly the running list, new rows included (their first token came
             # from the prefill, their second comes now).

@@ -183,3 +183,23 @@ def test_bfloat16_fast_path_agrees_with_float32(pair: dict[str, Any],
     tokens, _ = greedy(runner, pair["prompts"], [None] * 4, steps=4)
     # bfloat16 may flip a near tie late in a sequence; the first tokens must agree.
     assert [t[:2] for t in tokens] == [t[:2] for t in ref_tokens]
+
+
+def test_bfloat16_with_adapters_tracks_float32(pair: dict[str, Any], default_model_dir: Path,
+                                               lora_dirs: list[Path]) -> None:
+    """bfloat16 weights with LoRA (the deltas run in float32) in a mixed batch: the same first
+    tokens as the float32 reference, top-5 logprobs of the prefill within the bound of
+    tests/engine/test_runner.py (0.3 nats), and the base row exactly the base batch's."""
+    runner = ModelRunner(default_model_dir, max_num_seqs=4, max_model_len=256, dtype="bfloat16")
+    keys = [runner.load_adapter(p) for p in lora_dirs]
+    hk = pair["hf_keys"]
+    ref_tokens, ref_logits = greedy(pair["hf"], pair["prompts"], [None, hk[0], hk[1], hk[2]],
+                                    steps=4)
+    tokens, logits = greedy(runner, pair["prompts"], [None, *keys], steps=4)
+    assert runner.impl == "fast"
+    assert [t[:2] for t in tokens] == [t[:2] for t in ref_tokens]
+    ref, got = ref_logits[0].log_softmax(-1), logits[0].log_softmax(-1)
+    top = ref.topk(5).indices
+    assert (got.gather(1, top) - ref.gather(1, top)).abs().max() < 0.3
+    _, base_logits = greedy(runner, pair["prompts"], [None] * 4, steps=4)
+    assert torch.equal(logits[:, 0], base_logits[:, 0])

@@ -266,3 +266,22 @@ def test_incremental_detokenization_matches_full_decode(default_model_dir: Any) 
         sched._detokenize(seq)
         assert "\ufffd" not in seq.text
     assert seq.text == decode(ids)
+
+
+def test_first_token_is_emitted_before_the_decode_step() -> None:
+    """A new request's first token (from its prefill) reaches ``emit`` before the same step's
+    decode runs; the step's return value holds only what the decode produced."""
+    sched, runner = make()
+    sched.add(Sequence("old", [2, 2], greedy(5)))
+    sched.step()
+    sched.add(Sequence("new", [4, 4, 4], greedy(5)))
+    emitted: list[tuple[list[StepOutput], int]] = []
+    rest = sched.step(emit=lambda outs: emitted.append((list(outs), len(runner.decode_sizes))))
+    decodes_before = len(runner.decode_sizes) - 1
+    assert len(emitted) == 1
+    first, decodes_then = emitted[0]
+    assert decodes_then == decodes_before  # emitted before this step's decode ran
+    assert [o.request_id for o in first] == ["new"]
+    assert tokens_of(first) == expected([4, 4, 4], 1)
+    assert sorted(o.request_id for o in rest) == ["new", "old"]
+    assert tokens_of([o for o in rest if o.request_id == "new"]) == expected([4, 4, 4], 2)[1:]
