@@ -112,13 +112,13 @@ def _send_anonymous(base: str, size: int) -> int:
     return status
 
 
-def _gateway_rss(port: int) -> int:
-    """RSS of the process listening on ``port`` (the uvicorn gateway), bytes."""
+def _listener(port: int) -> psutil.Process:
+    """The process listening on ``port`` (the uvicorn gateway)."""
     for proc in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error):
             for c in proc.net_connections(kind="tcp"):
                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port:
-                    return int(proc.memory_info().rss)
+                    return proc
     raise RuntimeError(f"no process listens on {port}")
 
 
@@ -127,8 +127,7 @@ def peak_rss(gw: str) -> Iterator[dict[str, int]]:
     """``{"idle": ..., "peak": ...}``: the gateway process's RSS before, and at most while, the
     block runs (sampled every 5 ms), bytes."""
     port = int(gw.rsplit(":", 1)[1])
-    pid_rss = _gateway_rss(port)
-    proc = next(p for p in psutil.process_iter() if p.memory_info().rss == pid_rss)
+    proc = _listener(port)
     found = {"idle": proc.memory_info().rss, "peak": proc.memory_info().rss}
     stop = threading.Event()
 

@@ -103,7 +103,7 @@ async def run_job(ctx: dict[str, Any], steps: int, seed: int) -> dict[str, Any]:
                            "train_end_to_job_end_s": round(job_end - train_end, 1)}
     for k in ETA_STEPS:
         seen = [s for s in at_step if s >= k]
-        if not seen:
+        if not seen or min(seen) >= last:  # nothing left to predict at the last step
             continue
         s = min(seen)
         row = at_step[s]
