@@ -5,9 +5,10 @@ then the output layer and the loss on those rows alone.
 Answers are a small part of each example (a label of a few tokens after a review of a hundred; an
 eighth of a seed example), so the output layer, the largest single matrix of a small model and
 a 128k-row product per token for Llama-3.1, costs a fraction of what every position would. Both
-backends use it: on the CPU it raised throughput by half; on the GPU it also keeps the logits of
-every position out of memory. Positions are computed on the host
-(``loop.supervised_positions``), so nothing here waits for the device.
+backends use it: on the CPU it raised throughput by half; on the H200 (Unsloth, whose own fused
+loss already avoids holding every position's logits) no gain was measured (bench/README.md,
+"Training on the H200"). Positions are computed on the host (``loop.supervised_positions``),
+so nothing here waits for the device.
 """
 
 from __future__ import annotations
