@@ -106,7 +106,8 @@ async def _loadgen(url: str, key: str, clients: int, seconds: float, rate: float
 async def _interleaved(urls: list[str], key: str, requests: int, model: str) -> dict[str, Any]:
     """One request at a time, in turn to each of ``urls`` (one keep-alive connection each), so
     every gateway sees the same moments of the machine: drift and other people's load fall on
-    all of them alike. Returns each URL's median and the pairwise medians' differences' inputs."""
+    all of them alike. Returns each URL's request count, p50 and p90 (ms), after 50 rounds of
+    warm-up."""
     conns = []
     for url in urls:
         host, port = url.removeprefix("http://").split(":")

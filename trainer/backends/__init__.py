@@ -36,7 +36,7 @@ def select_backend(name: str = "auto", checkpointing: str = "offload") -> Traini
 
         from trainer.backends.unsloth import UnslothBackend
 
-        return UnslothBackend(checkpointing="gpu" if checkpointing == "device" else "unsloth")
+        return UnslothBackend(checkpointing=checkpointing)
     if name == "hf_qlora":
         from trainer.backends.hf_qlora import HfQloraBackend
 

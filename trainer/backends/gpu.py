@@ -43,12 +43,12 @@ def answer_forward_sum(pad_id: int, fallback: ForwardSum) -> ForwardSum:
     after the output layer."""
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
-        # Unsloth's decoder reads this flag (set by its causal-LM forward, which this path does
-        # not call) to treat a batch as unlabelled; a gate evaluation in the same worker leaves
-        # it set. These batches are labelled.
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not plain_output_layer(inner.config):
             return fallback(model, items)
+        # Unsloth's decoder reads this flag (set by its causal-LM forward, which this path does
+        # not call) to treat a batch as unlabelled; a gate evaluation in the same worker leaves
+        # it set. These batches are labelled.
         inner.get_decoder()._has_no_labels = False
         return supervised_loss_sum(model, items, pad_id)
 

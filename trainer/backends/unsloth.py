@@ -20,10 +20,10 @@ from trainer.backends.gpu import Gpu4bitBackend
 class UnslothBackend(Gpu4bitBackend):
     name = "unsloth"
 
-    def __init__(self, checkpointing: str = "unsloth", answer_logits_only: bool = True) -> None:
-        # "unsloth": checkpoints offloaded to host memory; "gpu": kept on the device (Unsloth's
-        # plain checkpointing). Benchmarks compare them.
-        self.checkpointing: str | bool = True if checkpointing == "gpu" else checkpointing
+    def __init__(self, checkpointing: str = "offload", answer_logits_only: bool = True) -> None:
+        # TrainerSettings.gradient_checkpointing: "offload" is Unsloth's "unsloth" mode
+        # (checkpoints in host memory), "device" its plain checkpointing (kept on the GPU).
+        self.checkpointing: str | bool = True if checkpointing == "device" else "unsloth"
         self.answer_logits_only = answer_logits_only
 
     def load_base(self, spec: TrainSpec, tokenizer: Any) -> Any:
