@@ -11,7 +11,9 @@ imports no heavy library.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 Message = dict[str, str]
@@ -24,7 +26,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
 
-    @property
+    @cached_property  # read for every example of every step
     def n_supervised(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
@@ -58,7 +60,7 @@ def answer_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tup
         if msg["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render(tokenizer, messages[: i + 1])
+        through = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not full.startswith(through) or not through.startswith(before):
             raise ValueError("chat template renderings are not prefix-consistent")
         spans.append((len(before), len(through)))
@@ -69,15 +71,38 @@ def tokenize_for_training(
     tokenizer: Any, messages: list[Message], *, max_seq_length: int | None = None
 ) -> Tokenized:
     """Input ids and labels; labels are ``IGNORE_INDEX`` outside the assistant spans."""
-    text, spans = answer_spans(tokenizer, messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
+    return tokenize_many(tokenizer, [messages], max_seq_length=max_seq_length)[0]
+
+
+def tokenize_many(
+    tokenizer: Any, conversations: list[list[Message]], *, max_seq_length: int | None = None
+) -> list[Tokenized]:
+    """:func:`tokenize_for_training` of many conversations, the texts encoded in one call (a
+    fast tokenizer spreads a batch over the host's cores)."""
+    rendered = [answer_spans(tokenizer, m) for m in conversations]
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    out = []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"],
+                                        strict=True):
+        out.append(_labelled(list(ids), offsets, spans, max_seq_length))
+    return out
+
+
+def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
+              max_seq_length: int | None) -> Tokenized:
     labels = [IGNORE_INDEX] * len(ids)
-    for t, (start, end) in enumerate(enc["offset_mapping"]):
-        # A token belongs to an answer when it starts inside the span (a token straddling the
-        # prompt/answer boundary is left out, so no prompt character is ever supervised).
-        if any(s <= start < e and end <= e for s, e in spans) and end > start:
-            labels[t] = ids[t]
+    starts = [start for start, _ in offsets]  # non-decreasing
+    for s, e in spans:
+        # A token belongs to an answer when it starts inside the span and ends within it (a
+        # token straddling the prompt/answer boundary is left out, so no prompt character is
+        # ever supervised); empty tokens are never labelled.
+        t = bisect.bisect_left(starts, s)
+        while t < len(ids) and starts[t] < e:
+            start, end = offsets[t]
+            if end <= e and end > start:
+                labels[t] = ids[t]
+            t += 1
     if max_seq_length is not None:
         ids, labels = ids[:max_seq_length], labels[:max_seq_length]
     return Tokenized(ids, labels)

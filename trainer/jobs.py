@@ -22,7 +22,7 @@ from shared.data import DatasetRejected, ValidationReport, validate_file
 from shared.errors import ModelNotFound, NotFound
 from shared.job_records import JobStore, worker_lost_error
 from shared.job_spec import TrainSpec, auto_epochs
-from trainer.backends import select_backend
+from trainer.backends import GpuOptions, select_backend
 from trainer.backends.base import JobCancelled
 from trainer.cost import CostMeter, cost_message
 from trainer.evaluate import EvalReport, GateDecision, evaluate, gate, load_model
@@ -155,10 +155,10 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
             cancel: threading.Event, progress_interval_s: float = 2.0,
             files_dir: Path | None = None, price_per_device_hour: float = 0.0,
             eval_engine: str | None = None, trace: JobTrace | None = None,
-            metrics: Any = None, checkpointing: str = "offload") -> JobOutcome:
+            metrics: Any = None, gpu: GpuOptions | None = None) -> JobOutcome:
     """``files_dir``: where the per-step CSV goes (``result_files``); ``trace``: spans for the
-    phases (trainer.tracing); ``metrics``: the worker's gauges; ``checkpointing``: the
-    settings' ``gradient_checkpointing``."""
+    phases (trainer.tracing); ``metrics``: the worker's gauges; ``gpu``: the settings a GPU
+    backend trains with."""
     job_id = spec.job_id
     artifacts = registry.store if registry is not None else None
     meter = CostMeter(price_per_device_hour)  # device seconds by phase (trainer.cost)
@@ -208,7 +208,7 @@ def run_job(spec: TrainSpec, *, store: JobStore, registry: AdapterRegistry | Non
         meter.enter("validate")
         with phase(trace, "validate") as sp:
             # Before any tokenizer loads: the Unsloth backend must be imported before transformers.
-            backend = select_backend(spec.backend, checkpointing)
+            backend = select_backend(spec.backend, gpu)
             count = _count_tokens_fn(spec.base_model)
             spec = fetch_inputs(spec, artifacts, work_dir)
             report = validate_training(spec, spec.training_file, count)

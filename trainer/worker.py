@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[str, Any]:
+    from trainer.backends import GpuOptions
     from trainer.jobs import CancelFlag, run_job
 
     settings: TrainerSettings = ctx["settings"]
@@ -74,7 +75,7 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
                             cancel=cancel, progress_interval_s=settings.progress_interval_s,
                             price_per_device_hour=settings.price_per_device_hour,
                             eval_engine=eval_engine, trace=trace, metrics=metrics,
-                            checkpointing=settings.gradient_checkpointing,
+                            gpu=GpuOptions(settings.gradient_checkpointing, settings.optimizer),
                             files_dir=Path(settings.data_dir) / "files"),
         )
         try:

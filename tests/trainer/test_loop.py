@@ -120,6 +120,46 @@ def test_cancellation_stops_at_the_next_step() -> None:
     assert len(hooks.steps) == 3
 
 
+def test_a_step_whose_loss_is_on_its_way_is_reported_once_the_next_is_queued(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CUDA the loss reaches the host asynchronously: step k is reported after step k + 1's
+    work is queued, every step is reported once, in order, with the loss it would have had."""
+    from trainer.backends import loop
+
+    def run(late: bool) -> tuple[list[str], list[StepInfo]]:
+        class Arriving(loop.HostScalar):
+            pending = late  # as a CUDA copy would be
+
+        monkeypatch.setattr(loop, "HostScalar", Arriving)
+        order: list[str] = []
+
+        class Hooks(Recorder):
+            def on_step(self, info: StepInfo) -> None:
+                order.append(f"report {info.step}")
+                super().on_step(info)
+
+        def fwd(m: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
+            order.append("forward")
+            x = torch.tensor([[float(len(t.input_ids))] * 4 for t in items])
+            return (m(x) ** 2).sum(), len(items)
+
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        hooks = Hooks()
+        run_loop(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                 encoded=examples(6), batch_size=2, micro_batch_size=None, n_epochs=1,
+                 max_steps=None, warmup_ratio=0.0, seed=0, forward_sum=fwd, hooks=hooks)
+        return order, hooks.steps
+
+    order, steps = run(late=True)
+    assert order == ["forward", "forward", "report 1", "forward", "report 2", "report 3"]
+    now_order, now_steps = run(late=False)
+    assert now_order == ["forward", "report 1", "forward", "report 2", "forward", "report 3"]
+    assert [s.loss for s in steps] == [s.loss for s in now_steps]
+    assert [s.tokens for s in steps] == [s.tokens for s in now_steps]
+
+
 def test_gate_rule() -> None:
     assert gate(0.95).passed
     assert not gate(0.94).passed
@@ -191,3 +231,15 @@ def test_output_layer_at_answer_tokens_only_gives_the_models_loss_and_gradients(
     assert n1 == n2 == 4
     assert torch.allclose(l1, l2, atol=1e-5)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2, strict=True))
+
+
+def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> None:
+    from trainer.backends import cuda_allocator_defaults
+
+    env: dict[str, str] = {}
+    cuda_allocator_defaults(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # an operator's own wins
+        env = {name: "max_split_size_mb:256"}
+        cuda_allocator_defaults(env)
+        assert env == {name: "max_split_size_mb:256"}

@@ -1,4 +1,4 @@
-"""What the two GPU backends share: padded, length-grouped micro-batches, 8-bit AdamW, CUDA
+"""What the two GPU backends share: padded, length-grouped micro-batches, the optimizer, CUDA
 seeds, OOM recovery and the peak memory in the manifest, around a 4-bit model.
 
 Micro-batches are right-padded rows of examples of similar length (``loop.length_grouped_batches``
@@ -63,15 +63,31 @@ class Gpu4bitBackend(LoraBackend):
 
     answer_logits_only = True
 
+    def __init__(self, optimizer: str = "adamw") -> None:
+        if optimizer not in ("adamw", "adamw_8bit"):
+            raise ValueError(f"unknown optimizer {optimizer!r}: adamw or adamw_8bit")
+        self.optimizer_name = optimizer
+
     def where(self) -> str:
         import torch
 
         return str(torch.cuda.get_device_name(0))
 
     def optimizer(self, params: list[Any], spec: TrainSpec) -> Any:
-        import bitsandbytes as bnb
+        """``TrainerSettings.optimizer``: torch's fused AdamW (every tensor in one kernel
+        launch), or bitsandbytes' 8-bit AdamW (a quarter of the state memory, a launch per
+        tensor)."""
+        import torch
 
-        return bnb.optim.AdamW8bit(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        if self.optimizer_name == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=spec.learning_rate,
+                                       weight_decay=spec.weight_decay)
+        # The fused kernel takes float32, bf16 and fp16 parameters alike; the LoRA weights are
+        # float32 (peft and Unsloth keep adapters in float32 over a 4-bit base).
+        return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                 fused=True)
 
     def before_loop(self, spec: TrainSpec) -> None:
         import torch

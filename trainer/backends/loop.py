@@ -1,6 +1,7 @@
 """The training loop every backend shares: length-grouped batches, gradient accumulation over
-micro-batches, a linear schedule with warm-up, progress hooks, cancellation at every step, and
-CUDA out-of-memory recovery (halve the micro-batch, double accumulation, retry the step).
+micro-batches, a linear schedule with warm-up, progress hooks (on CUDA a step is reported once the
+next is queued, so the host never waits for the device between steps), cancellation at every
+step, and CUDA out-of-memory recovery (halve the micro-batch, double accumulation, retry the step).
 
 The effective batch (examples per optimizer step) never changes when the micro-batch does, and the
 loss is the mean over the step's supervised tokens however the step is split, so an OOM retry
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +147,45 @@ class Eta:
         return max(0.0, self.left * per_cost)
 
 
+class HostScalar:
+    """A one-element tensor's value, copied to the host without waiting for the device: ``get()``
+    waits for that copy alone (a CUDA event), not for the work queued after it."""
+
+    def __init__(self, value: Any) -> None:
+        self.event: Any = None
+        if isinstance(value, (int, float)):
+            self.host: Any = float(value)
+            return
+        if value.device.type == "cuda":
+            import torch
+
+            self.host = torch.empty((), dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value.reshape(()), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = value
+
+    @property
+    def pending(self) -> bool:
+        """Whether the value may still be on its way (then a step is reported one step late)."""
+        return self.event is not None
+
+    def get(self) -> float:
+        if self.event is not None:
+            self.event.synchronize()
+        return float(self.host)
+
+
+@dataclass
+class _StepDone:
+    step: int  # 1-based
+    loss_sum: HostScalar  # summed over the step's supervised tokens
+    n_sup: int
+    lr: float
+    tokens: int  # input tokens of the step, padding excluded
+
+
 @dataclass
 class LoopResult:
     steps: int
@@ -185,6 +226,34 @@ def run_loop(
     losses: list[float] = []
     tokens = 0
     start = time.monotonic()
+    # Steps done but not yet reported. On CUDA a step is reported once the next one is queued:
+    # its loss is copied to the host without waiting, so the host never drains the device between
+    # steps (a sync at each step's end left the GPU idle while the host prepared the next one).
+    done: deque[_StepDone] = deque()
+
+    def report(d: _StepDone) -> None:
+        nonlocal tokens
+        tokens += d.tokens
+        losses.append(d.loss_sum.get() / max(1, d.n_sup))
+        now = time.monotonic()
+        elapsed = now - start
+        eta_s = eta.update(d.step, now, start)
+        if after_step is not None:
+            after_step(d.step)
+        hooks.on_step(
+            StepInfo(
+                step=d.step,
+                total_steps=total,
+                epoch=d.step / steps_per_epoch,
+                loss=losses[-1],
+                lr=d.lr,
+                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                eta_s=eta_s,
+                elapsed_s=elapsed,
+                tokens=tokens,
+            )
+        )
+
     model.train()
     for step in range(total):
         hooks.check_cancelled()
@@ -198,7 +267,7 @@ def run_loop(
                     loss_sum, _ = forward_sum(model, items[m : m + micro])
                     # Divide by the whole step's supervised tokens: the same gradient for any split.
                     (loss_sum / max(1, n_sup)).backward()
-                    # Summed on the device: one host sync a step (below), not one a micro-batch.
+                    # Summed on the device: read once a step (below), not once a micro-batch.
                     total_loss = total_loss + loss_sum.detach()
                 break
             except Exception as exc:
@@ -221,25 +290,12 @@ def run_loop(
         lr = float(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-        tokens += sum(len(t.input_ids) for t in items)
-        losses.append(float(total_loss) / max(1, n_sup))
-        now = time.monotonic()
-        elapsed = now - start
-        eta_s = eta.update(step + 1, now, start)
-        del items, loss_sum  # no tensor of this step is kept alive into the next
-        if after_step is not None:
-            after_step(step + 1)
-        hooks.on_step(
-            StepInfo(
-                step=step + 1,
-                total_steps=total,
-                epoch=(step + 1) / steps_per_epoch,
-                loss=losses[-1],
-                lr=lr,
-                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-                eta_s=eta_s,
-                elapsed_s=elapsed,
-                tokens=tokens,
-            )
-        )
+        loss_host = HostScalar(total_loss)
+        done.append(_StepDone(step + 1, loss_host, n_sup, lr,
+                              sum(len(t.input_ids) for t in items)))
+        del items, loss_sum, total_loss  # no tensor of this step is kept alive into the next
+        while len(done) > (1 if loss_host.pending else 0):
+            report(done.popleft())
+    while done:
+        report(done.popleft())
     return LoopResult(total, tokens, losses, micro, math.ceil(batch_size / micro))

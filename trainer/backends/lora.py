@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import abc
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from shared.chat import Tokenized, tokenize_for_training
+from shared.chat import Tokenized, tokenize_many
 from shared.data import Message
 from shared.job_spec import TrainSpec
 from trainer.backends.base import Hooks, TrainResult, adapter_manifest, save_adapter_atomically
@@ -34,7 +35,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 def encode_all(
     tokenizer: Any, examples: list[list[Message]], max_seq_length: int
 ) -> list[Tokenized]:
-    encoded = [tokenize_for_training(tokenizer, m, max_seq_length=max_seq_length) for m in examples]
+    encoded = tokenize_many(tokenizer, examples, max_seq_length=max_seq_length)
     return [t for t in encoded if t.n_supervised > 0]
 
 
@@ -90,14 +91,18 @@ class LoraBackend(abc.ABC):
         t0 = time.monotonic()
         torch.manual_seed(spec.seed)
         tokenizer = load_tokenizer(spec.base_model)
-        encoded = encode_all(tokenizer, examples, spec.max_seq_length)
-        base = self.load_base(spec, tokenizer)
-        hooks.check_cancelled()
-        model = self.add_lora(base, spec)
+        # The examples are encoded while the model loads (5,000 seed examples take seconds).
+        with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
+            encoding = pool.submit(encode_all, tokenizer, examples, spec.max_seq_length)
+            base = self.load_base(spec, tokenizer)
+            hooks.check_cancelled()
+            model = self.add_lora(base, spec)
+            encoded = encoding.result()
         params = [p for p in model.parameters() if p.requires_grad]
         hooks.on_event(
             f"{self.name}: model loaded, {len(encoded)} examples on {self.where()}",
-            {"trainable_params": sum(p.numel() for p in params), "examples": len(encoded)},
+            {"trainable_params": sum(p.numel() for p in params), "examples": len(encoded),
+             "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})},
         )
         optimizer = self.optimizer(params, spec)
         self.before_loop(spec)

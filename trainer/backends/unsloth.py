@@ -1,7 +1,7 @@
 """GPU backend: Unsloth ``FastLanguageModel``, 4-bit QLoRA.
 
 r 16, alpha 32, dropout 0, all seven projections (the spec's defaults), gradient checkpointing
-"unsloth" (offloads activations; the memory saving that keeps 8B under 8 GiB), 8-bit AdamW,
+"unsloth" (offloads activations; the memory saving that keeps 8B under 8 GiB), fused AdamW,
 lr 2e-4 with a linear schedule and warm-up, padded length-grouped micro-batches (see ``gpu.py``).
 Unsloth patches transformers when imported, so it must be imported first: ``select_backend``
 imports it when it picks this backend (call it before anything loads a tokenizer). The tokenizer
@@ -20,7 +20,9 @@ from trainer.backends.gpu import Gpu4bitBackend
 class UnslothBackend(Gpu4bitBackend):
     name = "unsloth"
 
-    def __init__(self, checkpointing: str = "offload", answer_logits_only: bool = True) -> None:
+    def __init__(self, checkpointing: str = "offload", optimizer: str = "adamw",
+                 answer_logits_only: bool = True) -> None:
+        super().__init__(optimizer)
         # TrainerSettings.gradient_checkpointing: "offload" is Unsloth's "unsloth" mode
         # (checkpoints in host memory), "device" its plain checkpointing (kept on the GPU).
         self.checkpointing: str | bool = True if checkpointing == "device" else "unsloth"

@@ -1,0 +1,74 @@
+"""The training loop and the GPU backends' optimizers on a CUDA device (the device machine; CI
+has no GPU): losses read back asynchronously are the losses, and the fused AdamW the GPU backends
+default to takes the same steps as the plain one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shared.chat import Tokenized  # noqa: E402
+from shared.job_spec import TrainSpec  # noqa: E402
+from trainer.backends.base import NullHooks, StepInfo  # noqa: E402
+from trainer.backends.loop import HostScalar, run_loop  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+class Steps(NullHooks):
+    def __init__(self) -> None:
+        self.steps: list[StepInfo] = []
+
+    def on_step(self, info: StepInfo) -> None:
+        self.steps.append(info)
+
+
+def train(device: str, optimizer: Any = None) -> tuple[list[float], Any]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(),
+                                torch.nn.Linear(64, 1)).to(device)
+    opt = optimizer(list(model.parameters())) if optimizer else torch.optim.AdamW(
+        model.parameters(), lr=1e-2)
+    data = [Tokenized([1] * (3 + i % 7), [-100] * (2 + i % 7) + [1]) for i in range(64)]
+
+    def fwd(m: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
+        x = torch.stack([torch.full((8,), len(t.input_ids) / 10.0) for t in items]).to(device)
+        return ((m(x) - 1.0) ** 2).sum(), len(items)
+
+    hooks = Steps()
+    run_loop(model=model, optimizer=opt, encoded=data, batch_size=8, micro_batch_size=4,
+             n_epochs=2, max_steps=None, warmup_ratio=0.1, seed=0, forward_sum=fwd, hooks=hooks)
+    assert [s.step for s in hooks.steps] == list(range(1, 17))
+    return [s.loss for s in hooks.steps], model
+
+
+def test_a_cuda_scalar_arrives_without_a_device_sync() -> None:
+    x = torch.arange(10.0, device="cuda").sum()
+    v = HostScalar(x)
+    assert v.pending and v.get() == 45.0
+    assert not HostScalar(torch.tensor(3.0)).pending and HostScalar(2.5).get() == 2.5
+
+
+def test_losses_on_cuda_match_the_cpu_run() -> None:
+    cuda, _ = train("cuda")
+    cpu, _ = train("cpu")
+    assert cuda == pytest.approx(cpu, rel=1e-4, abs=1e-6)
+    assert cuda[-1] < cuda[0]
+
+
+def test_fused_adamw_of_the_gpu_backends_takes_the_plain_steps() -> None:
+    from trainer.backends.unsloth import UnslothBackend
+
+    spec = TrainSpec(job_id="t", name="t", base_model="-", training_file="-",
+                     learning_rate=1e-2)
+    fused = UnslothBackend(optimizer="adamw").optimizer
+    losses, model = train("cuda", lambda params: fused(params, spec))
+    plain, plain_model = train("cuda", lambda params: torch.optim.AdamW(
+        params, lr=1e-2, weight_decay=spec.weight_decay))
+    assert losses == pytest.approx(plain, rel=1e-4, abs=1e-6)
+    for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
