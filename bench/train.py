@@ -10,12 +10,15 @@ Two phases, each in its own process so the second starts from an empty GPU:
   QLoRA, used where Unsloth is missing), for ``hf_tok_s`` and ``hf_peak_gib``.
 
 Options compare the trainer's choices: ``--checkpointing offload|device`` (where Unsloth keeps
-activation checkpoints), ``--whole-loss`` (the model's own loss over every position instead of the
-output layer at the answer tokens only), ``--seed-batch``; ``--label X`` keeps a run's figures
-under ``speedX``/``seedX`` only. Each phase records its load time, its first ten steps' seconds
+activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--whole-loss`` (the model's own loss
+over every position instead of the output layer at the answer tokens only), ``--seed-batch``,
+``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X`` keeps a run's figures
+under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such variants one after the
+other in one process (one Unsloth import; each loads its own model), a list of objects of these
+options' names and a ``label`` each. Each run records its load time, its first ten steps' seconds
 (the warm-up) and, with ``--profile``, a torch.profiler table of two late steps.
 
-Runs on the device machine (bench/train_device.sh); writes bench/results/train_device.json.
+Runs on the device machine (bench/train_speed_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
 """
 
@@ -49,6 +52,7 @@ class Recorder:
         self.profile_steps = profile_steps  # (first, last): profile the steps after first..last
         self.profiler: Any = None
         self.profile_table = ""
+        self.trainable_dtypes: list[str] | None = None
 
     def on_step(self, info: Any) -> None:
         d = info.to_dict()
@@ -76,6 +80,7 @@ class Recorder:
     def on_event(self, message: str, data: dict[str, Any]) -> None:
         if "model loaded" in message and self.loaded_at is None:
             self.loaded_at = time.perf_counter()
+            self.trainable_dtypes = data.get("trainable_dtypes")
         print("event:", message, json.dumps(data, default=str), flush=True)
 
     def check_cancelled(self) -> None:
@@ -101,39 +106,52 @@ def examples(tokenizer: Any, n: int, tokens: int, seed: int) -> list[list[dict[s
     return out
 
 
-def phase(name: str, model_dir: Path, out: Path, opts: argparse.Namespace) -> dict[str, Any]:
+OPTIONS = {  # a variant's options and their defaults (the trainer's own)
+    "checkpointing": "offload", "optimizer": "adamw", "whole_loss": False, "seed_batch": 8,
+    "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False, "label": "",
+}
+
+
+def described(v: dict[str, Any]) -> dict[str, Any]:
+    """What a result records of its variant: the options that shape the training."""
+    return {k: v[k] for k in OPTIONS if k not in ("profile", "label")}
+
+
+def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from trainer.backends import select_backend
+    from trainer.backends import GpuOptions, select_backend
 
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     # unsloth is imported before transformers
-    backend = select_backend(backend_name, checkpointing=opts.checkpointing)
-    backend.answer_logits_only = not opts.whole_loss
+    backend = select_backend(backend_name, GpuOptions(v["checkpointing"], v["optimizer"]))
+    backend.answer_logits_only = not v["whole_loss"]
     from shared.job_spec import TrainSpec
     from trainer.backends.lora import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if name in ("speed", "hf_speed"):
-        data = examples(tokenizer, 8 * opts.speed_steps, 512, seed=1)
+        batch, steps = v["speed_batch"], v["speed_steps"]
+        data = examples(tokenizer, batch * steps, v["speed_tokens"], seed=1)
         spec = TrainSpec(job_id=f"bench-{name}", name="bench", base_model=str(model_dir),
-                         training_file="-", batch_size=8, micro_batch_size=8,
-                         max_steps=opts.speed_steps,
-                         max_seq_length=576, backend=backend_name)
+                         training_file="-", batch_size=batch, micro_batch_size=batch,
+                         max_steps=steps, max_seq_length=576, backend=backend_name)
     else:
         data = examples(tokenizer, 5000, 400, seed=2)
         spec = TrainSpec(job_id="bench-seed", name="bench", base_model=str(model_dir),
-                         training_file="-", batch_size=opts.seed_batch,
-                         micro_batch_size=opts.seed_batch, n_epochs=1,
+                         training_file="-", batch_size=v["seed_batch"],
+                         micro_batch_size=v["seed_batch"], n_epochs=1,
                          max_seq_length=576, backend="unsloth")
     lengths = [len(tokenizer.apply_chat_template(m, tokenize=True, return_dict=False))
                for m in data[:50]]
-    print(f"{name}: {len(data)} examples, mean {sum(lengths) / len(lengths):.0f} tokens",
-          flush=True)
+    print(f"{name}{v['label']}: {len(data)} examples, mean {sum(lengths) / len(lengths):.0f} "
+          f"tokens", flush=True)
     n_steps = spec.max_steps or 0
-    hooks = Recorder((n_steps - 3, n_steps - 1) if opts.profile and n_steps > 8 else None)
+    hooks = Recorder((n_steps - 3, n_steps - 1) if v["profile"] and n_steps > 8 else None)
+    before_gib = torch.cuda.memory_allocated() / 2**30  # what an earlier variant left
+    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = backend.train(spec, data, out / f"adapter-{name}", hooks)
+    result = backend.train(spec, data, work / f"adapter-{name}", hooks)
     wall = time.perf_counter() - t0
     warm = 5  # steps left out of the speed figure: first steps compile and autotune kernels
     # The profiled steps (the last three but one) are left out too.
@@ -145,16 +163,42 @@ def phase(name: str, model_dir: Path, out: Path, opts: argparse.Namespace) -> di
     return {
         "phase": name, "backend": result.backend, "steps": result.steps, "tokens": result.tokens,
         "tok_s": tok_s, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "allocated_before_gib": round(before_gib, 3),
         "load_to_saved_s": wall, "train_s": result.train_s, "final_loss": result.final_loss,
         "micro_batch_size": result.micro_batch_size, "grad_accum": result.grad_accum,
         "mean_tokens_per_example": sum(lengths) / len(lengths),
         "load_s": (hooks.loaded_at - t0) if hooks.loaded_at else None,
         "first_steps_s": [round(t, 3) for t in took[:10]],
         "steady_step_s_median": sorted(took[warm:])[len(took[warm:]) // 2] if took[warm:] else None,
-        "variant": {"checkpointing": opts.checkpointing, "whole_loss": opts.whole_loss,
-                    "seed_batch": opts.seed_batch},
+        "trainable_dtypes": hooks.trainable_dtypes,
+        "variant": described(v),
         "profile": hooks.profile_table,
     }
+
+
+def run_variants(name: str, args: argparse.Namespace, variants: list[dict[str, Any]]) -> None:
+    """Each variant in turn in this process, the previous one's model released first; each
+    one's figures are written to ``args.out`` as soon as it ends (a variant that fails is
+    recorded with its error, and the next one runs)."""
+    import gc
+    import traceback
+
+    import torch
+
+    for v in variants:
+        try:
+            figures = phase(name, args.model_dir, args.work, v)
+        except Exception as exc:  # an OOM or a library's failure: keep the other variants
+            traceback.print_exc()
+            figures = {"phase": name, "error": f"{type(exc).__name__}: {exc}"[:2000],
+                       "variant": described(v)}
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(json.dumps({k: x for k, x in figures.items() if k != "profile"}), flush=True)
+        results = json.loads(args.out.read_text()) if args.out.exists() else {}
+        record(results, name, v["label"], figures)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
@@ -166,17 +210,26 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-train"))
     ap.add_argument("--phases", default="speed,seed", help="which phases, comma-separated")
     ap.add_argument("--checkpointing", choices=["offload", "device"], default="offload")
+    ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw")
     ap.add_argument("--whole-loss", action="store_true",
                     help="the model's own loss over every position (not the answer tokens only)")
     ap.add_argument("--seed-batch", type=int, default=8, help="seed phase: examples per step")
     ap.add_argument("--speed-steps", type=int, default=40)
+    ap.add_argument("--speed-batch", type=int, default=8, help="speed phase: examples per step")
+    ap.add_argument("--speed-tokens", type=int, default=512, help="speed phase: tokens each")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler over two steps near the end (left out of tok_s)")
     ap.add_argument("--label", default="", help="suffix of the result keys of this run")
+    ap.add_argument("--variants", default="",
+                    help="JSON list of option objects (with a label each), run in one process")
     args = ap.parse_args()
+    if args.variants:
+        variants = [{**OPTIONS, **v} for v in json.loads(args.variants)]
+    else:
+        variants = [{k: getattr(args, k) for k in OPTIONS}]
 
-    if args.phase:  # a child: one phase, its figures as the last line of stdout
-        print(json.dumps(phase(args.phase, args.model_dir, args.work, args)), flush=True)
+    if args.phase:  # a child: one phase, its runs' figures recorded in args.out
+        run_variants(args.phase, args, variants)
         return
 
     if not (args.model_dir / "config.json").exists():
@@ -186,32 +239,33 @@ def main() -> None:
     results: dict[str, Any] = {"model": "random-weight llama-3.1-8b shape"}
     if args.out.exists():  # a run of some phases keeps the figures of the others
         results = {**json.loads(args.out.read_text()), **results}
-    child = ["--model-dir", str(args.model_dir), "--work", str(args.work), "--checkpointing",
-             args.checkpointing, "--seed-batch", str(args.seed_batch), "--speed-steps",
-             str(args.speed_steps), *(["--whole-loss"] if args.whole_loss else []),
-             *(["--profile"] if args.profile else [])]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     for name in args.phases.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--phase", name, *child],
-                              check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        print(proc.stdout, flush=True)
-        key = name + args.label
-        results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
-        if args.label:
-            pass  # an experiment: its figures stay under its own key
-        elif name == "speed":
-            results["train_tok_s_8x512"] = results["tok_s"] = results["speed"]["tok_s"]
-            results["peak_gib"] = results["speed"]["peak_gib"]
-        elif name == "hf_speed":
-            results["hf_tok_s"] = results["hf_speed"]["tok_s"]
-            results["hf_peak_gib"] = results["hf_speed"]["peak_gib"]
-        else:
-            runs = results.setdefault("seed_workload_runs_s", [])
-            runs.append(results["seed"]["load_to_saved_s"])
-            results["seed_workload_s"] = sorted(runs)[(len(runs) - 1) // 2]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        # Each phase in a process of its own, started on an empty GPU; it records in args.out.
+        subprocess.run([sys.executable, __file__, "--phase", name, "--model-dir",
+                        str(args.model_dir), "--work", str(args.work), "--out", str(args.out),
+                        "--variants", json.dumps(variants)], check=True, cwd=ROOT)
+    results = json.loads(args.out.read_text())
     print(json.dumps({k: results.get(k) for k in ("train_tok_s_8x512", "peak_gib",
                                                   "seed_workload_s", "hf_tok_s", "hf_peak_gib")}))
+
+
+def record(results: dict[str, Any], name: str, label: str, figures: dict[str, Any]) -> None:
+    """A run's figures under ``name + label``; an unlabelled run also sets the headline keys."""
+    results[name + label] = figures
+    if label or "error" in figures:
+        return  # an experiment, or a failed run: its figures stay under its own key
+    if name == "speed":
+        results["train_tok_s_8x512"] = results["tok_s"] = figures["tok_s"]
+        results["peak_gib"] = figures["peak_gib"]
+    elif name == "hf_speed":
+        results["hf_tok_s"] = figures["tok_s"]
+        results["hf_peak_gib"] = figures["peak_gib"]
+    else:
+        runs = results.setdefault("seed_workload_runs_s", [])
+        runs.append(figures["load_to_saved_s"])
+        results["seed_workload_s"] = sorted(runs)[(len(runs) - 1) // 2]
 
 
 if __name__ == "__main__":
