@@ -79,6 +79,8 @@ def tokenize_many(
 ) -> list[Tokenized]:
     """:func:`tokenize_for_training` of many conversations, the texts encoded in one call (a
     fast tokenizer spreads a batch over the host's cores)."""
+    if not conversations:
+        return []  # a tokenizer refuses an empty batch
     rendered = [answer_spans(tokenizer, m) for m in conversations]
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False,
                     return_offsets_mapping=True)

@@ -5,7 +5,14 @@ from typing import Any
 
 import pytest
 
-from shared.chat import IGNORE_INDEX, count_tokens, prompt_text, render, tokenize_for_training
+from shared.chat import (
+    IGNORE_INDEX,
+    count_tokens,
+    prompt_text,
+    render,
+    tokenize_for_training,
+    tokenize_many,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +58,11 @@ def test_truncation_keeps_ids_and_labels_aligned(tok: Any) -> None:
     t = tokenize_for_training(tok, messages, max_seq_length=16)
     assert len(t.input_ids) == len(t.labels) == 16
     assert t.n_supervised == 0
+
+
+def test_many_conversations_encode_as_each_alone(tok: Any) -> None:
+    chats = [[{"role": "user", "content": f"Classify: film {i} " * (1 + i)},
+              {"role": "assistant", "content": "fresh" if i % 2 else "rotten"}] for i in range(5)]
+    assert tokenize_many(tok, chats, max_seq_length=24) == [
+        tokenize_for_training(tok, c, max_seq_length=24) for c in chats]
+    assert tokenize_many(tok, []) == []
