@@ -31,6 +31,14 @@ IDLE_WAIT_S = 0.5  # how long the idle thread blocks on its command queue per tu
 HANDOVER_WAIT_S = 0.005  # most the engine thread waits for the event loop to send a step's output
 
 
+def settle(fut: concurrent.futures.Future[T], fn: Callable[[], T]) -> None:
+    """Run ``fn`` and put its result, or what it raised, in ``fut`` (awaited on another thread)."""
+    try:
+        fut.set_result(fn())
+    except BaseException as exc:
+        fut.set_exception(exc)
+
+
 class AsyncEngine:
     def __init__(self, runner: Any, *, max_num_seqs: int, max_model_len: int, max_loras: int,
                  max_lora_rank: int, base_names: list[str],
@@ -166,14 +174,7 @@ class AsyncEngine:
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps and return its result."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def cmd() -> None:
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        self._commands.put(cmd)
+        self._commands.put(lambda: settle(fut, fn))
         return await asyncio.wrap_future(fut)
 
     # -- requests ------------------------------------------------------------------------------

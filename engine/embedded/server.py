@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.embedded.async_engine import settle
 from engine.errors import BadRequestError, BodyInvalid, EngineInternalError, NotFoundError
 from engine.settings import EngineSettings
 from shared.errors import TunegateError
@@ -123,14 +124,7 @@ async def _in_own_thread(fn: Callable[[], T]) -> T:
     and every matmul of the engine thread waits for a sleeping worker to wake (a one-row decode
     step went from 27 to 49 ms on the 2-core machine)."""
     fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def run() -> None:
-        try:
-            fut.set_result(fn())
-        except BaseException as exc:
-            fut.set_exception(exc)
-
-    thread = threading.Thread(target=run, name="engine-load", daemon=True)
+    thread = threading.Thread(target=settle, args=(fut, fn), name="engine-load", daemon=True)
     thread.start()
     result = await asyncio.wrap_future(fut)
     await asyncio.to_thread(thread.join)  # its OpenMP team goes with it
