@@ -209,14 +209,18 @@ def main() -> None:
     ap.add_argument("--phase", choices=["speed", "seed", "hf_speed"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-train"))
     ap.add_argument("--phases", default="speed,seed", help="which phases, comma-separated")
-    ap.add_argument("--checkpointing", choices=["offload", "device"], default="offload")
-    ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default="adamw")
+    ap.add_argument("--checkpointing", choices=["offload", "device"],
+                    default=OPTIONS["checkpointing"])
+    ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default=OPTIONS["optimizer"])
     ap.add_argument("--whole-loss", action="store_true",
                     help="the model's own loss over every position (not the answer tokens only)")
-    ap.add_argument("--seed-batch", type=int, default=8, help="seed phase: examples per step")
-    ap.add_argument("--speed-steps", type=int, default=40)
-    ap.add_argument("--speed-batch", type=int, default=8, help="speed phase: examples per step")
-    ap.add_argument("--speed-tokens", type=int, default=512, help="speed phase: tokens each")
+    ap.add_argument("--seed-batch", type=int, default=OPTIONS["seed_batch"],
+                    help="seed phase: examples per step")
+    ap.add_argument("--speed-steps", type=int, default=OPTIONS["speed_steps"])
+    ap.add_argument("--speed-batch", type=int, default=OPTIONS["speed_batch"],
+                    help="speed phase: examples per step")
+    ap.add_argument("--speed-tokens", type=int, default=OPTIONS["speed_tokens"],
+                    help="speed phase: tokens each")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler over two steps near the end (left out of tok_s)")
     ap.add_argument("--label", default="", help="suffix of the result keys of this run")

@@ -61,11 +61,12 @@ def test_losses_on_cuda_match_the_cpu_run() -> None:
 
 
 def test_fused_adamw_of_the_gpu_backends_takes_the_plain_steps() -> None:
+    from trainer.backends import GpuOptions
     from trainer.backends.unsloth import UnslothBackend
 
     spec = TrainSpec(job_id="t", name="t", base_model="-", training_file="-",
                      learning_rate=1e-2)
-    fused = UnslothBackend(optimizer="adamw").optimizer
+    fused = UnslothBackend(GpuOptions(optimizer="adamw")).optimizer
     losses, model = train("cuda", lambda params: fused(params, spec))
     plain, plain_model = train("cuda", lambda params: torch.optim.AdamW(
         params, lr=1e-2, weight_decay=spec.weight_decay))

@@ -243,3 +243,13 @@ def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> Non
         env = {name: "max_split_size_mb:256"}
         cuda_allocator_defaults(env)
         assert env == {name: "max_split_size_mb:256"}
+
+
+def test_gpu_options_refuse_unknown_choices() -> None:
+    from trainer.backends import GpuOptions
+
+    assert GpuOptions() == GpuOptions("offload", "adamw")
+    with pytest.raises(ValueError, match="optimizer"):
+        GpuOptions(optimizer="sgd")
+    with pytest.raises(ValueError, match="checkpointing"):
+        GpuOptions(checkpointing="disk")

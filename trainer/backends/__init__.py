@@ -7,18 +7,8 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import MutableMapping
-from dataclasses import dataclass
 
-from trainer.backends.base import TrainingBackend
-
-
-@dataclass(frozen=True)
-class GpuOptions:
-    """The trainer settings the GPU backends read: ``TrainerSettings.gradient_checkpointing``
-    (Unsloth's only) and ``TrainerSettings.optimizer``."""
-
-    checkpointing: str = "offload"
-    optimizer: str = "adamw"
+from trainer.backends.base import GpuOptions, TrainingBackend
 
 
 def cuda_available() -> bool:
@@ -40,7 +30,6 @@ def cuda_allocator_defaults(environ: MutableMapping[str, str] = os.environ) -> N
 def select_backend(name: str = "auto", gpu: GpuOptions | None = None) -> TrainingBackend:
     """The backend called ``name`` (``auto``: by the hardware); ``gpu``: how a GPU backend
     trains (the defaults when None)."""
-    gpu = gpu or GpuOptions()
     if name == "auto":
         if not cuda_available():
             name = "cpu"
@@ -61,9 +50,9 @@ def select_backend(name: str = "auto", gpu: GpuOptions | None = None) -> Trainin
 
         from trainer.backends.unsloth import UnslothBackend
 
-        return UnslothBackend(checkpointing=gpu.checkpointing, optimizer=gpu.optimizer)
+        return UnslothBackend(gpu)
     if name == "hf_qlora":
         from trainer.backends.hf_qlora import HfQloraBackend
 
-        return HfQloraBackend(optimizer=gpu.optimizer)
+        return HfQloraBackend(gpu)
     raise ValueError(f"unknown backend {name!r}: auto, cpu, unsloth or hf_qlora")

@@ -18,6 +18,21 @@ from shared.job_spec import TrainSpec
 ADAPTER_MANIFEST = "tunegate-adapter.json"
 
 
+@dataclass(frozen=True)
+class GpuOptions:
+    """The trainer settings the GPU backends read: ``TrainerSettings.gradient_checkpointing``
+    (Unsloth's only) and ``TrainerSettings.optimizer``."""
+
+    checkpointing: str = "offload"  # offload | device
+    optimizer: str = "adamw"  # adamw | adamw_8bit
+
+    def __post_init__(self) -> None:
+        if self.checkpointing not in ("offload", "device"):
+            raise ValueError(f"unknown checkpointing {self.checkpointing!r}: offload or device")
+        if self.optimizer not in ("adamw", "adamw_8bit"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: adamw or adamw_8bit")
+
+
 class JobCancelled(Exception):
     """Raised from a step hook when the job was cancelled; training stops at that step."""
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
+from trainer.backends.base import GpuOptions
 from trainer.backends.loop import ForwardSum, pad_batch
 from trainer.backends.lora import LoraBackend
 from trainer.backends.supervised import plain_output_layer, supervised_loss_sum
@@ -63,10 +64,8 @@ class Gpu4bitBackend(LoraBackend):
 
     answer_logits_only = True
 
-    def __init__(self, optimizer: str = "adamw") -> None:
-        if optimizer not in ("adamw", "adamw_8bit"):
-            raise ValueError(f"unknown optimizer {optimizer!r}: adamw or adamw_8bit")
-        self.optimizer_name = optimizer
+    def __init__(self, gpu: GpuOptions | None = None) -> None:
+        self.gpu = gpu or GpuOptions()
 
     def where(self) -> str:
         import torch
@@ -79,7 +78,7 @@ class Gpu4bitBackend(LoraBackend):
         tensor)."""
         import torch
 
-        if self.optimizer_name == "adamw_8bit":
+        if self.gpu.optimizer == "adamw_8bit":
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(params, lr=spec.learning_rate,

@@ -14,19 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from shared.job_spec import TrainSpec
+from trainer.backends.base import GpuOptions
 from trainer.backends.gpu import Gpu4bitBackend
 
 
 class UnslothBackend(Gpu4bitBackend):
     name = "unsloth"
 
-    def __init__(self, checkpointing: str = "offload", optimizer: str = "adamw",
-                 answer_logits_only: bool = True) -> None:
-        super().__init__(optimizer)
-        # TrainerSettings.gradient_checkpointing: "offload" is Unsloth's "unsloth" mode
-        # (checkpoints in host memory), "device" its plain checkpointing (kept on the GPU).
-        self.checkpointing: str | bool = True if checkpointing == "device" else "unsloth"
-        self.answer_logits_only = answer_logits_only
+    def __init__(self, gpu: GpuOptions | None = None) -> None:
+        super().__init__(gpu)
+        # "offload" is Unsloth's "unsloth" mode (checkpoints in host memory), "device" its plain
+        # checkpointing (kept on the GPU).
+        self.checkpointing: str | bool = True if self.gpu.checkpointing == "device" else "unsloth"
 
     def load_base(self, spec: TrainSpec, tokenizer: Any) -> Any:
         from unsloth import FastLanguageModel
