@@ -25,7 +25,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -37,12 +36,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.seed_data import chats  # noqa: E402
 from shared.procs import free_port, stop_group, wait_healthy  # noqa: E402
 
 SCORER = "label_set:fresh,rotten"
-WORDS = ["river", "stone", "lantern", "orbit", "quiet", "maple", "copper", "harbor", "velvet",
-         "signal", "meadow", "thunder", "canvas", "ember", "falcon", "glacier", "willow", "prism"]
-
 
 class Stack:
     """Child processes in their own sessions, logs under ``logs``; stopped together."""
@@ -71,24 +68,13 @@ def env_with(path: str, data_dir: Path, **extra: str) -> dict[str, str]:
 
 
 def seed_workload(tokenizer_dir: Path, out: Path, n: int, seed: int) -> Path:
-    """``n`` chats of 300-500 tokens once templated (uniform), a long user turn and an answer
-    of about an eighth of it (as bench/train.py's seed phase, with the length mix)."""
+    """``n`` chats of 300-500 tokens once templated (``seed_data.chats``) as a JSONL file."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    overhead = len(tok.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-        tokenize=True, return_dict=False))
-    rng = random.Random(seed)
     with out.open("w") as f:
-        for _ in range(n):
-            tokens = rng.randint(300, 500)
-            answer = max(8, tokens // 8)
-            user = max(8, int((tokens - overhead) / 1.06) - answer)  # 1.06 tokens per word
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(user))},
-                {"role": "assistant",
-                 "content": " ".join(rng.choice(WORDS) for _ in range(answer))}]}) + "\n")
+        for messages in chats(tok, n, (300, 500), seed):
+            f.write(json.dumps({"messages": messages}) + "\n")
     return out
 
 

@@ -4,19 +4,24 @@
 Two phases, each in its own process so the second starts from an empty GPU:
 - ``speed``: micro-batches of 8 examples of 512 tokens; ``train_tok_s_8x512`` is input tokens per
   second over the steps after a warm-up, ``peak_gib`` the peak allocated GPU memory;
-- ``seed``: the seed's workload, 5,000 examples of about 400 tokens, one epoch, timed from model
-  load to saved adapter (``seed_workload_s``: the median of the runs in ``seed_workload_runs_s``);
+- ``seed``: the seed's workload, 5,000 examples of 300 to 500 tokens (``seed_data.chats``), one
+  epoch, timed from model load to saved adapter (``seed_workload_s``: the median of the runs in
+  ``seed_workload_runs_s``);
 - ``hf_speed``: ``speed``'s batches on the fallback backend (transformers + peft + bitsandbytes
   QLoRA, used where Unsloth is missing), for ``hf_tok_s`` and ``hf_peak_gib``.
 
 Options compare the trainer's choices: ``--checkpointing offload|device`` (where Unsloth keeps
-activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--whole-loss`` (the model's own loss
-over every position instead of the output layer at the answer tokens only), ``--seed-batch``,
-``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X`` keeps a run's figures
-under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such variants one after the
-other in one process (one Unsloth import; each loads its own model), a list of objects of these
-options' names and a ``label`` each. Each run records its load time, its first ten steps' seconds
-(the warm-up) and, with ``--profile``, a torch.profiler table of two late steps.
+activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings device|host``
+(where the input embedding table stays while training), ``--gc-prefetch`` (Unsloth copies a
+layer's offloaded checkpoint back during the backward of the layer above), ``--whole-loss`` (the
+model's own loss over every position instead of the output layer at the answer tokens only),
+``--seed-batch``, ``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X``
+keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such
+variants one after the other in one process (one Unsloth import; each loads its own model), a
+list of objects of these options' names and a ``label`` each. Each run records its load time,
+its first ten steps' seconds (the warm-up) and, with ``--profile``, a torch.profiler table of
+two late steps; with ``--profile-first``, a cProfile of the host from the start of training to
+the first step's report (the model's load and a process's cold first step).
 
 Runs on the device machine (bench/train_speed_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -27,7 +32,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
 import subprocess
 import sys
 import time
@@ -37,27 +41,46 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WORDS = [
-    "river", "stone", "lantern", "orbit", "quiet", "maple", "copper", "harbor", "velvet",
-    "signal", "meadow", "thunder", "canvas", "ember", "falcon", "glacier", "willow", "prism",
-]
+from bench.seed_data import chats  # noqa: E402
 
 
 class Recorder:
     """Training hooks that keep every step's figures and print events."""
 
-    def __init__(self, profile_steps: tuple[int, int] | None = None) -> None:
+    def __init__(self, profile_steps: tuple[int, int] | None = None,
+                 profile_first: bool = False) -> None:
         self.steps: list[dict[str, Any]] = []
         self.loaded_at: float | None = None  # perf_counter when the model was loaded
         self.profile_steps = profile_steps  # (first, last): profile the steps after first..last
         self.profiler: Any = None
         self.profile_table = ""
         self.trainable_dtypes: list[str] | None = None
+        # cProfile of the training thread from the start of ``train()`` to the first step's
+        # report (on CUDA, once the second step is queued): where the model's load and a
+        # process's cold first step spend their seconds.
+        self.host_profiler: Any = None
+        if profile_first:
+            import cProfile
+
+            self.host_profiler = cProfile.Profile()
+        self.first_step_table = ""
 
     def on_step(self, info: Any) -> None:
         d = info.to_dict()
         d["tokens"] = info.tokens_per_s * info.elapsed_s
         self.steps.append(d)
+        if self.host_profiler is not None:
+            import io
+            import pstats
+
+            self.host_profiler.disable()
+            text = io.StringIO()
+            stats = pstats.Stats(self.host_profiler, stream=text)
+            stats.sort_stats("cumulative").print_stats(35)
+            stats.sort_stats("tottime").print_stats(20)
+            self.first_step_table = text.getvalue()
+            print(self.first_step_table, flush=True)
+            self.host_profiler = None
         if self.profile_steps and info.step == self.profile_steps[0]:
             import torch
 
@@ -87,34 +110,31 @@ class Recorder:
         pass
 
 
-def examples(tokenizer: Any, n: int, tokens: int, seed: int) -> list[list[dict[str, str]]]:
-    """``n`` chats of about ``tokens`` tokens once templated: a long user turn, a short answer."""
-    rng = random.Random(seed)
-    overhead = len(tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
-        tokenize=True, return_dict=False))
-    per_word = 1.06  # tokens per word of the list above with the SmolLM2 tokenizer (measured)
-    answer_words = max(8, tokens // 8)
-    user_words = max(8, int((tokens - overhead) / per_word) - answer_words)
-    out = []
-    for _ in range(n):
-        out.append([
-            {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(user_words))},
-            {"role": "assistant",
-             "content": " ".join(rng.choice(WORDS) for _ in range(answer_words))},
-        ])
-    return out
-
-
 OPTIONS = {  # a variant's options and their defaults (the trainer's own)
-    "checkpointing": "offload", "optimizer": "adamw", "whole_loss": False, "seed_batch": 8,
-    "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False, "label": "",
+    "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "device",
+    "whole_loss": False, "seed_batch": 8,
+    "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
+    "profile_first": False, "gc_prefetch": False, "label": "",
 }
 
 
 def described(v: dict[str, Any]) -> dict[str, Any]:
     """What a result records of its variant: the options that shape the training."""
-    return {k: v[k] for k in OPTIONS if k not in ("profile", "label")}
+    return {k: v[k] for k in OPTIONS if k not in ("profile", "profile_first", "label")}
+
+
+def set_gc_prefetch(on: bool) -> None:
+    """Unsloth's ``UNSLOTH_GC_PREFETCH``: during one layer's backward, copy the offloaded
+    checkpoint of the layer below back to the GPU (off by default there). Read when its
+    checkpointing starts in a process, so the module's flag is set too (variants share one)."""
+    import os
+
+    os.environ["UNSLOTH_GC_PREFETCH"] = "1" if on else "0"
+    try:
+        import unsloth_zoo.gradient_checkpointing as gc
+    except ImportError:
+        return
+    gc.GC_PREFETCH = on
 
 
 def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str, Any]:
@@ -124,20 +144,22 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
 
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     # unsloth is imported before transformers
-    backend = select_backend(backend_name, GpuOptions(v["checkpointing"], v["optimizer"]))
+    backend = select_backend(backend_name, GpuOptions(v["checkpointing"], v["optimizer"],
+                                                        v["input_embeddings"]))
     backend.answer_logits_only = not v["whole_loss"]
+    set_gc_prefetch(v["gc_prefetch"])
     from shared.job_spec import TrainSpec
     from trainer.backends.lora import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if name in ("speed", "hf_speed"):
         batch, steps = v["speed_batch"], v["speed_steps"]
-        data = examples(tokenizer, batch * steps, v["speed_tokens"], seed=1)
+        data = chats(tokenizer, batch * steps, (v["speed_tokens"],) * 2, seed=1)
         spec = TrainSpec(job_id=f"bench-{name}", name="bench", base_model=str(model_dir),
                          training_file="-", batch_size=batch, micro_batch_size=batch,
                          max_steps=steps, max_seq_length=576, backend=backend_name)
     else:
-        data = examples(tokenizer, 5000, 400, seed=2)
+        data = chats(tokenizer, 5000, (300, 500), seed=2)
         spec = TrainSpec(job_id="bench-seed", name="bench", base_model=str(model_dir),
                          training_file="-", batch_size=v["seed_batch"],
                          micro_batch_size=v["seed_batch"], n_epochs=1,
@@ -147,10 +169,13 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
     print(f"{name}{v['label']}: {len(data)} examples, mean {sum(lengths) / len(lengths):.0f} "
           f"tokens", flush=True)
     n_steps = spec.max_steps or 0
-    hooks = Recorder((n_steps - 3, n_steps - 1) if v["profile"] and n_steps > 8 else None)
+    hooks = Recorder((n_steps - 3, n_steps - 1) if v["profile"] and n_steps > 8 else None,
+                     profile_first=v["profile_first"])
     before_gib = torch.cuda.memory_allocated() / 2**30  # what an earlier variant left
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    if hooks.host_profiler is not None:
+        hooks.host_profiler.enable()
     result = backend.train(spec, data, work / f"adapter-{name}", hooks)
     wall = time.perf_counter() - t0
     warm = 5  # steps left out of the speed figure: first steps compile and autotune kernels
@@ -173,6 +198,7 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
         "trainable_dtypes": hooks.trainable_dtypes,
         "variant": described(v),
         "profile": hooks.profile_table,
+        "first_step_profile": hooks.first_step_table,
     }
 
 
@@ -194,7 +220,8 @@ def run_variants(name: str, args: argparse.Namespace, variants: list[dict[str, A
                        "variant": described(v)}
         gc.collect()
         torch.cuda.empty_cache()
-        print(json.dumps({k: x for k, x in figures.items() if k != "profile"}), flush=True)
+        print(json.dumps({k: x for k, x in figures.items()
+                          if k not in ("profile", "first_step_profile")}), flush=True)
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
         record(results, name, v["label"], figures)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +239,10 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=["offload", "device"],
                     default=OPTIONS["checkpointing"])
     ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default=OPTIONS["optimizer"])
+    ap.add_argument("--input-embeddings", choices=["device", "host"],
+                    default=OPTIONS["input_embeddings"])
+    ap.add_argument("--gc-prefetch", action="store_true",
+                    help="UNSLOTH_GC_PREFETCH=1: offloaded checkpoints copied back a layer early")
     ap.add_argument("--whole-loss", action="store_true",
                     help="the model's own loss over every position (not the answer tokens only)")
     ap.add_argument("--seed-batch", type=int, default=OPTIONS["seed_batch"],
@@ -223,6 +254,8 @@ def main() -> None:
                     help="speed phase: tokens each")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler over two steps near the end (left out of tok_s)")
+    ap.add_argument("--profile-first", action="store_true",
+                    help="cProfile of the host from the model's load to the first step's report")
     ap.add_argument("--label", default="", help="suffix of the result keys of this run")
     ap.add_argument("--variants", default="",
                     help="JSON list of option objects (with a label each), run in one process")

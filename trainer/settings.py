@@ -49,6 +49,11 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
     # "adamw_8bit" is bitsandbytes' 8-bit AdamW (a kernel launch per tensor: 23 ms of a 370 ms
     # step at 8B on an H200). The CPU backend always uses torch's AdamW.
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    # Where the GPU backends keep the input embedding table while training (an untied one; a
+    # table the output layer shares stays): "host" frees it from the GPU (0.98 GiB at 8B) and
+    # gathers each micro-batch's rows on the host (trainer.backends.embeddings); "device" keeps
+    # it on the GPU.
+    input_embeddings: Literal["device", "host"] = "device"
     # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
     # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of
     # magnitude; set what your device costs (0 reports seconds with no price).

@@ -75,7 +75,8 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
                             cancel=cancel, progress_interval_s=settings.progress_interval_s,
                             price_per_device_hour=settings.price_per_device_hour,
                             eval_engine=eval_engine, trace=trace, metrics=metrics,
-                            gpu=GpuOptions(settings.gradient_checkpointing, settings.optimizer),
+                            gpu=GpuOptions(settings.gradient_checkpointing, settings.optimizer,
+                                           settings.input_embeddings),
                             files_dir=Path(settings.data_dir) / "files"),
         )
         try:

@@ -1,6 +1,7 @@
 """The training loop and the GPU backends' optimizers on a CUDA device (the device machine; CI
-has no GPU): losses read back asynchronously are the losses, and the fused AdamW the GPU backends
-default to takes the same steps as the plain one."""
+has no GPU): losses read back asynchronously are the losses, the fused AdamW the GPU backends
+default to takes the same steps as the plain one, and input embeddings gathered on the host are
+the model's own."""
 
 from __future__ import annotations
 
@@ -73,3 +74,38 @@ def test_fused_adamw_of_the_gpu_backends_takes_the_plain_steps() -> None:
     assert losses == pytest.approx(plain, rel=1e-4, abs=1e-6)
     for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_input_embeddings_from_the_host_reach_the_gpu_intact() -> None:
+    """The host gather copies pinned rows without waiting for the device: the loss and the
+    LoRA gradients on CUDA are those of the model's own lookup, and the GPU copy of the table
+    is freed while it is on the host."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.backends.embeddings import HostEmbeddings
+    from trainer.backends.gpu import padded_forward_sum
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+        tie_word_embeddings=False)).cuda()
+    model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).train()
+    items = [Tokenized(list(range(1, 1 + n)), [-100] * (n - 3) + [5, 6, 7]) for n in (40, 33)]
+
+    def loss_and_grads(fwd: Any) -> tuple[Any, list[Any]]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = fwd(model, items)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    l1, g1 = loss_and_grads(padded_forward_sum(0))
+    before = torch.cuda.memory_allocated()
+    host = HostEmbeddings(model)
+    assert before - torch.cuda.memory_allocated() >= 4096 * 256 * 4  # the table left the GPU
+    l2, g2 = loss_and_grads(padded_forward_sum(0, host))
+    host.restore()
+    assert torch.allclose(l1, l2, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g1, g2, strict=True))

@@ -233,6 +233,57 @@ def test_output_layer_at_answer_tokens_only_gives_the_models_loss_and_gradients(
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2, strict=True))
 
 
+def test_input_embeddings_gathered_on_the_host_give_the_same_loss_and_gradients() -> None:
+    """``input_embeddings = "host"``: the table leaves the model, each micro-batch's rows come
+    from the host copy, and the loss and the LoRA gradients are those of the model's own lookup,
+    for both losses and through reentrant gradient checkpointing (which back-propagates only
+    into layers whose input requires grad); the table comes back intact."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.backends.embeddings import HostEmbeddings
+    from trainer.backends.gpu import answer_forward_sum, padded_forward_sum
+
+    items = [Tokenized([5, 6, 7, 8, 9], [-100, -100, 7, 8, -100]),
+             Tokenized([9, 10, 11], [-100, 10, 11])]
+
+    def model_of(tied: bool) -> Any:
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, pad_token_id=0,
+            tie_word_embeddings=tied))
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": True})
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                               init_lora_weights=False)).train()
+
+    assert not HostEmbeddings.applies(model_of(tied=True))  # the output layer needs the table
+    model = model_of(tied=False)
+    assert HostEmbeddings.applies(model)
+
+    def loss_and_grads(fwd: Any) -> tuple[Any, list[Any]]:
+        model.zero_grad(set_to_none=True)
+        loss, _ = fwd(model, items)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads)
+        return loss.detach(), [g.clone() for g in grads]
+
+    table = model.get_input_embeddings().weight.detach().clone()
+    whole = padded_forward_sum(0)
+    expected = [loss_and_grads(whole), loss_and_grads(answer_forward_sum(0, whole))]
+    host = HostEmbeddings(model)
+    assert model.get_input_embeddings().weight.numel() == 0  # gone from the model
+    on_host = padded_forward_sum(0, host)
+    got = [loss_and_grads(on_host), loss_and_grads(answer_forward_sum(0, on_host, host))]
+    for (l1, g1), (l2, g2) in zip(expected, got, strict=True):
+        assert torch.allclose(l1, l2, atol=1e-6)
+        assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(g1, g2, strict=True))
+    host.restore()
+    assert torch.equal(model.get_input_embeddings().weight, table)
+
+
 def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> None:
     from trainer.backends import cuda_allocator_defaults
 
@@ -248,8 +299,10 @@ def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> Non
 def test_gpu_options_refuse_unknown_choices() -> None:
     from trainer.backends import GpuOptions
 
-    assert GpuOptions() == GpuOptions("offload", "adamw")
+    assert GpuOptions() == GpuOptions("offload", "adamw", "device")
     with pytest.raises(ValueError, match="optimizer"):
         GpuOptions(optimizer="sgd")
     with pytest.raises(ValueError, match="checkpointing"):
         GpuOptions(checkpointing="disk")
+    with pytest.raises(ValueError, match="input_embeddings"):
+        GpuOptions(input_embeddings="disk")

@@ -21,16 +21,19 @@ ADAPTER_MANIFEST = "tunegate-adapter.json"
 @dataclass(frozen=True)
 class GpuOptions:
     """The trainer settings the GPU backends read: ``TrainerSettings.gradient_checkpointing``
-    (Unsloth's only) and ``TrainerSettings.optimizer``."""
+    (Unsloth's only), ``TrainerSettings.optimizer`` and ``TrainerSettings.input_embeddings``."""
 
     checkpointing: str = "offload"  # offload | device
     optimizer: str = "adamw"  # adamw | adamw_8bit
+    input_embeddings: str = "device"  # device | host (trainer.backends.embeddings)
 
     def __post_init__(self) -> None:
         if self.checkpointing not in ("offload", "device"):
             raise ValueError(f"unknown checkpointing {self.checkpointing!r}: offload or device")
         if self.optimizer not in ("adamw", "adamw_8bit"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: adamw or adamw_8bit")
+        if self.input_embeddings not in ("device", "host"):
+            raise ValueError(f"unknown input_embeddings {self.input_embeddings!r}: device or host")
 
 
 class JobCancelled(Exception):

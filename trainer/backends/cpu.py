@@ -60,5 +60,5 @@ class CpuBackend(LoraBackend):
 
         return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
 
-    def loop_options(self, tokenizer: Any) -> dict[str, Any]:
+    def loop_options(self, tokenizer: Any, model: Any) -> dict[str, Any]:
         return {"forward_sum": supervised_forward_sum, "after_step": self._after_step}

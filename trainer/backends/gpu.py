@@ -16,19 +16,21 @@ from typing import Any
 from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
 from trainer.backends.base import GpuOptions
+from trainer.backends.embeddings import HostEmbeddings, unwrap
 from trainer.backends.loop import ForwardSum, pad_batch
 from trainer.backends.lora import LoraBackend
 from trainer.backends.supervised import plain_output_layer, supervised_loss_sum
 
 
-def padded_forward_sum(pad_id: int) -> ForwardSum:
+def padded_forward_sum(pad_id: int, embeddings: HostEmbeddings | None = None) -> ForwardSum:
     """``forward_sum`` through the model's own loss (Unsloth's fused cross-entropy over every
     position), for models whose logits are transformed after the output layer. That loss is a
     mean over the supervised positions, so it is scaled back to a sum; the loop divides by the
-    whole step's count."""
+    whole step's count. ``embeddings``: the input embeddings gathered on the host."""
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
-        batch = pad_batch(items, pad_id, next(model.parameters()).device)
+        device = unwrap(model).get_output_embeddings().weight.device
+        batch = pad_batch(items, pad_id, device, embeddings)
         # The model shifts labels by one (position t predicts token t+1); a row's first token is
         # never an answer token, so the host's count is the model's, without a device sync.
         n = sum(t.n_supervised for t in items)
@@ -38,7 +40,9 @@ def padded_forward_sum(pad_id: int) -> ForwardSum:
     return forward_sum
 
 
-def answer_forward_sum(pad_id: int, fallback: ForwardSum) -> ForwardSum:
+def answer_forward_sum(
+    pad_id: int, fallback: ForwardSum, embeddings: HostEmbeddings | None = None
+) -> ForwardSum:
     """``forward_sum`` with the output layer only at the answer tokens
     (``trainer.backends.supervised``); ``fallback`` for models whose logits are transformed
     after the output layer."""
@@ -51,7 +55,7 @@ def answer_forward_sum(pad_id: int, fallback: ForwardSum) -> ForwardSum:
         # not call) to treat a batch as unlabelled; a gate evaluation in the same worker leaves
         # it set. These batches are labelled.
         inner.get_decoder()._has_no_labels = False
-        return supervised_loss_sum(model, items, pad_id)
+        return supervised_loss_sum(model, items, pad_id, embeddings)
 
     return forward_sum
 
@@ -66,6 +70,7 @@ class Gpu4bitBackend(LoraBackend):
 
     def __init__(self, gpu: GpuOptions | None = None) -> None:
         self.gpu = gpu or GpuOptions()
+        self.host_embeddings: HostEmbeddings | None = None  # while a loop runs, if so chosen
 
     def where(self) -> str:
         import torch
@@ -95,13 +100,23 @@ class Gpu4bitBackend(LoraBackend):
         torch.cuda.manual_seed_all(spec.seed)
         torch.cuda.reset_peak_memory_stats()
 
-    def loop_options(self, tokenizer: Any) -> dict[str, Any]:
+    def loop_options(self, tokenizer: Any, model: Any) -> dict[str, Any]:
         import torch
 
+        self.host_embeddings = None
+        if self.gpu.input_embeddings == "host" and HostEmbeddings.applies(model):
+            self.host_embeddings = HostEmbeddings(model)
+            torch.cuda.empty_cache()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        whole = padded_forward_sum(pad_id)
-        forward = answer_forward_sum(pad_id, fallback=whole) if self.answer_logits_only else whole
+        whole = padded_forward_sum(pad_id, self.host_embeddings)
+        forward = (answer_forward_sum(pad_id, whole, self.host_embeddings)
+                   if self.answer_logits_only else whole)
         return {"forward_sum": forward, "on_oom": torch.cuda.empty_cache}
+
+    def after_loop(self, model: Any) -> None:
+        if self.host_embeddings is not None:
+            self.host_embeddings.restore()
+            self.host_embeddings = None
 
     def manifest_extra(self) -> dict[str, Any]:
         import torch

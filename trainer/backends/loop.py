@@ -48,8 +48,12 @@ def length_grouped_batches(
     return out
 
 
-def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str, Any]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` tensors."""
+def pad_batch(
+    items: Sequence[Tokenized], pad_id: int, device: Any, embeddings: Any = None
+) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` tensors; with ``embeddings``
+    (``trainer.backends.embeddings.HostEmbeddings``), ``inputs_embeds`` gathered on the host
+    instead of ``input_ids``."""
     import torch
 
     width = max(len(t.input_ids) for t in items)
@@ -61,6 +65,9 @@ def pad_batch(items: Sequence[Tokenized], pad_id: int, device: Any) -> dict[str,
     host = torch.tensor([[padded(t.input_ids, pad_id) for t in items],
                          [padded(t.labels, IGNORE_INDEX) for t in items],
                          [padded([1] * len(t.input_ids), 0) for t in items]], dtype=torch.long)
+    if embeddings is not None:
+        labels, mask = _to_device(host[1:], device)
+        return {"inputs_embeds": embeddings(host[0]), "attention_mask": mask, "labels": labels}
     ids, labels, mask = _to_device(host, device)  # three contiguous (rows, width)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

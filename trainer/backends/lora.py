@@ -71,8 +71,13 @@ class LoraBackend(abc.ABC):
         """The optimizer over the trainable parameters."""
 
     @abc.abstractmethod
-    def loop_options(self, tokenizer: Any) -> dict[str, Any]:
-        """``run_loop``'s backend options: ``forward_sum``, and ``on_oom``/``after_step``."""
+    def loop_options(self, tokenizer: Any, model: Any) -> dict[str, Any]:
+        """``run_loop``'s backend options for ``model``: ``forward_sum``, and
+        ``on_oom``/``after_step``."""
+
+    def after_loop(self, model: Any) -> None:
+        """Called once the loop has ended, before the adapter is saved (nothing by default)."""
+        return None
 
     def before_loop(self, spec: TrainSpec) -> None:
         """Called once the optimizer exists, just before the first step (nothing by default)."""
@@ -106,12 +111,16 @@ class LoraBackend(abc.ABC):
         )
         optimizer = self.optimizer(params, spec)
         self.before_loop(spec)
-        result = run_loop(
-            model=model, optimizer=optimizer, encoded=encoded, batch_size=spec.batch_size,
-            micro_batch_size=spec.micro_batch_size, n_epochs=spec.n_epochs,
-            max_steps=spec.max_steps, warmup_ratio=spec.warmup_ratio, seed=spec.seed,
-            hooks=hooks, **self.loop_options(tokenizer),
-        )
+        options = self.loop_options(tokenizer, model)
+        try:
+            result = run_loop(
+                model=model, optimizer=optimizer, encoded=encoded, batch_size=spec.batch_size,
+                micro_batch_size=spec.micro_batch_size, n_epochs=spec.n_epochs,
+                max_steps=spec.max_steps, warmup_ratio=spec.warmup_ratio, seed=spec.seed,
+                hooks=hooks, **options,
+            )
+        finally:
+            self.after_loop(model)
         hooks.check_cancelled()
         manifest = adapter_manifest(spec, backend=self.name, steps=result.steps,
                                     extra=self.manifest_extra())

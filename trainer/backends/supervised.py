@@ -30,19 +30,20 @@ def plain_output_layer(config: Any) -> bool:
 
 
 def supervised_loss_sum(
-    model: Any, items: Sequence[Tokenized], pad_id: int
+    model: Any, items: Sequence[Tokenized], pad_id: int, embeddings: Any = None
 ) -> tuple[Any, int]:
-    """``(summed loss over the answer tokens, their count)`` for right-padded ``items``."""
+    """``(summed loss over the answer tokens, their count)`` for right-padded ``items``;
+    ``embeddings``: the input embeddings gathered on the host (``pad_batch``)."""
     import torch.nn.functional as F
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    device = next(model.parameters()).device
-    batch = pad_batch(items, pad_id, device)
-    rows, width = batch["input_ids"].shape
+    out_layer = inner.get_output_embeddings()
+    device = out_layer.weight.device
+    batch = pad_batch(items, pad_id, device, embeddings)
+    labels = batch.pop("labels")  # the loss below reads the host's positions instead
+    rows, width = labels.shape
     positions, targets = supervised_positions(items, width, device)
-    hidden = inner.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+    hidden = inner.get_decoder()(**batch, use_cache=False).last_hidden_state
     picked = hidden.reshape(rows * width, -1).index_select(0, positions)
-    logits = inner.get_output_embeddings()(picked).float()
+    logits = out_layer(picked).float()
     return F.cross_entropy(logits, targets, reduction="sum"), int(positions.shape[0])
