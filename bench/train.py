@@ -13,7 +13,8 @@ Two phases, each in its own process so the second starts from an empty GPU:
 Options compare the trainer's choices: ``--checkpointing offload|device`` (where Unsloth keeps
 activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings device|host``
 (where the input embedding table stays while training), ``--gc-prefetch`` (Unsloth copies a
-layer's offloaded checkpoint back during the backward of the layer above), ``--whole-loss`` (the
+layer's offloaded checkpoint back during the backward of the layer above), ``--no-block-compile``
+(Unsloth's torch.compile region per decoder layer off), ``--whole-loss`` (the
 model's own loss over every position instead of the output layer at the answer tokens only),
 ``--seed-batch``, ``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X``
 keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -114,7 +116,7 @@ OPTIONS = {  # a variant's options and their defaults (the trainer's own)
     "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "device",
     "whole_loss": False, "seed_batch": 8,
     "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
-    "profile_first": False, "gc_prefetch": False, "label": "",
+    "profile_first": False, "gc_prefetch": False, "block_compile": True, "label": "",
 }
 
 
@@ -127,8 +129,6 @@ def set_gc_prefetch(on: bool) -> None:
     """Unsloth's ``UNSLOTH_GC_PREFETCH``: during one layer's backward, copy the offloaded
     checkpoint of the layer below back to the GPU (off by default there). Read when its
     checkpointing starts in a process, so the module's flag is set too (variants share one)."""
-    import os
-
     os.environ["UNSLOTH_GC_PREFETCH"] = "1" if on else "0"
     try:
         import unsloth_zoo.gradient_checkpointing as gc
@@ -148,6 +148,9 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
                                                         v["input_embeddings"]))
     backend.answer_logits_only = not v["whole_loss"]
     set_gc_prefetch(v["gc_prefetch"])
+    # Unsloth compiles each decoder layer as one torch.compile region unless this is 0; read
+    # when the model is patched for training.
+    os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if v["block_compile"] else "0"
     from shared.job_spec import TrainSpec
     from trainer.backends.lora import load_tokenizer
 
@@ -241,6 +244,8 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default=OPTIONS["optimizer"])
     ap.add_argument("--input-embeddings", choices=["device", "host"],
                     default=OPTIONS["input_embeddings"])
+    ap.add_argument("--no-block-compile", dest="block_compile", action="store_false",
+                    help="UNSLOTH_BLOCK_COMPILE=0: no torch.compile region per decoder layer")
     ap.add_argument("--gc-prefetch", action="store_true",
                     help="UNSLOTH_GC_PREFETCH=1: offloaded checkpoints copied back a layer early")
     ap.add_argument("--whole-loss", action="store_true",

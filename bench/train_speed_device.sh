@@ -9,12 +9,15 @@
 #      --variants): the answer-only output layer against the model's own loss (8 x 512 and 16
 #      of 400 tokens a step), and where the input embeddings stay at the seed's longest batches
 #      (16 of 500). The seed runs' choice is written to /tmp/seed_choice.
+#   2'. or, carrying .device/train/b2:                  bash bench/train_speed_device.sh compile
+#      the same preparation, then Unsloth's per-layer torch.compile against none (first step and
+#      steady step, two fresh processes).
 #   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) with
 #      that choice; bench/train.py keeps their median as seed_workload_s.
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, explore or seed N}
+what=${1:?stage, explore, compile or seed N}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -36,7 +39,7 @@ PY
 fi
 keep() { [ -n "${OUT:-}" ] && cp "$out" "$OUT/" || true; }
 trap keep EXIT
-if [ "$what" = explore ]; then
+if [ "$what" = explore ] || [ "$what" = compile ]; then
   t0=$(date +%s)
   cp -r .device/train/b2/. /tmp/dev/train/
   bash /tmp/dev/trainkit/install.sh /tmp/dev/train /tmp/site-train
@@ -52,6 +55,24 @@ write_random_model('llama-3.1-8b', Path('/tmp/rand8b'), tokenizer_from=Path(sys.
   python3 -m pytest -q -p no:cacheprovider -m gpu tests/trainer/test_gpu_training.py 2>&1 | tail -5
   [ -z "${build:-}" ] || wait "$build" || { tail -5 /tmp/rand8b.log; exit 1; }
   echo "installed, tested and built in $(( $(date +%s) - t0 )) s"
+fi
+if [ "$what" = compile ]; then
+  # Unsloth's torch.compile region per decoder layer against none, each in a fresh process
+  # whose first run is cold (host profiled) and whose second is seed-shaped (16 of 400): what
+  # the compile costs at the first step and what it gives a step after. Without first, so that
+  # the uncompiled process does not find the compiled one's caches.
+  for bc in false true; do
+    label=$([ $bc = true ] && echo _block || echo _noblock)
+    timeout $(( 570 - ($(date +%s) - t0) )) python3 bench/train.py --out "$out" \
+      --model-dir /tmp/rand8b --phases speed --variants "[
+      {\"label\": \"_cold$label\", \"speed_steps\": 8, \"profile_first\": true,
+       \"block_compile\": $bc, \"input_embeddings\": \"host\"},
+      {\"label\": \"_seedshape_b16$label\", \"speed_batch\": 16, \"speed_tokens\": 400,
+       \"speed_steps\": 24, \"block_compile\": $bc, \"input_embeddings\": \"host\"}]" \
+      | grep -E '^(\{"phase|event|speed)' || echo "stopped (time limit or failure)"
+  done
+  echo "compile done in $(( $(date +%s) - t0 )) s"
+elif [ "$what" = explore ]; then
   # One process, checkpoints offloaded (the default; on 2026-12-03 keeping them on the GPU was
   # slower and went over 8 GiB at 16 a step). A short first run takes the process's cold start
   # (its host profiled from the start of training to the first step's report), then the

@@ -56,6 +56,9 @@ def test_length_grouped_batches_cover_everything_once_per_epoch() -> None:
     # Batches pair similar lengths: short with short, long with long.
     assert all(abs(lengths[b[0]] - lengths[b[1]]) <= 20 for b in batches)
     assert batches == length_grouped_batches(lengths, 2, seed=0, n_epochs=2)  # seeded
+    # The costliest batch comes first (an OOM shows at once; buffers reach their size once).
+    assert sorted(lengths[i] for i in batches[0]) == [190, 200]
+    assert length_grouped_batches([], 2, seed=0) == []
 
 
 def test_linear_warmup_schedule() -> None:

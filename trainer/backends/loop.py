@@ -28,14 +28,19 @@ ForwardSum = Callable[[Any, Sequence[Tokenized]], tuple[Any, int]]
 def length_grouped_batches(
     lengths: Sequence[int], batch_size: int, *, seed: int, n_epochs: int = 1
 ) -> list[list[int]]:
-    """Indices in batches of similar lengths (little padding), batch order shuffled per epoch.
+    """Indices in batches of similar lengths (little padding), batch order shuffled per epoch,
+    the costliest batch of all (rows x longest row) first.
 
     Examples are shuffled, cut into groups of 50 batches, sorted by length inside each group, then
     split into batches: similar lengths without always ordering the whole data the same way.
+    The costliest batch goes first, as transformers' length-grouped sampler does: a micro-batch
+    too large for the device fails (and is halved) at the first step rather than hours in, and the
+    allocator's blocks and Unsloth's pinned checkpoint buffers reach their largest size at once
+    instead of growing again at each new longest batch.
     """
     rng = random.Random(seed)
     out: list[list[int]] = []
-    for _ in range(n_epochs):
+    for epoch in range(n_epochs):
         order = list(range(len(lengths)))
         rng.shuffle(order)
         group = batch_size * 50
@@ -44,6 +49,9 @@ def length_grouped_batches(
             chunk = sorted(order[g : g + group], key=lambda i: lengths[i])
             batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(batches)
+        if epoch == 0 and batches:  # within the first epoch: epochs keep their examples
+            cost = [len(b) * max(lengths[i] for i in b) for b in batches]
+            batches.insert(0, batches.pop(cost.index(max(cost))))
         out += batches
     return out
 

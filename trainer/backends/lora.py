@@ -10,6 +10,7 @@ loss is summed, what to do on OOM or after a step) and what its manifest adds.
 from __future__ import annotations
 
 import abc
+import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -96,6 +97,20 @@ class LoraBackend(abc.ABC):
         t0 = time.monotonic()
         torch.manual_seed(spec.seed)
         tokenizer = load_tokenizer(spec.base_model)
+        # The objects alive now (the imported libraries: millions of them with torch, Unsloth,
+        # triton and sympy) are left out of garbage collections until training ends: Unsloth
+        # calls gc.collect() many times while it loads, and those full collections took 5.2 s
+        # of an 8B job's load and first step on the H200 (bench/README.md).
+        gc.freeze()
+        try:
+            return self._train(spec, examples, out_dir, hooks, tokenizer, t0)
+        finally:
+            gc.unfreeze()
+
+    def _train(
+        self, spec: TrainSpec, examples: list[list[Message]], out_dir: Path, hooks: Hooks,
+        tokenizer: Any, t0: float,
+    ) -> TrainResult:
         # The examples are encoded while the model loads (5,000 seed examples take seconds).
         with ThreadPoolExecutor(1, thread_name_prefix="encode") as pool:
             encoding = pool.submit(encode_all, tokenizer, examples, spec.max_seq_length)
