@@ -3,7 +3,8 @@
 
 Two phases, each in its own process so the second starts from an empty GPU:
 - ``speed``: micro-batches of 8 examples of 512 tokens; ``train_tok_s_8x512`` is input tokens per
-  second over the steps after a warm-up, ``peak_gib`` the peak allocated GPU memory;
+  second over the steps after a warm-up (the median of the runs in ``train_tok_s_8x512_runs``),
+  ``peak_gib`` the largest peak allocated GPU memory of those runs;
 - ``seed``: the seed's workload, 5,000 examples of 300 to 500 tokens (``seed_data.chats``), one
   epoch, timed from model load to saved adapter (``seed_workload_s``: the median of the runs in
   ``seed_workload_runs_s``);
@@ -11,18 +12,18 @@ Two phases, each in its own process so the second starts from an empty GPU:
   QLoRA, used where Unsloth is missing), for ``hf_tok_s`` and ``hf_peak_gib``.
 
 Options compare the trainer's choices: ``--checkpointing offload|device`` (where Unsloth keeps
-activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings device|host``
+activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings host|device``
 (where the input embedding table stays while training), ``--gc-prefetch`` (Unsloth copies a
-layer's offloaded checkpoint back during the backward of the layer above), ``--no-block-compile``
-(Unsloth's torch.compile region per decoder layer off), ``--whole-loss`` (the
+layer's offloaded checkpoint back during the backward of the layer above), ``--compile-layers
+auto|on|off`` (Unsloth's torch.compile region per decoder layer), ``--whole-loss`` (the
 model's own loss over every position instead of the output layer at the answer tokens only),
 ``--seed-batch``, ``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X``
 keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such
 variants one after the other in one process (one Unsloth import; each loads its own model), a
-list of objects of these options' names and a ``label`` each. Each run records its load time,
-its first ten steps' seconds (the warm-up) and, with ``--profile``, a torch.profiler table of
-two late steps; with ``--profile-first``, a cProfile of the host from the start of training to
-the first step's report (the model's load and a process's cold first step).
+list of objects of these options' names and a ``label`` each (over the flags' values). Each run
+records its load time, its first ten steps' seconds (the warm-up) and, with ``--profile``, a
+torch.profiler table of two late steps; with ``--profile-first``, a cProfile of the host from
+the start of training to the first step's report (the model's load and a cold first step).
 
 Runs on the device machine (bench/train_speed_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -113,10 +114,11 @@ class Recorder:
 
 
 OPTIONS = {  # a variant's options and their defaults (the trainer's own)
-    "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "device",
+    "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "host",
+    "compile_layers": "auto",
     "whole_loss": False, "seed_batch": 8,
     "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
-    "profile_first": False, "gc_prefetch": False, "block_compile": True, "label": "",
+    "profile_first": False, "gc_prefetch": False, "label": "",
 }
 
 
@@ -144,13 +146,10 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
 
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     # unsloth is imported before transformers
-    backend = select_backend(backend_name, GpuOptions(v["checkpointing"], v["optimizer"],
-                                                        v["input_embeddings"]))
+    backend = select_backend(backend_name, GpuOptions(
+        v["checkpointing"], v["optimizer"], v["input_embeddings"], v["compile_layers"]))
     backend.answer_logits_only = not v["whole_loss"]
     set_gc_prefetch(v["gc_prefetch"])
-    # Unsloth compiles each decoder layer as one torch.compile region unless this is 0; read
-    # when the model is patched for training.
-    os.environ["UNSLOTH_BLOCK_COMPILE"] = "1" if v["block_compile"] else "0"
     from shared.job_spec import TrainSpec
     from trainer.backends.lora import load_tokenizer
 
@@ -242,10 +241,11 @@ def main() -> None:
     ap.add_argument("--checkpointing", choices=["offload", "device"],
                     default=OPTIONS["checkpointing"])
     ap.add_argument("--optimizer", choices=["adamw", "adamw_8bit"], default=OPTIONS["optimizer"])
-    ap.add_argument("--input-embeddings", choices=["device", "host"],
+    ap.add_argument("--input-embeddings", choices=["host", "device"],
                     default=OPTIONS["input_embeddings"])
-    ap.add_argument("--no-block-compile", dest="block_compile", action="store_false",
-                    help="UNSLOTH_BLOCK_COMPILE=0: no torch.compile region per decoder layer")
+    ap.add_argument("--compile-layers", choices=["auto", "on", "off"],
+                    default=OPTIONS["compile_layers"],
+                    help="Unsloth's torch.compile region per decoder layer (auto: by job size)")
     ap.add_argument("--gc-prefetch", action="store_true",
                     help="UNSLOTH_GC_PREFETCH=1: offloaded checkpoints copied back a layer early")
     ap.add_argument("--whole-loss", action="store_true",
@@ -265,10 +265,9 @@ def main() -> None:
     ap.add_argument("--variants", default="",
                     help="JSON list of option objects (with a label each), run in one process")
     args = ap.parse_args()
-    if args.variants:
-        variants = [{**OPTIONS, **v} for v in json.loads(args.variants)]
-    else:
-        variants = [{k: getattr(args, k) for k in OPTIONS}]
+    # The flags set every variant's options; a variant's own keys override them.
+    given = {k: getattr(args, k) for k in OPTIONS}
+    variants = [{**given, **v} for v in json.loads(args.variants)] if args.variants else [given]
 
     if args.phase:  # a child: one phase, its runs' figures recorded in args.out
         run_variants(args.phase, args, variants)
@@ -298,9 +297,11 @@ def record(results: dict[str, Any], name: str, label: str, figures: dict[str, An
     results[name + label] = figures
     if label or "error" in figures:
         return  # an experiment, or a failed run: its figures stay under its own key
-    if name == "speed":
-        results["train_tok_s_8x512"] = results["tok_s"] = figures["tok_s"]
-        results["peak_gib"] = figures["peak_gib"]
+    if name == "speed":  # the median of the runs, as for the seed
+        runs = results.setdefault("train_tok_s_8x512_runs", [])
+        runs.append(figures["tok_s"])
+        results["train_tok_s_8x512"] = results["tok_s"] = sorted(runs)[(len(runs) - 1) // 2]
+        results["peak_gib"] = max(results.get("peak_gib", 0.0), figures["peak_gib"])
     elif name == "hf_speed":
         results["hf_tok_s"] = figures["tok_s"]
         results["hf_peak_gib"] = figures["peak_gib"]

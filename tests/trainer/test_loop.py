@@ -302,10 +302,33 @@ def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> Non
 def test_gpu_options_refuse_unknown_choices() -> None:
     from trainer.backends import GpuOptions
 
-    assert GpuOptions() == GpuOptions("offload", "adamw", "device")
+    assert GpuOptions() == GpuOptions("offload", "adamw", "host", "auto")
     with pytest.raises(ValueError, match="optimizer"):
         GpuOptions(optimizer="sgd")
     with pytest.raises(ValueError, match="checkpointing"):
         GpuOptions(checkpointing="disk")
     with pytest.raises(ValueError, match="input_embeddings"):
         GpuOptions(input_embeddings="disk")
+    with pytest.raises(ValueError, match="compile_layers"):
+        GpuOptions(compile_layers="sometimes")
+
+
+def test_layers_are_compiled_for_jobs_long_enough_to_repay_the_compile() -> None:
+    from shared.job_spec import TrainSpec
+    from trainer.backends import GpuOptions
+    from trainer.backends.lora import planned_tokens
+
+    auto = GpuOptions()
+    assert not auto.compiles(GpuOptions.COMPILE_FROM_TOKENS - 1)
+    assert auto.compiles(GpuOptions.COMPILE_FROM_TOKENS)
+    assert GpuOptions(compile_layers="on").compiles(1)
+    assert not GpuOptions(compile_layers="off").compiles(10**12)
+    # The seed workload (5,000 examples of about 400 tokens, one epoch) is not compiled.
+    encoded = [Tokenized([1] * (300 + i % 201), [1] * (300 + i % 201)) for i in range(5000)]
+    spec = TrainSpec(job_id="t", name="t", base_model="-", training_file="-", batch_size=16)
+    assert planned_tokens(encoded, spec) == sum(300 + i % 201 for i in range(5000))
+    assert not auto.compiles(planned_tokens(encoded, spec))
+    long = spec.model_copy(update={"n_epochs": 12})
+    assert auto.compiles(planned_tokens(encoded, long))
+    capped = spec.model_copy(update={"max_steps": 10})  # 160 examples of the mean length
+    assert planned_tokens(encoded, capped) == planned_tokens(encoded, spec) * 160 // 5000

@@ -21,11 +21,23 @@ ADAPTER_MANIFEST = "tunegate-adapter.json"
 @dataclass(frozen=True)
 class GpuOptions:
     """The trainer settings the GPU backends read: ``TrainerSettings.gradient_checkpointing``
-    (Unsloth's only), ``TrainerSettings.optimizer`` and ``TrainerSettings.input_embeddings``."""
+    and ``TrainerSettings.compile_layers`` (Unsloth's only), ``TrainerSettings.optimizer`` and
+    ``TrainerSettings.input_embeddings``."""
 
     checkpointing: str = "offload"  # offload | device
     optimizer: str = "adamw"  # adamw | adamw_8bit
-    input_embeddings: str = "device"  # device | host (trainer.backends.embeddings)
+    input_embeddings: str = "host"  # host | device (trainer.backends.embeddings)
+    compile_layers: str = "auto"  # auto | on | off
+
+    # "auto" compiles from this many input tokens a job (all epochs): the compile's first step
+    # (47 s in a fresh worker on an H200) is repaid by 1-2 microseconds a token (bench/README.md).
+    COMPILE_FROM_TOKENS = 20_000_000
+
+    def compiles(self, tokens: int) -> bool:
+        """Whether Unsloth compiles each decoder layer for a job of ``tokens`` input tokens."""
+        if self.compile_layers == "auto":
+            return tokens >= self.COMPILE_FROM_TOKENS
+        return self.compile_layers == "on"
 
     def __post_init__(self) -> None:
         if self.checkpointing not in ("offload", "device"):
@@ -34,6 +46,8 @@ class GpuOptions:
             raise ValueError(f"unknown optimizer {self.optimizer!r}: adamw or adamw_8bit")
         if self.input_embeddings not in ("device", "host"):
             raise ValueError(f"unknown input_embeddings {self.input_embeddings!r}: device or host")
+        if self.compile_layers not in ("auto", "on", "off"):
+            raise ValueError(f"unknown compile_layers {self.compile_layers!r}: auto, on or off")
 
 
 class JobCancelled(Exception):

@@ -93,7 +93,7 @@ class Gpu4bitBackend(LoraBackend):
         return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
                                  fused=True)
 
-    def before_loop(self, spec: TrainSpec) -> None:
+    def before_loop(self, spec: TrainSpec, tokens: int) -> None:
         import torch
 
         torch.manual_seed(spec.seed)

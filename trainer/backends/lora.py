@@ -40,6 +40,15 @@ def encode_all(
     return [t for t in encoded if t.n_supervised > 0]
 
 
+def planned_tokens(encoded: list[Tokenized], spec: TrainSpec) -> int:
+    """About how many input tokens the loop will train on: every epoch, or ``max_steps``
+    batches of examples of the mean length."""
+    planned = len(encoded) * spec.n_epochs  # examples the loop will see
+    if spec.max_steps:
+        planned = min(planned, spec.max_steps * spec.batch_size)
+    return sum(len(t.input_ids) for t in encoded) * planned // max(1, len(encoded))
+
+
 def lora_config(spec: TrainSpec) -> Any:
     """peft's ``LoraConfig`` from the spec (the backends that add LoRA through peft)."""
     from peft import LoraConfig
@@ -80,8 +89,9 @@ class LoraBackend(abc.ABC):
         """Called once the loop has ended, before the adapter is saved (nothing by default)."""
         return None
 
-    def before_loop(self, spec: TrainSpec) -> None:
-        """Called once the optimizer exists, just before the first step (nothing by default)."""
+    def before_loop(self, spec: TrainSpec, tokens: int) -> None:
+        """Called once the optimizer exists, just before the first step, with the input tokens
+        the job will train on (nothing by default)."""
         return None
 
     def manifest_extra(self) -> dict[str, Any]:
@@ -125,7 +135,7 @@ class LoraBackend(abc.ABC):
              "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})},
         )
         optimizer = self.optimizer(params, spec)
-        self.before_loop(spec)
+        self.before_loop(spec, planned_tokens(encoded, spec))
         options = self.loop_options(tokenizer, model)
         try:
             result = run_loop(
