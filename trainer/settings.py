@@ -55,9 +55,8 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
     # "device" keeps it on the GPU.
     input_embeddings: Literal["host", "device"] = "host"
     # Unsloth's torch.compile region per decoder layer: 1.3-2.5% faster steps on an H200 at 8B,
-    # but the first step compiles (47 s more in a fresh worker, 8-17 s with warm caches); "auto"
-    # compiles jobs of 20M input tokens or more (about half an hour there), "on" and "off" always
-    # and never.
+    # but the first step compiles (47 s more with cold caches); "auto" compiles jobs of 20M input
+    # tokens or more (about half an hour there), "on" and "off" always and never.
     compile_layers: Literal["auto", "on", "off"] = "auto"
     # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
     # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of

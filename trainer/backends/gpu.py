@@ -111,7 +111,7 @@ class Gpu4bitBackend(LoraBackend):
         whole = padded_forward_sum(pad_id, self.host_embeddings)
         forward = (answer_forward_sum(pad_id, whole, self.host_embeddings)
                    if self.answer_logits_only else whole)
-        return {"forward_sum": forward, "on_oom": torch.cuda.empty_cache}
+        return {"forward_sum": forward, "on_oom": torch.cuda.empty_cache, "costliest_first": True}
 
     def after_loop(self, model: Any) -> None:
         if self.host_embeddings is not None:

@@ -26,17 +26,18 @@ ForwardSum = Callable[[Any, Sequence[Tokenized]], tuple[Any, int]]
 
 
 def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, *, seed: int, n_epochs: int = 1
+    lengths: Sequence[int], batch_size: int, *, seed: int, n_epochs: int = 1,
+    costliest_first: bool = False,
 ) -> list[list[int]]:
-    """Indices in batches of similar lengths (little padding), batch order shuffled per epoch,
-    the costliest batch of all (rows x longest row) first.
+    """Indices in batches of similar lengths (little padding), batch order shuffled per epoch.
 
     Examples are shuffled, cut into groups of 50 batches, sorted by length inside each group, then
     split into batches: similar lengths without always ordering the whole data the same way.
-    The costliest batch goes first, as transformers' length-grouped sampler does: a micro-batch
-    too large for the device fails (and is halved) at the first step rather than hours in, and the
-    allocator's blocks and Unsloth's pinned checkpoint buffers reach their largest size at once
-    instead of growing again at each new longest batch.
+    ``costliest_first`` (the GPU backends) moves the first epoch's costliest batch (rows x longest
+    row) to the front, as transformers' length-grouped sampler does: a micro-batch too large for
+    the device fails (and is halved) at the first step rather than hours in, and the allocator's
+    blocks and Unsloth's pinned checkpoint buffers reach their largest size at once instead of
+    growing again at each new longest batch.
     """
     rng = random.Random(seed)
     out: list[list[int]] = []
@@ -49,7 +50,7 @@ def length_grouped_batches(
             chunk = sorted(order[g : g + group], key=lambda i: lengths[i])
             batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(batches)
-        if epoch == 0 and batches:  # within the first epoch: epochs keep their examples
+        if costliest_first and epoch == 0 and batches:  # epochs keep their examples
             cost = [len(b) * max(lengths[i] for i in b) for b in batches]
             batches.insert(0, batches.pop(cost.index(max(cost))))
         out += batches
@@ -226,11 +227,13 @@ def run_loop(
     max_grad_norm: float = 1.0,
     on_oom: Callable[[], None] | None = None,
     after_step: Callable[[int], None] | None = None,
+    costliest_first: bool = False,
 ) -> LoopResult:
     import torch
 
     batches = length_grouped_batches(
-        [len(t.input_ids) for t in encoded], batch_size, seed=seed, n_epochs=n_epochs
+        [len(t.input_ids) for t in encoded], batch_size, seed=seed, n_epochs=n_epochs,
+        costliest_first=costliest_first,
     )
     steps_per_epoch = max(1, math.ceil(len(encoded) / batch_size))
     total = min(len(batches), max_steps) if max_steps else len(batches)

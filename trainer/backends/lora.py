@@ -135,9 +135,9 @@ class LoraBackend(abc.ABC):
              "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params})},
         )
         optimizer = self.optimizer(params, spec)
-        self.before_loop(spec, planned_tokens(encoded, spec))
         options = self.loop_options(tokenizer, model)
         try:
+            self.before_loop(spec, planned_tokens(encoded, spec))
             result = run_loop(
                 model=model, optimizer=optimizer, encoded=encoded, batch_size=spec.batch_size,
                 micro_batch_size=spec.micro_batch_size, n_epochs=spec.n_epochs,
