@@ -115,8 +115,7 @@ class Recorder:
 
 OPTIONS = {  # a variant's options and their defaults (the trainer's own)
     "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "host",
-    "compile_layers": "auto",
-    "whole_loss": False, "seed_batch": 8,
+    "compile_layers": "auto", "whole_loss": False, "seed_batch": 8,
     "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
     "profile_first": False, "gc_prefetch": False, "label": "",
 }

@@ -15,12 +15,12 @@ from typing import Any
 from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
 from trainer.backends.lora import LoraBackend, lora_config
-from trainer.backends.supervised import supervised_loss_sum
+from trainer.backends.supervised import supervised_loss_sum, unwrap
 
 
 def supervised_forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
     """Summed cross-entropy over the answer tokens, computing logits only where labelled."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     return supervised_loss_sum(model, items, inner.config.pad_token_id or 0)
 
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def unwrap(model: Any) -> Any:
-    """The transformers model under a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from trainer.backends.supervised import unwrap
 
 
 class HostEmbeddings:

@@ -16,10 +16,10 @@ from typing import Any
 from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
 from trainer.backends.base import GpuOptions
-from trainer.backends.embeddings import HostEmbeddings, unwrap
+from trainer.backends.embeddings import HostEmbeddings
 from trainer.backends.loop import ForwardSum, pad_batch
 from trainer.backends.lora import LoraBackend
-from trainer.backends.supervised import plain_output_layer, supervised_loss_sum
+from trainer.backends.supervised import plain_output_layer, supervised_loss_sum, unwrap
 
 
 def padded_forward_sum(pad_id: int, embeddings: HostEmbeddings | None = None) -> ForwardSum:
@@ -48,7 +48,7 @@ def answer_forward_sum(
     after the output layer."""
 
     def forward_sum(model: Any, items: Sequence[Tokenized]) -> tuple[Any, int]:
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrap(model)
         if not plain_output_layer(inner.config):
             return fallback(model, items)
         # Unsloth's decoder reads this flag (set by its causal-LM forward, which this path does

@@ -24,6 +24,11 @@ from trainer.backends.loop import pad_batch, supervised_positions
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def unwrap(model: Any) -> Any:
+    """The transformers model under a peft wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def plain_output_layer(config: Any) -> bool:
     """Whether the loss is cross-entropy on ``output_layer(hidden)`` with nothing in between."""
     return all(getattr(config, name, None) in (None, 0, 1, 1.0) for name in _LOGIT_TRANSFORMS)
@@ -36,7 +41,7 @@ def supervised_loss_sum(
     ``embeddings``: the input embeddings gathered on the host (``pad_batch``)."""
     import torch.nn.functional as F
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     out_layer = inner.get_output_embeddings()
     device = out_layer.weight.device
     batch = pad_batch(items, pad_id, device, embeddings)
