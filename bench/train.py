@@ -22,8 +22,10 @@ keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs 
 variants one after the other in one process (one Unsloth import; each loads its own model), a
 list of objects of these options' names and a ``label`` each (over the flags' values). Each run
 records its load time, its first ten steps' seconds (the warm-up) and, with ``--profile``, a
-torch.profiler table of two late steps; with ``--profile-first``, a cProfile of the host from
-the start of training to the first step's report (the model's load and a cold first step).
+torch.profiler table of two late steps (``--trace DIR`` also keeps their Chrome trace and
+``bench/trace_gaps.py``'s account of where the GPU sat idle in them); with ``--profile-first``, a
+cProfile of the host from the start of training to the first step's report (the model's load
+and a cold first step).
 
 Runs on the device machine (bench/train_speed_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -51,12 +53,14 @@ class Recorder:
     """Training hooks that keep every step's figures and print events."""
 
     def __init__(self, profile_steps: tuple[int, int] | None = None,
-                 profile_first: bool = False) -> None:
+                 profile_first: bool = False, trace: Path | None = None) -> None:
         self.steps: list[dict[str, Any]] = []
         self.loaded_at: float | None = None  # perf_counter when the model was loaded
         self.profile_steps = profile_steps  # (first, last): profile the steps after first..last
         self.profiler: Any = None
         self.profile_table = ""
+        self.trace = trace  # where the profiled steps' Chrome trace goes (gzipped)
+        self.trace_gaps = ""  # bench/trace_gaps.py's summary of it
         self.trainable_dtypes: list[str] | None = None
         # cProfile of the training thread from the start of ``train()`` to the first step's
         # report (on CUDA, once the second step is queued): where the model's load and a
@@ -98,10 +102,28 @@ class Recorder:
             self.profile_table = self.profiler.key_averages().table(
                 sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
             print(self.profile_table, flush=True)
+            if self.trace is not None:
+                self.write_trace()
             self.profiler = None
         if info.step % 25 == 0 or info.step == info.total_steps:
             print(f"step {info.step}/{info.total_steps} loss {info.loss:.3f} "
                   f"{info.tokens_per_s:.0f} tok/s", flush=True)
+
+    def write_trace(self) -> None:
+        import gzip
+        import shutil
+
+        from bench.trace_gaps import analyse, load
+
+        assert self.trace is not None
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        raw = self.trace.with_suffix("")  # the .json beside the .json.gz
+        self.profiler.export_chrome_trace(str(raw))
+        self.trace_gaps = analyse(load(raw), 5.0, 25)
+        print(self.trace_gaps, flush=True)
+        with raw.open("rb") as src, gzip.open(self.trace, "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
 
     def on_event(self, message: str, data: dict[str, Any]) -> None:
         if "model loaded" in message and self.loaded_at is None:
@@ -117,13 +139,13 @@ OPTIONS = {  # a variant's options and their defaults (the trainer's own)
     "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "host",
     "compile_layers": "auto", "whole_loss": False, "seed_batch": 8,
     "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
-    "profile_first": False, "gc_prefetch": False, "label": "",
+    "profile_first": False, "gc_prefetch": False, "label": "", "trace": "",
 }
 
 
 def described(v: dict[str, Any]) -> dict[str, Any]:
     """What a result records of its variant: the options that shape the training."""
-    return {k: v[k] for k in OPTIONS if k not in ("profile", "profile_first", "label")}
+    return {k: v[k] for k in OPTIONS if k not in ("profile", "profile_first", "label", "trace")}
 
 
 def set_gc_prefetch(on: bool) -> None:
@@ -170,8 +192,9 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
     print(f"{name}{v['label']}: {len(data)} examples, mean {sum(lengths) / len(lengths):.0f} "
           f"tokens", flush=True)
     n_steps = spec.max_steps or 0
+    trace = (Path(v["trace"]) / f"trace-{name}{v['label']}.json.gz") if v["trace"] else None
     hooks = Recorder((n_steps - 3, n_steps - 1) if v["profile"] and n_steps > 8 else None,
-                     profile_first=v["profile_first"])
+                     profile_first=v["profile_first"], trace=trace)
     before_gib = torch.cuda.memory_allocated() / 2**30  # what an earlier variant left
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -199,6 +222,7 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
         "trainable_dtypes": hooks.trainable_dtypes,
         "variant": described(v),
         "profile": hooks.profile_table,
+        "trace_gaps": hooks.trace_gaps,
         "first_step_profile": hooks.first_step_table,
     }
 
@@ -222,7 +246,8 @@ def run_variants(name: str, args: argparse.Namespace, variants: list[dict[str, A
         gc.collect()
         torch.cuda.empty_cache()
         print(json.dumps({k: x for k, x in figures.items()
-                          if k not in ("profile", "first_step_profile")}), flush=True)
+                          if k not in ("profile", "first_step_profile", "trace_gaps")}),
+              flush=True)
         results = json.loads(args.out.read_text()) if args.out.exists() else {}
         record(results, name, v["label"], figures)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -260,6 +285,9 @@ def main() -> None:
                     help="torch.profiler over two steps near the end (left out of tok_s)")
     ap.add_argument("--profile-first", action="store_true",
                     help="cProfile of the host from the model's load to the first step's report")
+    ap.add_argument("--trace", default="", metavar="DIR",
+                    help="with --profile: the profiled steps' Chrome trace (gzipped) in DIR, and "
+                    "bench/trace_gaps.py's summary of where the GPU sat idle")
     ap.add_argument("--label", default="", help="suffix of the result keys of this run")
     ap.add_argument("--variants", default="",
                     help="JSON list of option objects (with a label each), run in one process")

@@ -9,13 +9,16 @@
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
+#      Or `trace N` instead: the same preparation, then two profiled steps of the seed's shape
+#      (16 x 400) whose Chrome trace comes back with bench/trace_gaps.py's account of where the
+#      GPU sat idle, then N seed-workload runs as below.
 #   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) at
 #      the trainer's defaults, 16 examples a step; bench/train.py keeps their median as
 #      seed_workload_s.
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, speed N, compile or seed N}
+what=${1:?stage, speed N, compile, trace N or seed N}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -35,10 +38,10 @@ keep = ("model", "hf_speed", "hf_tok_s", "hf_peak_gib")
 json.dump({k: old[k] for k in keep if k in old}, open(sys.argv[2], "w"), indent=2)
 PY
 fi
-keep() { [ -n "${OUT:-}" ] && cp "$out" "$OUT/" || true; }
+keep() { [ -n "${OUT:-}" ] && cp "$out" "$res"/trace-*.json.gz "$OUT/" 2>/dev/null || true; }
 trap keep EXIT
 t0=$(date +%s)
-if [ "$what" = speed ] || [ "$what" = compile ]; then
+if [ "$what" = speed ] || [ "$what" = compile ] || [ "$what" = trace ]; then
   cp -r .device/train/b2/. /tmp/dev/train/
   bash /tmp/dev/trainkit/install.sh /tmp/dev/train /tmp/site-train
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -72,7 +75,14 @@ elif [ "$what" = compile ]; then
        \"speed_steps\": 24}]" \
       | grep -E '^(\{"phase|event|speed)' || echo "stopped (time limit or failure)"
   done
-elif [ "$what" = seed ]; then
+elif [ "$what" = trace ]; then
+  timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
+    --phases speed --speed-batch 16 --speed-tokens 400 --speed-steps 24 --profile \
+    --trace "$res" --label _trace_16x400 \
+    | grep -E '^(window|idle|host calls|\{"phase)|^ +[0-9.]+ ms |^  stream' || echo "trace stopped"
+  what=seed
+fi
+if [ "$what" = seed ]; then
   for _ in $(seq "${2:-1}"); do
     timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
       --phases seed --seed-batch 16 \

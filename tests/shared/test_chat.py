@@ -66,3 +66,34 @@ def test_many_conversations_encode_as_each_alone(tok: Any) -> None:
     assert tokenize_many(tok, chats, max_seq_length=24) == [
         tokenize_for_training(tok, c, max_seq_length=24) for c in chats]
     assert tokenize_many(tok, []) == []
+
+
+def test_direct_rust_encoding_labels_as_the_wrapper_does(
+    tok: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Labels read from the Rust encodings near the answers equal those from every token's
+    offsets through the transformers wrapper, on text whose characters span several tokens or
+    share one (emoji, CJK, combining marks, odd whitespace) and on several turns."""
+    import shared.chat as chat
+
+    contents = ["fresh 🍅🍅 ok", "良い映画です。", "e\u0301te\u0301  \t\n end", "  ", "🇫🇷\u200d!",
+                "word " * 30]
+    chats = [[{"role": "system", "content": c}, {"role": "user", "content": f"say {c}"},
+              {"role": "assistant", "content": c}, {"role": "user", "content": "again"},
+              {"role": "assistant", "content": f"{c}{c}"}] for c in contents]
+    assert chat._plain_backend(tok) is not None
+    direct = [tokenize_many(tok, chats, max_seq_length=n) for n in (None, 40)]
+    monkeypatch.setattr(chat, "_plain_backend", lambda _tok: None)
+    wrapped = [tokenize_many(tok, chats, max_seq_length=n) for n in (None, 40)]
+    assert direct == wrapped
+    assert all(t.n_supervised > 0 for t in direct[0])
+
+
+def test_a_tokenizer_set_to_truncate_goes_through_the_wrapper(default_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    import shared.chat as chat
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    tok.backend_tokenizer.enable_truncation(8)
+    assert chat._plain_backend(tok) is None
