@@ -9,16 +9,17 @@
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
-#      Or `trace N` instead: the same preparation, then two profiled steps of the seed's shape
+#      Or `trace` instead: the same preparation, then two profiled steps of the seed's shape
 #      (16 x 400) whose Chrome trace comes back with bench/trace_gaps.py's account of where the
-#      GPU sat idle, then N seed-workload runs as below.
+#      GPU sat idle, then one seed-workload run as below and one at 24 examples a step (fixed
+#      costs a micro-batch spread over more examples; kept under seed_b24).
 #   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) at
 #      the trainer's defaults, 16 examples a step; bench/train.py keeps their median as
 #      seed_workload_s.
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, speed N, compile, trace N or seed N}
+what=${1:?stage, speed N, compile, trace or seed N}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -80,13 +81,15 @@ elif [ "$what" = trace ]; then
     --phases speed --speed-batch 16 --speed-tokens 400 --speed-steps 24 --profile \
     --trace "$res" --label _trace_16x400 \
     | grep -E '^(window|idle|host calls|\{"phase)|^ +[0-9.]+ ms |^  stream' || echo "trace stopped"
-  what=seed
 fi
+seed_run() {
+  timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b --phases seed "$@" \
+    | grep -E '^(step|event|seed|\{"train)' | grep -vE '^step [0-9]*[1-9]/' || true
+}
 if [ "$what" = seed ]; then
-  for _ in $(seq "${2:-1}"); do
-    timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
-      --phases seed --seed-batch 16 \
-      | grep -E '^(step|event|seed|\{"train)' | grep -vE '^step [0-9]*[1-9]/' || true
-  done
+  for _ in $(seq "${2:-1}"); do seed_run --seed-batch 16; done
+elif [ "$what" = trace ]; then
+  seed_run --seed-batch 16
+  seed_run --seed-batch 24 --label _b24
 fi
 echo "$what done in $(( $(date +%s) - t0 )) s"
