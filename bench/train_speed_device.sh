@@ -12,7 +12,7 @@
 #      Or `trace` instead: the same preparation, then two profiled steps of the seed's shape
 #      (16 x 400) whose Chrome trace comes back with bench/trace_gaps.py's account of where the
 #      GPU sat idle; 8 x 512 with the input embeddings on the host and on the GPU (two fresh
-#      processes, compile off: speed_embhost, speed_embdev); then one seed-workload run as below
+#      processes, compile off: speed_embhost, speed_embdevice); then one seed-workload run as below
 #      and one at 24 examples a step (fixed costs a micro-batch spread over more examples; kept
 #      under seed_b24).
 #   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) at
@@ -86,7 +86,7 @@ elif [ "$what" = trace ]; then
   for e in host device; do
     timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
       --phases speed --speed-steps 30 --compile-layers off --input-embeddings $e \
-      --label "_emb${e:0:3}" | grep -E '^\{"phase' || echo "stopped (time limit or failure)"
+      --label "_emb$e" | grep -E '^\{"phase' || echo "stopped (time limit or failure)"
   done
 fi
 seed_run() {
