@@ -12,9 +12,9 @@
 #      Or `trace` instead: the same preparation, then two profiled steps of the seed's shape
 #      (16 x 400) whose Chrome trace comes back with bench/trace_gaps.py's account of where the
 #      GPU sat idle; 8 x 512 with the input embeddings on the host and on the GPU (two fresh
-#      processes, compile off: speed_embhost, speed_embdevice); then one seed-workload run as below
-#      and one at 24 examples a step (fixed costs a micro-batch spread over more examples; kept
-#      under seed_b24).
+#      processes, compile off: speed_embhost, speed_embdevice); then a seed-workload run at 24
+#      examples a step (fixed costs a micro-batch spread over more examples; kept under
+#      seed_b24), and one at 16 as below if the time allows.
 #   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) at
 #      the trainer's defaults, 16 examples a step; bench/train.py keeps their median as
 #      seed_workload_s.
@@ -92,11 +92,13 @@ fi
 seed_run() {
   timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b --phases seed "$@" \
     | grep -E '^(step|event|seed|\{"train)' | grep -vE '^step [0-9]*[1-9]/' || true
+  keep  # the figures so far, should the call be cut short
 }
 if [ "$what" = seed ]; then
   for _ in $(seq "${2:-1}"); do seed_run --seed-batch 16; done
 elif [ "$what" = trace ]; then
-  seed_run --seed-batch 16
+  keep
   seed_run --seed-batch 24 --label _b24
+  seed_run --seed-batch 16
 fi
 echo "$what done in $(( $(date +%s) - t0 )) s"
