@@ -322,8 +322,12 @@ def main() -> None:
 def record(results: dict[str, Any], name: str, label: str, figures: dict[str, Any]) -> None:
     """A run's figures under ``name + label``; an unlabelled run also sets the headline keys."""
     results[name + label] = figures
-    if label or "error" in figures:
-        return  # an experiment, or a failed run: its figures stay under its own key
+    if "error" in figures:
+        return  # a failed run: its figures stay under its own key
+    if label:  # an experiment: under its own key; a labelled seed run's time also in its list
+        if name == "seed":
+            results.setdefault(f"seed{label}_runs_s", []).append(figures["load_to_saved_s"])
+        return
     if name == "speed":  # the median of the runs, as for the seed
         runs = results.setdefault("train_tok_s_8x512_runs", [])
         runs.append(figures["tok_s"])

@@ -9,19 +9,18 @@
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
-#      Or `trace` instead: the same preparation, then two profiled steps of the seed's shape
+#      Or `trace` instead: the same preparation, then two profiled steps of a seed-shaped batch
 #      (16 x 400) whose Chrome trace comes back with bench/trace_gaps.py's account of where the
-#      GPU sat idle; 8 x 512 with the input embeddings on the host and on the GPU (two fresh
-#      processes, compile off: speed_embhost, speed_embdevice); then a seed-workload run at 24
-#      examples a step (fixed costs a micro-batch spread over more examples; kept under
-#      seed_b24), and one at 16 as below if the time allows.
-#   3. bash bench/train_speed_device.sh seed N:  N seed-workload runs (each its own process) at
-#      the trainer's defaults, 16 examples a step; bench/train.py keeps their median as
-#      seed_workload_s.
+#      GPU sat idle, and 8 x 512 with the input embeddings on the host and on the GPU (two fresh
+#      processes, compile off: speed_embhost, speed_embdevice).
+#   3. bash bench/train_speed_device.sh seed N [B]:  N seed-workload runs (each its own process)
+#      at the trainer's defaults, B examples a step (24 unless given: the most whose longest
+#      micro-batch, 24 x 500 tokens, stays under 8 GiB); bench/train.py keeps their median as
+#      seed_workload_s. Another B is kept under seed_bB (seed_bB_runs_s).
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, speed N, compile, trace or seed N}
+what=${1:?stage, speed N, compile, trace or seed N [B]}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -89,16 +88,14 @@ elif [ "$what" = trace ]; then
       --label "_emb$e" | grep -E '^\{"phase' || echo "stopped (time limit or failure)"
   done
 fi
-seed_run() {
-  timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b --phases seed "$@" \
-    | grep -E '^(step|event|seed|\{"train)' | grep -vE '^step [0-9]*[1-9]/' || true
-  keep  # the figures so far, should the call be cut short
-}
 if [ "$what" = seed ]; then
-  for _ in $(seq "${2:-1}"); do seed_run --seed-batch 16; done
-elif [ "$what" = trace ]; then
-  keep
-  seed_run --seed-batch 24 --label _b24
-  seed_run --seed-batch 16
+  batch=${3:-24}
+  label=(); [ "$batch" = 24 ] || label=(--label "_b$batch")
+  for _ in $(seq "${2:-1}"); do
+    timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b --phases seed \
+      --seed-batch "$batch" "${label[@]}" \
+      | grep -E '^(step|event|seed|\{"train)' | grep -vE '^step [0-9]*[1-9]/' || true
+    keep  # the figures so far, should the call be cut short
+  done
 fi
 echo "$what done in $(( $(date +%s) - t0 )) s"
