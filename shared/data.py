@@ -5,8 +5,8 @@ Every record becomes a list of chat messages (the seed shape turns into one user
 assistant turn). Validation never stops at the first problem: it collects one :class:`LineIssue`
 per bad line (line number, field, reason) into a :class:`ValidationReport`, and the file is
 rejected when more than ``max_invalid_fraction`` of its records are bad, with the report as the
-error. Token lengths are checked only when a ``count_tokens`` function (see ``shared.chat``) is
-given, so this module needs no tokenizer.
+error. Token lengths are checked only when a ``count_tokens`` function (see
+``shared.chat.count_tokens_many``) is given, so this module needs no tokenizer.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ class Example:
 
 
 ISSUES_KEPT = 100  # issues an upload's report keeps (validate_lines(keep_examples=False))
+COUNT_CHUNK = 512  # records whose tokens are counted in one call (a fast tokenizer's batch)
 
 
 @dataclass
@@ -207,12 +208,14 @@ def validate_lines(
     *,
     max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS,
     max_invalid_fraction: float = DEFAULT_MAX_INVALID_FRACTION,
-    count_tokens: Callable[[list[Message]], int] | None = None,
+    count_tokens: Callable[[list[list[Message]]], list[int]] | None = None,
     max_seq_length: int | None = None,
     keep_examples: bool = True,
 ) -> ValidationReport:
-    """Validate JSONL text lines. ``count_tokens(messages)`` gives the templated length in tokens;
-    with ``max_seq_length`` set, longer records are invalid (they would be truncated in training).
+    """Validate JSONL text lines. ``count_tokens(records)`` gives the templated lengths in tokens
+    of many records' messages (called once per ``COUNT_CHUNK`` records, so a fast tokenizer
+    encodes them as one batch); with ``max_seq_length`` set, longer records are invalid (they
+    would be truncated in training).
     ``keep_examples=False`` (the gateway's check of an upload) only counts valid records and
     keeps the first ``ISSUES_KEPT`` issues: memory stays at a few dozen bytes per record (the
     duplicate check's 64-bit digests), whatever the file's size.
@@ -220,6 +223,21 @@ def validate_lines(
     report = ValidationReport(max_invalid_fraction=max_invalid_fraction)
     seen: dict[int, int] = {}  # 64-bit digest of the messages' canonical JSON -> first line
     digest = hashlib.sha256()
+    count = count_tokens if max_seq_length is not None else None
+    uncounted: list[Example] = []  # valid but for their length, in line order
+
+    def accept(examples: list[Example]) -> None:
+        lengths = count([e.messages for e in examples]) if count else [None] * len(examples)
+        for example, n in zip(examples, lengths, strict=True):
+            if n is not None and n > (max_seq_length or 0):
+                report.issues.append(LineIssue(
+                    example.line, "", f"{n} tokens once templated; max_seq_length is "
+                    f"{max_seq_length}"))
+                continue
+            report.valid += 1
+            if keep_examples:
+                report.examples.append(example)
+
     for number, raw in enumerate(lines, start=1):
         if not keep_examples and len(report.issues) > ISSUES_KEPT:
             del report.issues[ISSUES_KEPT:]
@@ -257,17 +275,14 @@ def validate_lines(
             report.issues.append(LineIssue(number, "", f"exact duplicate of line {seen[key]}"))
             continue
         seen[key] = number
-        if count_tokens is not None and max_seq_length is not None:
-            n = count_tokens(messages)
-            if n > max_seq_length:
-                report.issues.append(
-                    LineIssue(number, "",
-                              f"{n} tokens once templated; max_seq_length is {max_seq_length}")
-                )
-                continue
-        report.valid += 1
-        if keep_examples:
-            report.examples.append(Example(number, messages))
+        uncounted.append(Example(number, messages))
+        if len(uncounted) >= (COUNT_CHUNK if count else 1):
+            accept(uncounted)
+            uncounted = []
+    if uncounted:
+        accept(uncounted)
+    if count:  # length issues were found a chunk late
+        report.issues.sort(key=lambda issue: issue.line)
     if not keep_examples:
         del report.issues[ISSUES_KEPT:]
     report.sha256 = digest.hexdigest()

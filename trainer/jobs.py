@@ -62,11 +62,11 @@ class JobOutcome:
 
 
 def _count_tokens_fn(base_model: str) -> Any:
-    from shared.chat import count_tokens
+    from shared.chat import count_tokens_many
     from trainer.backends.lora import load_tokenizer
 
     tok = load_tokenizer(base_model)
-    return lambda messages: count_tokens(tok, messages)
+    return lambda records: count_tokens_many(tok, records)
 
 
 def validate_training(spec: TrainSpec, path: str, count: Any) -> ValidationReport:

@@ -8,6 +8,7 @@ import pytest
 from shared.chat import (
     IGNORE_INDEX,
     count_tokens,
+    count_tokens_many,
     prompt_text,
     render,
     tokenize_for_training,
@@ -97,3 +98,12 @@ def test_a_tokenizer_set_to_truncate_goes_through_the_wrapper(default_model_dir:
     tok = AutoTokenizer.from_pretrained(str(default_model_dir))
     tok.backend_tokenizer.enable_truncation(8)
     assert chat._plain_backend(tok) is None
+
+
+def test_lengths_counted_in_one_batch_equal_the_wrapper_one_by_one(tok: Any) -> None:
+    chats = [[{"role": "user", "content": c}, {"role": "assistant", "content": c[::-1]}]
+             for c in ("a great film", "🍅 rotten 🍅", "良い映画", "x " * 200)]
+    one_by_one = [len(tok(render(tok, c), add_special_tokens=False)["input_ids"]) for c in chats]
+    assert count_tokens_many(tok, chats) == one_by_one
+    assert [count_tokens(tok, c) for c in chats] == one_by_one
+    assert count_tokens_many(tok, []) == []

@@ -97,9 +97,31 @@ def test_each_reason() -> None:
 def test_output_limit_configurable_and_token_length_checked() -> None:
     line = json.dumps({"instruction": "Summarise", "output": "word " * 30})
     assert reasons([line], max_output_chars=100)[0][2].startswith("output is 150 characters")
-    long = reasons([line], count_tokens=lambda m: 40, max_seq_length=32)
+    long = reasons([line], count_tokens=lambda many: [40] * len(many), max_seq_length=32)
     assert long == [(1, "", "40 tokens once templated; max_seq_length is 32")]
-    assert reasons([line], count_tokens=lambda m: 20, max_seq_length=32) == []
+    assert reasons([line], count_tokens=lambda many: [20] * len(many), max_seq_length=32) == []
+
+
+def test_tokens_counted_in_chunks_keep_the_line_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lengths are counted a chunk of records at a time; the report reads as if one by one."""
+    import shared.data as data
+
+    monkeypatch.setattr(data, "COUNT_CHUNK", 3)
+    calls: list[int] = []
+
+    def count(many: list[list[dict[str, str]]]) -> list[int]:
+        calls.append(len(many))
+        return [len(m[0]["content"]) for m in many]  # characters stand in for tokens
+
+    lines = [json.dumps({"instruction": "x" * (40 if i % 4 == 1 else 5) + str(i), "output": "y"})
+             for i in range(10)]
+    lines[6] = "{not json"
+    report = validate_lines(lines, count_tokens=count, max_seq_length=32)
+    assert calls == [3, 3, 3]  # nine records reach the count, the bad JSON does not
+    assert [i.line for i in report.issues] == [2, 6, 7, 10]
+    assert report.issues[1].reason.startswith("41 tokens once templated")
+    assert [e.line for e in report.examples] == [1, 3, 4, 5, 8, 9]
+    assert report.valid == 6 and report.total == 10
 
 
 def test_seed_shape_becomes_chat_messages_and_blank_lines_are_skipped() -> None:
