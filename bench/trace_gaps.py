@@ -9,8 +9,11 @@ time, and its idle gaps by cause:
 - *waiting for another stream*: the kernel had been launched before the gap began, so it waited
   on a dependency (an event of a copy stream, such as an offloaded checkpoint's copy).
 
-It also lists the host's synchronizing CUDA calls (stream, event and device synchronizations,
-blocking copies) with the CPU op each ran in.
+Per optimizer step (cut at the optimizer's kernels) it gives the GPU's time, its busy share, its
+wait for the host, and how long the host took to queue the step (from the previous
+``Optimizer.step`` annotation to this one): a host that queues a step faster than the GPU runs
+it leaves the GPU no gap. It also lists the host's synchronizing CUDA calls (stream, event and
+device synchronizations, blocking copies) with the CPU op each ran in.
 
     python bench/trace_gaps.py trace.json.gz [--min-gap-us 5] [--top 25]
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import gzip
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -72,6 +76,31 @@ class Ops:
         return best["name"] if best else "(no op)"
 
 
+def per_step(events: list[dict[str, Any]], kernels: list[dict[str, Any]],
+             runtime: dict[Any, dict[str, Any]]) -> list[str]:
+    """A line per optimizer step whose start and end are both in the trace."""
+    ends = [k["ts"] + k["dur"] for i, k in enumerate(kernels)
+            if "adam" in k["name"].lower()
+            and (i + 1 == len(kernels) or "adam" not in kernels[i + 1]["name"].lower())]
+    marks = sorted(e["ts"] for e in events
+                   if e.get("cat") == "user_annotation" and e["name"].startswith("Optimizer.step"))
+    out = []
+    for n, (a, b) in enumerate(itertools.pairwise(ends), start=1):
+        inside = [k for k in kernels if a <= k["ts"] < b]
+        busy = union([(k["ts"], min(k["ts"] + k["dur"], b)) for k in inside])
+        waited, end = 0.0, a
+        for k in inside:
+            launch = runtime.get(k["args"].get("correlation"))
+            if k["ts"] > end and launch is not None and launch["ts"] + launch["dur"] > end:
+                waited += k["ts"] - end
+            end = max(end, k["ts"] + k["dur"])
+        queued = [y - x for x, y in itertools.pairwise(marks) if a - 50_000 < y <= b]
+        host = f"; the host queued it in {queued[0] / 1e3:.0f} ms" if queued else ""
+        out.append(f"step {n}: GPU {(b - a) / 1e3:.1f} ms, busy {100 * busy / (b - a):.1f}%, "
+                   f"waiting for the host {waited / 1e3:.1f} ms{host}")
+    return out
+
+
 def analyse(events: list[dict[str, Any]], min_gap_us: float, top: int) -> str:
     gpu = [e for e in events if e.get("cat") in GPU_CATS]
     if not gpu:
@@ -107,6 +136,7 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float, top: int) -> str:
             else:
                 dep[k["name"][:70]].append(gap)
         end = max(end, k["ts"] + k["dur"])
+    lines += per_step(events, kernels, runtime)
     for title, table in (("idle waiting for the host (launching op)", host),
                          ("idle waiting for another stream (next kernel)", dep)):
         total = sum(sum(v) for v in table.values())
