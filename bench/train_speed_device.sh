@@ -14,8 +14,8 @@
 #      GPU sat idle, and 8 x 512 with the input embeddings on the host and on the GPU (two fresh
 #      processes, compile off: speed_embhost, speed_embdevice).
 #   3. bash bench/train_speed_device.sh seed N [B]:  N seed-workload runs (each its own process)
-#      at the trainer's defaults, B examples a step (24 unless given: the most whose longest
-#      micro-batch, 24 x 500 tokens, stays under 8 GiB); bench/train.py keeps their median as
+#      at the trainer's defaults, B examples a step (24 unless given: its longest micro-batch,
+#      24 x 500 tokens, peaks at 7.82 GiB, under the 8 GiB bar); bench/train.py keeps their median as
 #      seed_workload_s. Another B is kept under seed_bB (seed_bB_runs_s).
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
