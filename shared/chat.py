@@ -12,6 +12,7 @@ imports no heavy library.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -89,7 +90,7 @@ def tokenize_many(
         return [_labelled_encoding(e, spans, max_seq_length)
                 for e, (_, spans) in zip(encodings, rendered, strict=True)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [_labelled(list(ids), offsets, spans, max_seq_length)
+    return [_labelled(list(ids), offsets.__getitem__, spans, max_seq_length)
             for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"],
                                                 strict=True)]
 
@@ -101,7 +102,7 @@ def _plain_backend(tokenizer: Any) -> Any:
     Going direct skips the wrapper's conversion of every token's offsets into Python tuples,
     which took 1.2 s of the 2.8 s that 5,000 seed examples cost (the encoding itself runs in
     Rust without the GIL, beside a model loading on another thread); only the offsets of the
-    tokens around each answer are read (:func:`_labelled_encoding`).
+    tokens around each answer are read (:func:`_labelled`).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch"):
@@ -113,45 +114,35 @@ def _plain_backend(tokenizer: Any) -> Any:
 
 def _labelled_encoding(encoding: Any, spans: list[tuple[int, int]],
                        max_seq_length: int | None) -> Tokenized:
-    """:func:`_labelled` reading one ``tokenizers.Encoding``'s offsets token by token, near the
-    answers only (the same labels: the first token of a span is found by bisection)."""
-    ids: list[int] = encoding.ids
+    """:func:`_labelled` of one ``tokenizers.Encoding``, asking it for a token's characters one
+    token at a time (all its offsets if a token has none: never in chat text)."""
 
     def chars(t: int) -> tuple[int, int]:
         found = encoding.token_to_chars(t)
-        if found is None:  # a token of no characters (none in chat text): read them all
+        if found is None:
             raise LookupError
         return found  # type: ignore[no-any-return]
 
-    labels = [IGNORE_INDEX] * len(ids)
     try:
-        for s, e in spans:
-            t = bisect.bisect_left(range(len(ids)), s, key=lambda t: chars(t)[0])
-            while t < len(ids):
-                start, end = chars(t)
-                if start >= e:
-                    break
-                if end <= e and end > start:
-                    labels[t] = ids[t]
-                t += 1
+        return _labelled(encoding.ids, chars, spans, max_seq_length)
     except LookupError:
-        return _labelled(ids, encoding.offsets, spans, max_seq_length)
-    if max_seq_length is not None:
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    return Tokenized(ids, labels)
+        return _labelled(encoding.ids, encoding.offsets.__getitem__, spans, max_seq_length)
 
 
-def _labelled(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]],
-              max_seq_length: int | None) -> Tokenized:
+def _labelled(ids: list[int], chars: Callable[[int], tuple[int, int]],
+              spans: list[tuple[int, int]], max_seq_length: int | None) -> Tokenized:
+    """``ids`` with labels on the answer ``spans``; ``chars(t)`` is token t's character offsets
+    (non-decreasing starts), read only near the answers: a span's first token by bisection."""
     labels = [IGNORE_INDEX] * len(ids)
-    starts = [start for start, _ in offsets]  # non-decreasing
     for s, e in spans:
         # A token belongs to an answer when it starts inside the span and ends within it (a
         # token straddling the prompt/answer boundary is left out, so no prompt character is
         # ever supervised); empty tokens are never labelled.
-        t = bisect.bisect_left(starts, s)
-        while t < len(ids) and starts[t] < e:
-            start, end = offsets[t]
+        t = bisect.bisect_left(range(len(ids)), s, key=lambda t: chars(t)[0])
+        while t < len(ids):
+            start, end = chars(t)
+            if start >= e:
+                break
             if end <= e and end > start:
                 labels[t] = ids[t]
             t += 1

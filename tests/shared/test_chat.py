@@ -33,6 +33,9 @@ def test_labels_only_on_the_answer(tok: Any) -> None:
     t = tokenize_for_training(tok, messages)
     assert tok.decode(t.input_ids) == render(tok, messages)
     assert supervised_text(tok, t.input_ids, t.labels).strip() == "fresh<|im_end|>"
+    # Exactly the answer's characters: up to the span's last one (the template's newline).
+    answer = render(tok, messages)[len(prompt_text(tok, messages)):]
+    assert supervised_text(tok, t.input_ids, t.labels) == answer == "fresh<|im_end|>\n"
     # Everything before the answer (system, user turn, assistant header) is masked.
     n_prompt = len(tok(prompt_text(tok, messages), add_special_tokens=False)["input_ids"])
     assert all(lab == IGNORE_INDEX for lab in t.labels[:n_prompt])
