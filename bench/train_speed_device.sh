@@ -15,8 +15,8 @@
 #      processes, compile off: speed_embhost, speed_embdevice).
 #   3. bash bench/train_speed_device.sh seed N [B]:  N seed-workload runs (each its own process)
 #      at the trainer's defaults, B examples a step (24 unless given: its longest micro-batch,
-#      24 x 500 tokens, peaks at 7.82 GiB, under the 8 GiB bar); bench/train.py keeps their median as
-#      seed_workload_s. Another B is kept under seed_bB (seed_bB_runs_s).
+#      24 x 500 tokens, peaks at 7.82 GiB, under the 8 GiB bar); bench/train.py keeps their
+#      median as seed_workload_s. Another B is kept under seed_bB (seed_bB_runs_s).
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
@@ -87,8 +87,7 @@ elif [ "$what" = trace ]; then
       --phases speed --speed-steps 30 --compile-layers off --input-embeddings $e \
       --label "_emb$e" | grep -E '^\{"phase' || echo "stopped (time limit or failure)"
   done
-fi
-if [ "$what" = seed ]; then
+elif [ "$what" = seed ]; then
   batch=${3:-24}
   label=(); [ "$batch" = 24 ] || label=(--label "_b$batch")
   for _ in $(seq "${2:-1}"); do
