@@ -76,8 +76,25 @@ class Ops:
         return best["name"] if best else "(no op)"
 
 
+Gap = tuple[dict[str, Any], float, dict[str, Any] | None]  # next kernel, idle us, late launch
+
+
+def idle_gaps(kernels: list[dict[str, Any]], runtime: dict[Any, dict[str, Any]]) -> list[Gap]:
+    """Each idle stretch of the stream before a kernel: the kernel, the stretch's length and,
+    when the host launched that kernel only after the stream went idle, the launch."""
+    out: list[Gap] = []
+    end = kernels[0]["ts"] + kernels[0]["dur"]
+    for k in kernels[1:]:
+        if k["ts"] > end:
+            launch = runtime.get(k["args"].get("correlation"))
+            late = launch if launch is not None and launch["ts"] + launch["dur"] > end else None
+            out.append((k, k["ts"] - end, late))
+        end = max(end, k["ts"] + k["dur"])
+    return out
+
+
 def per_step(events: list[dict[str, Any]], kernels: list[dict[str, Any]],
-             runtime: dict[Any, dict[str, Any]]) -> list[str]:
+             gaps: list[Gap]) -> list[str]:
     """A line per optimizer step whose start and end are both in the trace."""
     ends = [k["ts"] + k["dur"] for i, k in enumerate(kernels)
             if "adam" in k["name"].lower()
@@ -88,12 +105,7 @@ def per_step(events: list[dict[str, Any]], kernels: list[dict[str, Any]],
     for n, (a, b) in enumerate(itertools.pairwise(ends), start=1):
         inside = [k for k in kernels if a <= k["ts"] < b]
         busy = union([(k["ts"], min(k["ts"] + k["dur"], b)) for k in inside])
-        waited, end = 0.0, a
-        for k in inside:
-            launch = runtime.get(k["args"].get("correlation"))
-            if k["ts"] > end and launch is not None and launch["ts"] + launch["dur"] > end:
-                waited += k["ts"] - end
-            end = max(end, k["ts"] + k["dur"])
+        waited = sum(gap for k, gap, late in gaps if late and a <= k["ts"] < b)
         queued = [y - x for x, y in itertools.pairwise(marks) if a - 50_000 < y <= b]
         host = f"; the host queued it in {queued[0] / 1e3:.0f} ms" if queued else ""
         out.append(f"step {n}: GPU {(b - a) / 1e3:.1f} ms, busy {100 * busy / (b - a):.1f}%, "
@@ -126,23 +138,21 @@ def analyse(events: list[dict[str, Any]], min_gap_us: float, top: int) -> str:
         lines.append(f"  stream {s}: {t / 1e3:.1f} ms in {len(per_stream[s])} activities")
     host: dict[str, list[float]] = defaultdict(list)
     dep: dict[str, list[float]] = defaultdict(list)
-    end = kernels[0]["ts"] + kernels[0]["dur"]
-    for k in kernels[1:]:
-        gap = k["ts"] - end
-        if gap >= min_gap_us:
-            launch = runtime.get(k["args"].get("correlation"))
-            if launch is not None and launch["ts"] + launch["dur"] > end:
-                host[ops.innermost(launch["tid"], launch["ts"])].append(gap)
-            else:
-                dep[k["name"][:70]].append(gap)
-        end = max(end, k["ts"] + k["dur"])
-    lines += per_step(events, kernels, runtime)
+    gaps = idle_gaps(kernels, runtime)
+    for k, gap, late in gaps:
+        if gap < min_gap_us:
+            continue
+        if late is not None:
+            host[ops.innermost(late["tid"], late["ts"])].append(gap)
+        else:
+            dep[k["name"][:70]].append(gap)
+    lines += per_step(events, kernels, gaps)
     for title, table in (("idle waiting for the host (launching op)", host),
                          ("idle waiting for another stream (next kernel)", dep)):
         total = sum(sum(v) for v in table.values())
         lines.append(f"{title}: {total / 1e3:.1f} ms in {sum(len(v) for v in table.values())} gaps")
-        for name, gaps in sorted(table.items(), key=lambda x: -sum(x[1]))[:top]:
-            lines.append(f"  {sum(gaps) / 1e3:8.2f} ms  {len(gaps):5d} x  {name}")
+        for name, times in sorted(table.items(), key=lambda x: -sum(x[1]))[:top]:
+            lines.append(f"  {sum(times) / 1e3:8.2f} ms  {len(times):5d} x  {name}")
     syncs: dict[str, list[float]] = defaultdict(list)
     for e in events:
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and e["name"] in SYNCS:
