@@ -7,6 +7,9 @@
 #      installs the wheels, builds the random 8B shape (/tmp/rand8b), runs the GPU-marked
 #      training tests, then N runs of 8 x 512 micro-batches, each its own process, with the
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
+#      Or `attn N` instead: the same N runs, each followed (but the last) by one with torch's
+#      flash attention kernel instead of cuDNN's (which Unsloth pads to 128-token buckets):
+#      speed_attn_flashI.
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
 #      Or `trace` instead: the same preparation, then two profiled steps of a seed-shaped batch
@@ -20,7 +23,7 @@
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, speed N, compile, trace or seed N [B]}
+what=${1:?stage, speed N, attn N, compile, trace or seed N [B]}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -43,7 +46,7 @@ fi
 keep() { [ -n "${OUT:-}" ] && cp "$out" "$res"/trace-*.json.gz "$OUT/" 2>/dev/null || true; }
 trap keep EXIT
 t0=$(date +%s)
-if [ "$what" = speed ] || [ "$what" = compile ] || [ "$what" = trace ]; then
+if [[ $what =~ ^(speed|attn|compile|trace)$ ]]; then
   cp -r .device/train/b2/. /tmp/dev/train/
   bash /tmp/dev/trainkit/install.sh /tmp/dev/train /tmp/site-train
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -60,12 +63,17 @@ write_random_model('llama-3.1-8b', Path('/tmp/rand8b'), tokenizer_from=Path(sys.
   echo "installed, tested and built in $(( $(date +%s) - t0 )) s"
 fi
 left() { echo $(( 570 - ($(date +%s) - t0) )); }
-if [ "$what" = speed ]; then
+if [ "$what" = speed ] || [ "$what" = attn ]; then
   # The first run also pays the process-independent cold start (Triton and inductor caches).
-  for _ in $(seq "${2:-3}"); do
+  n=${2:-3}
+  for i in $(seq "$n"); do
     timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
       --phases speed --speed-steps 30 --compile-layers on \
       | grep -E '^(\{"phase|speed|\{"train)' || echo "stopped (time limit or failure)"
+    [ "$what" = attn ] && [ "$i" -lt "$n" ] || continue
+    timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
+      --phases speed --speed-steps 30 --compile-layers on --attention flash --label "_attn_flash$i" \
+      | grep -E '^(\{"phase|speed)' || echo "stopped (time limit or failure)"
   done
 elif [ "$what" = compile ]; then
   # Without first, so that the uncompiled process does not find the compiled one's caches.
