@@ -16,7 +16,8 @@ activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings 
 (where the input embedding table stays while training), ``--gc-prefetch`` (Unsloth copies a
 layer's offloaded checkpoint back during the backward of the layer above), ``--compile-layers
 auto|on|off`` (Unsloth's torch.compile region per decoder layer), ``--attention auto|flash``
-(torch's choice of attention kernel, cuDNN on an H200, or its flash kernel), ``--whole-loss`` (the
+(torch's choice of attention kernel, cuDNN on an H200, or its flash kernel), ``--keep-layers K``
+(K decoder layers keep their activations instead of recomputing them), ``--whole-loss`` (the
 model's own loss over every position instead of the output layer at the answer tokens only),
 ``--seed-batch``, ``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X``
 keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such
@@ -138,8 +139,8 @@ class Recorder:
 
 OPTIONS = {  # a variant's options and their defaults (the trainer's own)
     "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "host",
-    "compile_layers": "auto", "attention": "auto", "whole_loss": False, "seed_batch": 8,
-    "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
+    "compile_layers": "auto", "attention": "auto", "keep_layers": 0, "whole_loss": False,
+    "seed_batch": 8, "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
     "profile_first": False, "gc_prefetch": False, "label": "", "trace": "",
 }
 
@@ -173,6 +174,9 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
     # "flash": torch's cuDNN attention off, so that SDPA runs its flash kernel (and Unsloth does
     # not pad Q, K and V to its 128-token cuDNN buckets); "auto": torch's choice, the trainer's.
     torch.backends.cuda.enable_cudnn_sdp(v["attention"] == "auto")
+    # Read by Unsloth's get_peft_model: this many decoder layers (evenly spaced) keep their
+    # activations instead of recomputing them in the backward (its checkpoint_skip_layers).
+    os.environ["UNSLOTH_GC_KEEP_LAYERS"] = str(v["keep_layers"])
     backend.answer_logits_only = not v["whole_loss"]
     set_gc_prefetch(v["gc_prefetch"])
     from shared.job_spec import TrainSpec
@@ -277,6 +281,9 @@ def main() -> None:
     ap.add_argument("--attention", choices=["flash", "auto"], default=OPTIONS["attention"],
                     help="attention kernel (auto: torch's choice, cuDNN on an H200; flash: "
                     "cuDNN's attention off)")
+    ap.add_argument("--keep-layers", type=int, default=OPTIONS["keep_layers"],
+                    help="decoder layers that keep their activations (no recompute; Unsloth's "
+                    "UNSLOTH_GC_KEEP_LAYERS)")
     ap.add_argument("--gc-prefetch", action="store_true",
                     help="UNSLOTH_GC_PREFETCH=1: offloaded checkpoints copied back a layer early")
     ap.add_argument("--whole-loss", action="store_true",

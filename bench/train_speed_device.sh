@@ -7,9 +7,10 @@
 #      installs the wheels, builds the random 8B shape (/tmp/rand8b), runs the GPU-marked
 #      training tests, then N runs of 8 x 512 micro-batches, each its own process, with the
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
-#      Or `attn N` instead: the same N runs, each followed (but the last) by one with torch's
-#      flash attention kernel instead of cuDNN's (which Unsloth pads to 128-token buckets):
-#      speed_attn_flashI.
+#      Or `ab N LABEL FLAGS...` instead: the same N runs, each followed (but the last) by one
+#      with bench/train.py's FLAGS, kept as speedLABELi: e.g. `ab 3 _attn_flash --attention
+#      flash` (torch's flash attention kernel instead of cuDNN's) or `ab 3 _keep3 --keep-layers
+#      3` (three layers keep their activations instead of recomputing them).
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
 #      Or `trace` instead: the same preparation, then two profiled steps of a seed-shaped batch
@@ -23,7 +24,7 @@
 # Results accumulate in /tmp/train-results/train_device.json (started with the repo's figures of
 # the fallback backend, which this does not rerun) and come back in $OUT after every call.
 set -euo pipefail
-what=${1:?stage, speed N, attn N, compile, trace or seed N [B]}
+what=${1:?stage, speed N, ab N LABEL FLAGS..., compile, trace or seed N [B]}
 res=/tmp/train-results
 out=$res/train_device.json
 if [ "$what" = stage ]; then
@@ -46,7 +47,7 @@ fi
 keep() { [ -n "${OUT:-}" ] && cp "$out" "$res"/trace-*.json.gz "$OUT/" 2>/dev/null || true; }
 trap keep EXIT
 t0=$(date +%s)
-if [[ $what =~ ^(speed|attn|compile|trace)$ ]]; then
+if [[ $what =~ ^(speed|ab|compile|trace)$ ]]; then
   cp -r .device/train/b2/. /tmp/dev/train/
   bash /tmp/dev/trainkit/install.sh /tmp/dev/train /tmp/site-train
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -63,16 +64,17 @@ write_random_model('llama-3.1-8b', Path('/tmp/rand8b'), tokenizer_from=Path(sys.
   echo "installed, tested and built in $(( $(date +%s) - t0 )) s"
 fi
 left() { echo $(( 570 - ($(date +%s) - t0) )); }
-if [ "$what" = speed ] || [ "$what" = attn ]; then
+if [ "$what" = speed ] || [ "$what" = ab ]; then
   # The first run also pays the process-independent cold start (Triton and inductor caches).
   n=${2:-3}
+  [ "$what" = speed ] || { label=${3:?ab N LABEL FLAGS...}; flags=("${@:4}"); }
   for i in $(seq "$n"); do
     timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
       --phases speed --speed-steps 30 --compile-layers on \
       | grep -E '^(\{"phase|speed|\{"train)' || echo "stopped (time limit or failure)"
-    [ "$what" = attn ] && [ "$i" -lt "$n" ] || continue
+    [ "$what" = ab ] && [ "$i" -lt "$n" ] || continue
     timeout "$(left)" python3 bench/train.py --out "$out" --model-dir /tmp/rand8b \
-      --phases speed --speed-steps 30 --compile-layers on --attention flash --label "_attn_flash$i" \
+      --phases speed --speed-steps 30 --compile-layers on "${flags[@]}" --label "$label$i" \
       | grep -E '^(\{"phase|speed)' || echo "stopped (time limit or failure)"
   done
 elif [ "$what" = compile ]; then
