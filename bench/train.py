@@ -15,19 +15,20 @@ Options compare the trainer's choices: ``--checkpointing offload|device`` (where
 activation checkpoints), ``--optimizer adamw|adamw_8bit``, ``--input-embeddings host|device``
 (where the input embedding table stays while training), ``--gc-prefetch`` (Unsloth copies a
 layer's offloaded checkpoint back during the backward of the layer above), ``--compile-layers
-auto|on|off`` (Unsloth's torch.compile region per decoder layer), ``--attention auto|flash``
+auto|on|off`` (Unsloth's torch.compile region per decoder layer), ``--memory-target GIB`` (after
+the first step, layers keep their activations while they fit under it), ``--attention auto|flash``
 (torch's choice of attention kernel, cuDNN on an H200, or its flash kernel), ``--keep-layers K``
 (K decoder layers keep their activations instead of recomputing them), ``--whole-loss`` (the
 model's own loss over every position instead of the output layer at the answer tokens only),
 ``--seed-batch``, ``--speed-batch``/``--speed-tokens`` (the speed phase's shape); ``--label X``
 keeps a run's figures under ``speedX``/``seedX`` only. ``--variants JSON`` runs several such
-variants one after the other in one process (one Unsloth import; each loads its own model), a
-list of objects of these options' names and a ``label`` each (over the flags' values). Each run
-records its load time, its first ten steps' seconds (the warm-up) and, with ``--profile``, a
+variants one after the other in one process (one Unsloth import; each loads its own model), a list
+of objects of these options' names and a ``label`` each (over the flags' values). Each run records
+its load time, its first ten steps' seconds (the warm-up) and, with ``--profile``, a
 torch.profiler table of two late steps (``--trace DIR`` also keeps their Chrome trace and
 ``bench/trace_gaps.py``'s account of where the GPU sat idle in them); with ``--profile-first``, a
-cProfile of the host from the start of training to the first step's report (the model's load
-and a cold first step).
+cProfile of the host from the start of training to the first step's report (the model's load and a
+cold first step).
 
 Runs on the device machine (bench/train_speed_device.sh); writes bench/results/train_device.json.
 Random weights measure speed, never quality.
@@ -139,7 +140,8 @@ class Recorder:
 
 OPTIONS = {  # a variant's options and their defaults (the trainer's own)
     "checkpointing": "offload", "optimizer": "adamw", "input_embeddings": "host",
-    "compile_layers": "auto", "attention": "auto", "keep_layers": 0, "whole_loss": False,
+    "compile_layers": "auto", "memory_target_gib": 0.0, "attention": "auto", "keep_layers": 0,
+    "whole_loss": False,
     "seed_batch": 8, "speed_steps": 40, "speed_batch": 8, "speed_tokens": 512, "profile": False,
     "profile_first": False, "gc_prefetch": False, "label": "", "trace": "",
 }
@@ -170,7 +172,8 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
     backend_name = "hf_qlora" if name == "hf_speed" else "unsloth"
     # unsloth is imported before transformers
     backend = select_backend(backend_name, GpuOptions(
-        v["checkpointing"], v["optimizer"], v["input_embeddings"], v["compile_layers"]))
+        v["checkpointing"], v["optimizer"], v["input_embeddings"], v["compile_layers"],
+        v["memory_target_gib"]))
     # "flash": torch's cuDNN attention off, so that SDPA runs its flash kernel (and Unsloth does
     # not pad Q, K and V to its 128-token cuDNN buckets); "auto": torch's choice, the trainer's.
     torch.backends.cuda.enable_cudnn_sdp(v["attention"] == "auto")
@@ -228,6 +231,7 @@ def phase(name: str, model_dir: Path, work: Path, v: dict[str, Any]) -> dict[str
         "first_steps_s": [round(t, 3) for t in took[:10]],
         "steady_step_s_median": sorted(took[warm:])[len(took[warm:]) // 2] if took[warm:] else None,
         "trainable_dtypes": hooks.trainable_dtypes,
+        "kept_layers": getattr(backend, "kept_layers", None),
         "variant": described(v),
         "profile": hooks.profile_table,
         "trace_gaps": hooks.trace_gaps,
@@ -278,6 +282,10 @@ def main() -> None:
     ap.add_argument("--compile-layers", choices=["auto", "on", "off"],
                     default=OPTIONS["compile_layers"],
                     help="Unsloth's torch.compile region per decoder layer (auto: by job size)")
+    ap.add_argument("--memory-target", dest="memory_target_gib", type=float,
+                    default=OPTIONS["memory_target_gib"],
+                    help="GiB under which layers keep their activations after the first step "
+                    "(TUNEGATE_TRAINER_MEMORY_TARGET_GIB; 0: none)")
     ap.add_argument("--attention", choices=["flash", "auto"], default=OPTIONS["attention"],
                     help="attention kernel (auto: torch's choice, cuDNN on an H200; flash: "
                     "cuDNN's attention off)")

@@ -9,8 +9,9 @@
 #      per-layer compile on (what a long job gets): train_tok_s_8x512 is their median.
 #      Or `ab N LABEL FLAGS...` instead: the same N runs, each followed (but the last) by one
 #      with bench/train.py's FLAGS, kept as speedLABELi: e.g. `ab 3 _attn_flash --attention
-#      flash` (torch's flash attention kernel instead of cuDNN's) or `ab 3 _keep3 --keep-layers
-#      3` (three layers keep their activations instead of recomputing them).
+#      flash` (torch's flash attention kernel instead of cuDNN's), `ab 3 _keep3 --keep-layers 3`
+#      (three layers keep their activations instead of recomputing them) or `ab 3 _target8
+#      --memory-target 8` (as many layers as fit under 8 GiB after the first step do).
 #      Or `compile` instead: the same preparation, then Unsloth's per-layer torch.compile
 #      against none (the first step and a seed-shaped step, two fresh processes).
 #      Or `trace` instead: the same preparation, then two profiled steps of a seed-shaped batch

@@ -58,6 +58,10 @@ class TrainerSettings(StorageSettings, JobQueueSettings):
     # but the first step compiles (47 s more with cold caches); "auto" compiles jobs of 20M input
     # tokens or more (about half an hour there), "on" and "off" always and never.
     compile_layers: Literal["auto", "on", "off"] = "auto"
+    # GPU memory (GiB) a GPU job may spend on speed: after its first step (the costliest batch),
+    # as many decoder layers as fit under it keep their activations instead of recomputing them
+    # in the backward (trainer.backends.keep_layers); 0 keeps none, every layer recomputes.
+    memory_target_gib: float = Field(default=0.0, ge=0)
     # A job's estimated cost (trainer.cost): its device seconds times this price per hour of
     # the worker's device, in price_currency. 4.0 is an on-demand H200-class GPU hour's order of
     # magnitude; set what your device costs (0 reports seconds with no price).

@@ -76,7 +76,8 @@ async def train_adapter(ctx: dict[str, Any], spec_data: dict[str, Any]) -> dict[
                             price_per_device_hour=settings.price_per_device_hour,
                             eval_engine=eval_engine, trace=trace, metrics=metrics,
                             gpu=GpuOptions(settings.gradient_checkpointing, settings.optimizer,
-                                           settings.input_embeddings, settings.compile_layers),
+                                           settings.input_embeddings, settings.compile_layers,
+                                           settings.memory_target_gib),
                             files_dir=Path(settings.data_dir) / "files"),
         )
         try:

@@ -109,3 +109,49 @@ def test_input_embeddings_from_the_host_reach_the_gpu_intact() -> None:
     host.restore()
     assert torch.allclose(l1, l2, atol=1e-5)
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(g1, g2, strict=True))
+
+
+def test_layers_kept_under_a_memory_target_stay_under_it_on_cuda() -> None:
+    """On the device's allocator: a layer's cost measured in the first step's recomputation, two
+    layers kept under a target set for two and a half, the next step's peak under the target."""
+    from trainer.backends.keep_layers import MARGIN, KeepLayers
+
+    class Block(torch.nn.Module):  # checkpointed around its whole call, as Unsloth's layers are
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = torch.nn.Linear(1024, 4096)
+            self.down = torch.nn.Linear(4096, 1024)
+            self.gradient_checkpointing = True
+
+        def forward(self, x: Any) -> Any:
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+        def __call__(self, x: Any) -> Any:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(super().__call__, x, use_reentrant=True)
+            return super().__call__(x)
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([Block() for _ in range(8)]).cuda().train()
+
+    def step() -> None:
+        layers.zero_grad(set_to_none=True)
+        h = torch.randn(8, 512, 1024, device="cuda", requires_grad=True)
+        for layer in layers:
+            h = layer(h)
+        h.square().mean().backward()
+
+    keep = KeepLayers(layers, 0, torch.cuda.memory_allocated, torch.cuda.max_memory_allocated)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    # The hidden layer before and after the GELU (8 x 512 x 4096 floats: 64 MiB each, saved for
+    # the backward) and the block's output (16 MiB): 144 MiB.
+    assert 140 * 2**20 <= keep.layer_cost <= 150 * 2**20
+    peak = torch.cuda.max_memory_allocated()
+    keep.target = peak + MARGIN + int(2.5 * keep.layer_cost)
+    assert keep.plan() == 2
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    assert peak < torch.cuda.max_memory_allocated() <= keep.target
+    keep.restore()

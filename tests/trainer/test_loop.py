@@ -86,6 +86,27 @@ def test_oom_halves_micro_batch_doubles_accumulation_and_retries() -> None:
     assert seen[:3] == [8, 4, 2]  # tried 8, then 4, then 2 which fits
 
 
+def test_oom_retries_the_step_as_it_was_when_the_backend_freed_memory_of_its_own() -> None:
+    """A backend that can free memory of its own (layers that kept their activations) is asked
+    first: the step is retried at the same micro-batch, and only a second OOM halves it."""
+    model = torch.nn.Linear(4, 1)
+    seen: list[int] = []
+    answers = iter(["the 3 layers that kept their activations checkpoint again"])
+    hooks = Recorder()
+    result = run_loop(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), encoded=examples(8),
+        batch_size=8, micro_batch_size=8, n_epochs=1, max_steps=None, warmup_ratio=0.0, seed=0,
+        forward_sum=make_forward(4, seen), hooks=hooks, on_oom=lambda: next(answers, None),
+    )
+    assert seen[:3] == [8, 8, 4]  # retried at 8 once, then halved
+    assert result.micro_batch_size == 4 and len(hooks.steps) == 1
+    assert [m for m, _ in hooks.events] == [
+        "CUDA out of memory at step 1: the 3 layers that kept their activations checkpoint "
+        "again; retrying the step",
+        "CUDA out of memory at step 1: micro-batch 8 -> 4, gradient accumulation 1 -> 2; "
+        "retrying the step"]
+
+
 def test_oom_at_micro_batch_one_is_raised() -> None:
     model = torch.nn.Linear(4, 1)
     with pytest.raises(torch.OutOfMemoryError):
@@ -305,7 +326,7 @@ def test_gpu_backends_default_the_cuda_allocator_to_expandable_segments() -> Non
 def test_gpu_options_refuse_unknown_choices() -> None:
     from trainer.backends import GpuOptions
 
-    assert GpuOptions() == GpuOptions("offload", "adamw", "host", "auto")
+    assert GpuOptions() == GpuOptions("offload", "adamw", "host", "auto", 0.0)
     with pytest.raises(ValueError, match="optimizer"):
         GpuOptions(optimizer="sgd")
     with pytest.raises(ValueError, match="checkpointing"):
@@ -314,6 +335,8 @@ def test_gpu_options_refuse_unknown_choices() -> None:
         GpuOptions(input_embeddings="disk")
     with pytest.raises(ValueError, match="compile_layers"):
         GpuOptions(compile_layers="sometimes")
+    with pytest.raises(ValueError, match="memory_target_gib"):
+        GpuOptions(memory_target_gib=-1)
 
 
 def test_layers_are_compiled_for_jobs_long_enough_to_repay_the_compile() -> None:

@@ -21,13 +21,14 @@ ADAPTER_MANIFEST = "tunegate-adapter.json"
 @dataclass(frozen=True)
 class GpuOptions:
     """The trainer settings the GPU backends read: ``TrainerSettings.gradient_checkpointing``
-    and ``TrainerSettings.compile_layers`` (Unsloth's only), ``TrainerSettings.optimizer`` and
-    ``TrainerSettings.input_embeddings``."""
+    and ``TrainerSettings.compile_layers`` (Unsloth's only), ``TrainerSettings.optimizer``,
+    ``TrainerSettings.input_embeddings`` and ``TrainerSettings.memory_target_gib``."""
 
     checkpointing: str = "offload"  # offload | device
     optimizer: str = "adamw"  # adamw | adamw_8bit
     input_embeddings: str = "host"  # host | device (trainer.backends.embeddings)
     compile_layers: str = "auto"  # auto | on | off
+    memory_target_gib: float = 0.0  # layers keep their activations under it (0: none do)
 
     # "auto" compiles from this many input tokens a job (all epochs): the compile's first step
     # (47 s in a fresh worker on an H200) is repaid by 1-2 microseconds a token (bench/README.md).
@@ -48,6 +49,8 @@ class GpuOptions:
             raise ValueError(f"unknown input_embeddings {self.input_embeddings!r}: device or host")
         if self.compile_layers not in ("auto", "on", "off"):
             raise ValueError(f"unknown compile_layers {self.compile_layers!r}: auto, on or off")
+        if not self.memory_target_gib >= 0:
+            raise ValueError(f"memory_target_gib {self.memory_target_gib!r} is not >= 0")
 
 
 class JobCancelled(Exception):

@@ -17,6 +17,7 @@ from shared.chat import Tokenized
 from shared.job_spec import TrainSpec
 from trainer.backends.base import GpuOptions
 from trainer.backends.embeddings import HostEmbeddings
+from trainer.backends.keep_layers import KeepLayers
 from trainer.backends.loop import ForwardSum, pad_batch
 from trainer.backends.lora import LoraBackend
 from trainer.backends.supervised import plain_output_layer, supervised_loss_sum, unwrap
@@ -71,6 +72,8 @@ class Gpu4bitBackend(LoraBackend):
     def __init__(self, gpu: GpuOptions | None = None) -> None:
         self.gpu = gpu or GpuOptions()
         self.host_embeddings: HostEmbeddings | None = None  # while a loop runs, if so chosen
+        self.keep: KeepLayers | None = None  # while a loop runs under a memory target
+        self.kept_layers: int | None = None  # how many kept their activations (None: no target)
 
     def where(self) -> str:
         import torch
@@ -111,9 +114,34 @@ class Gpu4bitBackend(LoraBackend):
         whole = padded_forward_sum(pad_id, self.host_embeddings)
         forward = (answer_forward_sum(pad_id, whole, self.host_embeddings)
                    if self.answer_logits_only else whole)
-        return {"forward_sum": forward, "on_oom": torch.cuda.empty_cache, "costliest_first": True}
+        self.keep = KeepLayers.for_model(model, self.gpu.memory_target_gib)
+        self.kept_layers = 0 if self.keep is not None else None
+        return {"forward_sum": forward, "on_oom": self.on_oom, "after_step": self.after_step,
+                "costliest_first": True}
+
+    def after_step(self, step: int) -> None:
+        """Once the first (costliest) step is reported: the layers that fit under the memory
+        target keep their activations (``trainer.backends.keep_layers``)."""
+        if step == 1 and self.keep is not None:
+            self.kept_layers = self.keep.plan()
+
+    def on_oom(self) -> str | None:
+        """Out of memory: layers that kept their activations checkpoint again (then the loop
+        retries the step as it was; the next time it halves the micro-batch)."""
+        import torch
+
+        freed = None
+        if self.keep is not None and self.keep.restore():
+            freed = f"the {self.kept_layers} layers that kept their activations checkpoint again"
+            self.kept_layers = 0
+        torch.cuda.empty_cache()
+        return freed
 
     def after_loop(self, model: Any) -> None:
+        if self.keep is not None:
+            self.keep.restore()
+            self.keep.remove_hooks()  # a loop of one step never planned
+            self.keep = None
         if self.host_embeddings is not None:
             self.host_embeddings.restore()
             self.host_embeddings = None
@@ -121,4 +149,7 @@ class Gpu4bitBackend(LoraBackend):
     def manifest_extra(self) -> dict[str, Any]:
         import torch
 
-        return {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        extra: dict[str, Any] = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if self.kept_layers is not None:
+            extra["kept_layers"] = self.kept_layers
+        return extra

@@ -1,7 +1,9 @@
 """The training loop every backend shares: length-grouped batches, gradient accumulation over
 micro-batches, a linear schedule with warm-up, progress hooks (on CUDA a step is reported once the
 next is queued, so the host never waits for the device between steps), cancellation at every
-step, and CUDA out-of-memory recovery (halve the micro-batch, double accumulation, retry the step).
+step, and CUDA out-of-memory recovery (halve the micro-batch, double accumulation, retry the step;
+unless the backend could free memory of its own, as layers that keep their activations: then the
+step is retried as it was).
 
 The effective batch (examples per optimizer step) never changes when the micro-batch does, and the
 loss is the mean over the step's supervised tokens however the step is split, so an OOM retry
@@ -225,7 +227,7 @@ def run_loop(
     forward_sum: ForwardSum,
     hooks: Hooks,
     max_grad_norm: float = 1.0,
-    on_oom: Callable[[], None] | None = None,
+    on_oom: Callable[[], str | None] | None = None,
     after_step: Callable[[int], None] | None = None,
     costliest_first: bool = False,
 ) -> LoopResult:
@@ -289,11 +291,18 @@ def run_loop(
                     total_loss = total_loss + loss_sum.detach()
                 break
             except Exception as exc:
-                if not is_oom(exc) or micro == 1:
+                if not is_oom(exc):
                     raise
                 optimizer.zero_grad(set_to_none=True)
-                if on_oom:
-                    on_oom()
+                # What the backend freed besides the allocator's cache, if anything: then the step
+                # is retried at the same micro-batch (each such answer is given once).
+                freed = on_oom() if on_oom else None
+                if freed:
+                    hooks.on_event(f"CUDA out of memory at step {step + 1}: {freed}; retrying "
+                                   f"the step", {"step": step + 1, "freed": freed})
+                    continue
+                if micro == 1:
+                    raise
                 old = micro
                 micro = max(1, micro // 2)
                 hooks.on_event(
