@@ -80,6 +80,8 @@ class KeepLayers:
         def hook(module: Any, args: Any) -> None:
             import torch
 
+            if torch.compiler.is_compiling():
+                return  # traced into a compiled region: measure only in eager calls
             if not torch.is_grad_enabled():
                 self._first_run.add(i)  # a reentrant checkpoint's first run
             elif i in self._first_run:  # its recomputation, in the backward
@@ -89,6 +91,10 @@ class KeepLayers:
 
     def _post(self, i: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
+            import torch
+
+            if torch.compiler.is_compiling():
+                return
             before = self._before.pop(i, None)
             if before is not None:
                 self.layer_cost = max(self.layer_cost, self.allocated() - before)
